@@ -1,0 +1,318 @@
+"""`jspec.decode` and `jspec.stream`: the one entry point to every strategy.
+
+`decode` validates its inputs in Python (clear errors, nothing truncated), then runs
+`lax.while_loop(not all(done), step, init(...))` under one `jit` and syncs with the host once.
+`stream` drives the same jitted `step` from a Python loop and yields tokens as they are made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jspec.models.model import Model
+from jspec.strategies.base import DecodeOutput, FinishReason, Prompts, Strategy, resolve_strategy
+
+PROMPT_PAD_MULTIPLE = 16  # prompts are right-padded to a multiple of this, so nearby lengths share a compile
+
+_trace_count = 0
+
+
+def trace_count() -> int:
+    """How many times the decode loop has been traced (compiled) in this process."""
+    return _trace_count
+
+
+def _decode_loop(model: Model, strategy: Strategy, prompts: Prompts, key: jax.Array) -> DecodeOutput:
+    global _trace_count
+    _trace_count += 1
+    state = strategy.init(model, prompts, key)
+    state = jax.lax.while_loop(lambda s: ~jnp.all(strategy.done(s)), lambda s: strategy.step(model, s), state)
+    return strategy.output(state)
+
+
+_decode_jit = jax.jit(_decode_loop)
+_init_jit = jax.jit(lambda model, strategy, prompts, key: strategy.init(model, prompts, key))
+_step_jit = jax.jit(lambda model, strategy, state: strategy.step(model, state), donate_argnums=2)
+_done_jit = jax.jit(lambda strategy, state: strategy.done(state))
+_output_jit = jax.jit(lambda strategy, state: strategy.output(state))
+
+
+def decode(
+    model: Model,
+    prompts: Any,
+    strategy: str | Strategy = "greedy",
+    *,
+    max_new_tokens: int,
+    key: jax.Array | int | None = None,
+    prompt_lengths: Any = None,
+    stop_tokens: Any = None,
+    cache_size: int | None = None,
+    **options: Any,
+) -> DecodeOutput:
+    """Decode a batch of prompts with one strategy, in one compiled loop.
+
+    prompts: a str or list of str (the model needs a tokenizer), a list of token-id lists (ragged), one flat
+        list of token ids, or an int array [B, T] with `prompt_lengths` [B] (default: every row is T long).
+    strategy: a registered name (`jspec.strategy_names()`) with its options as keyword arguments, or a
+        strategy object.
+    max_new_tokens: tokens to generate per row at most (>= 0).
+    key: PRNG key or int seed for sampling strategies (default: seed 0; greedy ignores it).
+    stop_tokens: token ids that end a row (kept in the output): a list for all rows or a list per row;
+        default the model's EOS ids; [] to never stop early.
+    cache_size: KV cache slots per row (default: padded prompt length + max_new_tokens + what the strategy
+        needs beyond that). A row that fills its cache finishes with reason "cache_full".
+
+    Returns numpy arrays (one host sync): see `DecodeOutput`.
+    """
+    strategy = resolve_strategy(strategy, options)
+    request = build_prompts(model, prompts, max_new_tokens, prompt_lengths, stop_tokens, cache_size, strategy)
+    if max_new_tokens == 0:
+        return _empty_output(model, request)
+    strategy.validate(model, request)
+    result = _decode_jit(model.without_tokenizer(), strategy, request, _as_key(key))
+    return _to_host(model, jax.device_get(result), request.stop_tokens)
+
+
+class Stream:
+    """Iterates over the tokens a decode makes, one step at a time: each item is a list (one entry per row)
+    of the token ids that step emitted, and `.text` deltas where the model has a tokenizer. After the
+    iteration, `.output` holds the same `DecodeOutput` that `jspec.decode` returns."""
+
+    def __init__(self, model: Model, strategy: Strategy, request: Prompts, key: jax.Array):
+        self._model, self._strategy, self._request, self._key = model, strategy, request, key
+        self.output: DecodeOutput | None = None
+        self.text_deltas: list[str] | None = None
+
+    def __iter__(self) -> Iterator[list[list[int]]]:
+        model = self._model.without_tokenizer()
+        tokenizer = self._model.tokenizer
+        if self._request.max_new_tokens == 0:
+            self.output = _empty_output(self._model, self._request)
+            return
+        state = _init_jit(model, self._strategy, self._request, self._key)
+        emitted = np.zeros(self._request.batch_size, np.int64)
+        texts = [""] * self._request.batch_size
+        while True:
+            partial = jax.device_get(_output_jit(self._strategy, state))
+            new = [list(map(int, row[start:end])) for row, start, end in zip(partial.tokens, emitted, partial.lengths)]
+            emitted = np.asarray(partial.lengths, np.int64)
+            if tokenizer is not None:
+                self.text_deltas = []
+                for row, seq in enumerate(partial.sequences()):
+                    text = _visible_text(tokenizer, seq, self._request.stop_tokens[row])
+                    self.text_deltas.append(text[len(texts[row]) :] if text.startswith(texts[row]) else text)
+                    texts[row] = text
+            if any(new):
+                yield new
+            if bool(np.all(jax.device_get(_done_jit(self._strategy, state)))):
+                break
+            state = _step_jit(model, self._strategy, state)
+        self.output = _to_host(self._model, partial, self._request.stop_tokens)
+
+
+def stream(
+    model: Model,
+    prompts: Any,
+    strategy: str | Strategy = "greedy",
+    *,
+    max_new_tokens: int,
+    key: jax.Array | int | None = None,
+    prompt_lengths: Any = None,
+    stop_tokens: Any = None,
+    cache_size: int | None = None,
+    **options: Any,
+) -> Stream:
+    """Like `decode`, but returns a `Stream` that yields each step's new tokens as they are made.
+
+    The same jitted `step` runs from a Python loop (one host sync per step), so the tokens equal `decode`'s.
+    """
+    strategy = resolve_strategy(strategy, options)
+    request = build_prompts(model, prompts, max_new_tokens, prompt_lengths, stop_tokens, cache_size, strategy)
+    if max_new_tokens > 0:
+        strategy.validate(model, request)
+    return Stream(model, strategy, request, _as_key(key))
+
+
+# --- inputs -------------------------------------------------------------------------------------------
+
+
+def build_prompts(
+    model: Model,
+    prompts: Any,
+    max_new_tokens: Any,
+    prompt_lengths: Any = None,
+    stop_tokens: Any = None,
+    cache_size: int | None = None,
+    strategy: Strategy | None = None,
+) -> Prompts:
+    """Validate user input and build the `Prompts` pytree. Raises ValueError naming the bad argument."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
+    max_new_tokens = int(max_new_tokens)
+    rows = _token_rows(model, prompts, prompt_lengths)
+    vocab = model.config.vocab_size
+    for index, row in enumerate(rows):
+        if len(row) == 0:
+            raise ValueError(f"prompts: row {index} is empty; every prompt needs at least one token")
+        bad = np.flatnonzero((row < 0) | (row >= vocab))
+        if bad.size:
+            raise ValueError(
+                f"prompts: row {index}, position {bad[0]} has token id {row[bad[0]]}, outside the vocabulary [0, {vocab})"
+            )
+    lengths = np.array([len(r) for r in rows], np.int32)
+    width = int(-(-lengths.max() // PROMPT_PAD_MULTIPLE) * PROMPT_PAD_MULTIPLE)
+    tokens = np.zeros((len(rows), width), np.int32)
+    for index, row in enumerate(rows):
+        tokens[index, : len(row)] = row
+
+    headroom = strategy.cache_headroom() if strategy is not None else 0
+    if cache_size is None:
+        cache_size = width + max_new_tokens + headroom
+    elif isinstance(cache_size, bool) or not isinstance(cache_size, (int, np.integer)) or cache_size < 1:
+        raise ValueError(f"cache_size: expected a positive int, got {cache_size!r}")
+    elif int(lengths.max()) > cache_size:
+        longest = int(np.argmax(lengths))
+        raise ValueError(
+            f"cache_size: prompt row {longest} has {lengths[longest]} tokens, more than cache_size={cache_size}; "
+            "raise cache_size or shorten the prompt (prompts are never truncated)"
+        )
+    return Prompts(
+        tokens=jnp.asarray(tokens),
+        lengths=jnp.asarray(lengths),
+        stop_tokens=jnp.asarray(_stop_token_rows(model, stop_tokens, len(rows))),
+        max_new_tokens=max_new_tokens,
+        cache_size=int(cache_size),
+    )
+
+
+def _token_rows(model: Model, prompts: Any, prompt_lengths: Any) -> list[np.ndarray]:
+    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, str) for p in prompts)):
+        if prompt_lengths is not None:
+            raise ValueError("prompt_lengths: only valid with an int array of prompts, not with text")
+        if model.tokenizer is None:
+            raise ValueError("prompts: text prompts need a model with a tokenizer; pass token ids instead")
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return [np.asarray(_with_bos(model, model.tokenizer.encode(t)), np.int64) for t in texts]
+    if isinstance(prompts, (np.ndarray, jax.Array)):
+        array = np.asarray(prompts)
+        if not np.issubdtype(array.dtype, np.integer):
+            raise ValueError(f"prompts: expected integer token ids, got an array of dtype {array.dtype}")
+        if array.ndim != 2:
+            raise ValueError(f"prompts: expected an int array of shape [B, T], got shape {array.shape}")
+        if prompt_lengths is None:
+            lengths = np.full(array.shape[0], array.shape[1])
+        else:
+            lengths = np.asarray(prompt_lengths)
+            if lengths.shape != (array.shape[0],) or not np.issubdtype(lengths.dtype, np.integer):
+                raise ValueError(f"prompt_lengths: expected {array.shape[0]} ints (one per row), got {prompt_lengths!r}")
+            if np.any(lengths > array.shape[1]) or np.any(lengths < 0):
+                raise ValueError(f"prompt_lengths: expected values in [1, {array.shape[1]}], got {lengths.tolist()}")
+        return [array[i, : lengths[i]].astype(np.int64) for i in range(array.shape[0])]
+    if prompt_lengths is not None:
+        raise ValueError("prompt_lengths: only valid with an int array of prompts [B, T]")
+    if isinstance(prompts, (list, tuple)):
+        if not prompts:
+            raise ValueError("prompts: expected at least one prompt, got an empty list")
+        if all(_is_int(t) for t in prompts):
+            return [np.asarray(prompts, np.int64)]
+        rows = []
+        for index, row in enumerate(prompts):
+            if not isinstance(row, (list, tuple, np.ndarray)) or not all(_is_int(t) for t in row):
+                raise ValueError(
+                    f"prompts: row {index} is not a list of int token ids ({row!r}); expected str, list of str, "
+                    "list of token-id lists, or an int array [B, T]"
+                )
+            rows.append(np.asarray(row, np.int64).reshape(-1))
+        return rows
+    raise ValueError(
+        f"prompts: expected str, list of str, list of token-id lists, or an int array [B, T]; got {type(prompts).__name__}"
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _with_bos(model: Model, ids: list[int]) -> list[int]:
+    bos = getattr(model.tokenizer, "bos_token_id", None) if model.config.bos_token_id is None else model.config.bos_token_id
+    prepend = getattr(model.tokenizer, "add_bos", False)
+    return [bos] + ids if (prepend and bos is not None) else ids
+
+
+def _stop_token_rows(model: Model, stop_tokens: Any, batch_size: int) -> np.ndarray:
+    if stop_tokens is None:
+        stop_tokens = list(model.config.eos_token_ids) or list(getattr(model.tokenizer, "eos_token_ids", ()) or ())
+    if _is_int(stop_tokens):
+        stop_tokens = [stop_tokens]
+    stop_tokens = list(stop_tokens)
+    per_row = bool(stop_tokens) and all(isinstance(s, (list, tuple, np.ndarray)) for s in stop_tokens)
+    if per_row and len(stop_tokens) != batch_size:
+        raise ValueError(f"stop_tokens: expected one list per row ({batch_size}), got {len(stop_tokens)}")
+    rows = [list(s) for s in stop_tokens] if per_row else [stop_tokens] * batch_size
+    for row in rows:
+        for token in row:
+            if not _is_int(token) or not 0 <= token < model.config.vocab_size:
+                raise ValueError(
+                    f"stop_tokens: expected token ids in [0, {model.config.vocab_size}) (a list, or a list per row), got {token!r}"
+                )
+    width = max(len(r) for r in rows)
+    table = np.full((batch_size, width), -1, np.int32)
+    for index, row in enumerate(rows):
+        table[index, : len(row)] = row
+    return table
+
+
+def _as_key(key: Any) -> jax.Array:
+    if key is None:
+        return jax.random.key(0)
+    if _is_int(key):
+        return jax.random.key(int(key))
+    if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key
+    if isinstance(key, jax.Array) and key.shape == (2,) and key.dtype == jnp.uint32:
+        return jax.random.wrap_key_data(key)
+    raise ValueError(f"key: expected an int seed or a jax.random.key, got {key!r}")
+
+
+# --- outputs ------------------------------------------------------------------------------------------
+
+
+def _to_host(model: Model, result: DecodeOutput, stop_tokens: Any) -> DecodeOutput:
+    stats = {name: (value.tolist() if np.ndim(value) else value.item()) if hasattr(value, "tolist") else value for name, value in result.stats.items()}
+    output = DecodeOutput(
+        tokens=np.asarray(result.tokens),
+        lengths=np.asarray(result.lengths),
+        finish_reason=np.asarray(result.finish_reason),
+        stats=stats,
+    )
+    if model.tokenizer is not None:
+        stops = np.asarray(stop_tokens)
+        texts = [_visible_text(model.tokenizer, seq, stops[row]) for row, seq in enumerate(output.sequences())]
+        output = dataclasses.replace(output, text=texts)
+    return output
+
+
+def _visible_text(tokenizer: Any, sequence: Sequence[int], stop_tokens: Any) -> str:
+    stops = {int(s) for s in np.asarray(stop_tokens).reshape(-1) if s >= 0}
+    if sequence and int(sequence[-1]) in stops:
+        sequence = sequence[:-1]
+    return tokenizer.decode(list(sequence))
+
+
+def _empty_output(model: Model, request: Prompts) -> DecodeOutput:
+    batch = request.batch_size
+    return _to_host(
+        model,
+        DecodeOutput(
+            tokens=np.zeros((batch, 0), np.int32),
+            lengths=np.zeros(batch, np.int32),
+            finish_reason=np.full(batch, int(FinishReason.LENGTH), np.int32),
+            stats={"model_calls": 0, "steps": 0, "tokens_generated": np.zeros(batch, np.int32)},
+        ),
+        request.stop_tokens,
+    )

@@ -1,0 +1,119 @@
+"""Transformer configuration: a frozen, hashable dataclass passed as static metadata.
+
+One configuration covers the Llama-2/3, Mistral, Qwen2/2.5 and Qwen3 families: the differences between them
+are named options (qkv bias, q/k norm, Llama-3 RoPE scaling, sliding window, tied embeddings), not copies of
+the model code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style RoPE frequency scaling (`rope_type="llama3"` in Hugging Face configs)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Static description of a decoder-only transformer.
+
+    Hashable and immutable: it is static metadata under `jit`, so two models with equal configs share
+    compiled code. Parameters live apart, in a pytree built by `jspec.models.transformer.init_params`.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    head_dim: int | None = None  # defaults to hidden_size // num_heads
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rms_norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2 / Qwen2.5
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    sliding_window: int | None = None  # Mistral: a query sees at most this many most recent keys
+    dtype: str = "float32"  # parameter and activation dtype; softmax, norms and logits run in float32
+    max_position_embeddings: int = 4096
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+    mask_token_id: int | None = None  # diffusion LMs
+    name: str = "transformer"
+
+    def __post_init__(self):
+        _require(self.vocab_size > 0, "vocab_size", "a positive int", self.vocab_size)
+        _require(self.hidden_size > 0, "hidden_size", "a positive int", self.hidden_size)
+        _require(self.num_layers > 0, "num_layers", "a positive int", self.num_layers)
+        _require(self.num_heads > 0, "num_heads", "a positive int", self.num_heads)
+        _require(
+            self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0,
+            "num_kv_heads",
+            f"a positive divisor of num_heads={self.num_heads}",
+            self.num_kv_heads,
+        )
+        _require(self.dtype in DTYPES, "dtype", f"one of {DTYPES}", self.dtype)
+        _require(self.head_size % 2 == 0, "head_dim", "an even int (RoPE rotates pairs)", self.head_size)
+        if isinstance(self.eos_token_ids, list):
+            object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    @property
+    def queries_per_kv_head(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def replace(self, **changes: Any) -> "TransformerConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["eos_token_ids"] = list(self.eos_token_ids)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TransformerConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"TransformerConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "TransformerConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def num_parameters(self) -> int:
+        """Parameter count, embeddings included (tied embeddings counted once)."""
+        d, h, kv, hd, f = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_size, self.intermediate_size
+        attn = d * h * hd + 2 * d * kv * hd + h * hd * d
+        if self.qkv_bias:
+            attn += h * hd + 2 * kv * hd
+        if self.qk_norm:
+            attn += 2 * hd
+        per_layer = attn + 3 * d * f + 2 * d
+        embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return self.num_layers * per_layer + embed + d
+
+
+def _require(ok: bool, name: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ValueError(f"TransformerConfig.{name}: expected {expected}, got {got!r}")

@@ -1,0 +1,88 @@
+"""Transformer building blocks as pure functions: RMSNorm, rotary embeddings, grouped-query attention.
+
+Numerics follow the Hugging Face reference implementations (norms and softmax in float32, RoPE angles in
+float32, rotate-half convention), so checkpoints load without weight permutation and logits match.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+
+from jspec.models.config import RopeScaling, TransformerConfig
+
+MASKED_SCORE = float(np.finfo(np.float32).min)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis; computed in float32, returned in x's dtype.
+
+    x: [..., D]; weight: [D].
+    """
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * normed.astype(x.dtype)
+
+
+def rope_inverse_frequencies(config: TransformerConfig) -> np.ndarray:
+    """Inverse frequencies [head_dim // 2] (float32), with Llama-3 scaling when the config asks for it."""
+    dim = config.head_size
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    inv_freq = inv_freq.astype(np.float32)
+    if config.rope_scaling is not None:
+        inv_freq = _llama3_scaled(inv_freq, config.rope_scaling)
+    return inv_freq
+
+
+def _llama3_scaled(inv_freq: np.ndarray, scaling: RopeScaling) -> np.ndarray:
+    low_freq_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_freq_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_tables(positions: jax.Array, config: TransformerConfig) -> tuple[jax.Array, jax.Array]:
+    """cos and sin tables [B, T, head_dim] (float32) for integer positions [B, T]."""
+    inv_freq = jnp.asarray(rope_inverse_frequencies(config))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, head_dim // 2]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate x [B, T, H, D] by the angles of cos/sin [B, T, D] (rotate-half convention)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def attend(
+    queries: jax.Array,  # [B, T, H, D]
+    keys: jax.Array,  # [B, S, Hkv, D]
+    values: jax.Array,  # [B, S, Hkv, D]
+    mask: jax.Array,  # [B, T, S] bool: query t may read key slot s
+) -> jax.Array:  # [B, T, H, D]
+    """Grouped-query softmax attention; scores and softmax in float32.
+
+    A query whose mask row is all False gets a uniform average of the values rather than NaN; such rows
+    are padding and their outputs must be ignored by the caller.
+    """
+    batch, length, num_heads, head_dim = queries.shape
+    num_kv_heads = keys.shape[2]
+    grouped = queries.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", grouped, keys, preferred_element_type=jnp.float32)
+    scores = scores * (head_dim**-0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, MASKED_SCORE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, values)
+    return out.reshape(batch, length, num_heads, head_dim)

@@ -1,0 +1,98 @@
+"""Token distributions: temperature, top-k, top-p and min-p warping, and sampling from them.
+
+The warping parameters are per-row arrays, so changing them between calls never recompiles. Temperature 0
+means greedy: the distribution is one-hot on the argmax (ties to the lowest id), which makes greedy the exact
+special case of every sampling rule built on `probabilities` (speculative acceptance included).
+Filters are applied in the Hugging Face order: temperature, top-k, top-p, min-p. Tokens tied with the last
+kept token are kept (as in Hugging Face).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+NEG_INF = -jnp.inf
+
+
+@struct.dataclass
+class SamplingParams:
+    temperature: jax.Array  # [B] float32; 0 = greedy
+    top_k: jax.Array  # [B] int32; 0 = off
+    top_p: jax.Array  # [B] float32; 1 = off
+    min_p: jax.Array  # [B] float32; 0 = off
+
+    @classmethod
+    def broadcast(cls, batch_size: int, temperature: Any = 0.0, top_k: Any = 0, top_p: Any = 1.0, min_p: Any = 0.0) -> "SamplingParams":
+        """Per-row parameters from scalars or per-row sequences of length batch_size."""
+        as_rows = lambda value, dtype: jnp.broadcast_to(jnp.asarray(value, dtype), (batch_size,))  # noqa: E731
+        return cls(
+            temperature=as_rows(temperature, jnp.float32),
+            top_k=as_rows(top_k, jnp.int32),
+            top_p=as_rows(top_p, jnp.float32),
+            min_p=as_rows(min_p, jnp.float32),
+        )
+
+
+def validate_sampling_options(batch_size: int, **values: Any) -> None:
+    """Raise ValueError naming the option when a (concrete) sampling option is out of range."""
+    import numpy as np
+
+    rules = {
+        "temperature": (lambda x: x >= 0, "a float >= 0 (0 is greedy)"),
+        "top_k": (lambda x: (x >= 0) & (x == np.round(x)), "an int >= 0 (0 turns it off)"),
+        "top_p": (lambda x: (x > 0) & (x <= 1), "a float in (0, 1] (1 turns it off)"),
+        "min_p": (lambda x: (x >= 0) & (x < 1), "a float in [0, 1) (0 turns it off)"),
+    }
+    for name, value in values.items():
+        check, expected = rules[name]
+        try:
+            array = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}: expected {expected} or one per row, got {value!r}") from None
+        if array.ndim > 1 or (array.ndim == 1 and array.shape[0] != batch_size):
+            raise ValueError(f"{name}: expected a scalar or {batch_size} values (one per row), got shape {array.shape}")
+        if not np.all(check(array)) or not np.all(np.isfinite(array)):
+            raise ValueError(f"{name}: expected {expected}, got {value!r}")
+
+
+def warp_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
+    """Warped logits [B, V] (float32): divided by temperature (1 where greedy), filtered tokens at -inf."""
+    logits = logits.astype(jnp.float32)
+    temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)
+    logits = logits / temperature[:, None]
+    needs_sort = jnp.any(params.top_k > 0) | jnp.any(params.top_p < 1.0)
+    logits = jax.lax.cond(needs_sort, _top_k_top_p, lambda x, p: x, logits, params)
+    probs = jax.nn.softmax(logits, axis=-1)
+    keep = probs >= params.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
+    return jnp.where(keep, logits, NEG_INF)
+
+
+def _top_k_top_p(logits: jax.Array, params: SamplingParams) -> jax.Array:
+    vocab = logits.shape[-1]
+    ordered = -jnp.sort(-logits, axis=-1)  # [B, V] descending
+    k = jnp.where(params.top_k > 0, jnp.minimum(params.top_k, vocab), vocab)
+    kth = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)
+    logits = jnp.where(logits >= kth, logits, NEG_INF)
+    ordered = jnp.where(ordered >= kth, ordered, NEG_INF)
+    sorted_probs = jax.nn.softmax(ordered, axis=-1)
+    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+    kept_sorted = mass_before < params.top_p[:, None]  # the first token is always kept
+    smallest_kept = jnp.min(jnp.where(kept_sorted, ordered, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits >= smallest_kept, logits, NEG_INF)
+
+
+def probabilities(logits: jax.Array, params: SamplingParams) -> jax.Array:
+    """The distribution [B, V] a row samples from: softmax of the warped logits, one-hot argmax where greedy."""
+    warped = warp_logits(logits, params)
+    greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+    return jnp.where(params.temperature[:, None] > 0, jax.nn.softmax(warped, axis=-1), greedy)
+
+
+def sample(key: jax.Array, logits: jax.Array, params: SamplingParams) -> jax.Array:
+    """One token per row [B] int32 from logits [B, V]: argmax where greedy, else from the warped distribution."""
+    drawn = jax.random.categorical(key, warp_logits(logits, params), axis=-1)
+    return jnp.where(params.temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)

@@ -1,0 +1,211 @@
+"""The strategy contract, and the pieces every strategy shares.
+
+A strategy is a frozen `flax.struct` dataclass. Its fields marked `static_field()` are part of the pytree
+structure (changing them recompiles); every other field is a traced leaf (temperature, thresholds: changing
+them reuses the compiled code). It provides pure functions:
+
+    init(model, prompts, key) -> State        prefill and first step
+    step(model, state) -> State               one iteration of the algorithm
+    done(state) -> bool[B]                    rows that have finished
+    output(state) -> DecodeOutput             tokens, lengths, finish reasons, stats (device arrays)
+
+`jspec.decode` runs `lax.while_loop(not all(done), step, init(...))` under one `jit`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any, Callable, ClassVar, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+static_field = lambda **kwargs: struct.field(pytree_node=False, **kwargs)  # noqa: E731
+
+
+class FinishReason(enum.IntEnum):
+    RUNNING = 0
+    EOS = 1  # a stop token was emitted (it is included in the output)
+    LENGTH = 2  # max_new_tokens were emitted
+    CACHE_FULL = 3  # the next step would not fit in the KV cache
+
+
+@struct.dataclass
+class Prompts:
+    """A batch of requests: right-padded prompts with per-row lengths, stop tokens and static limits."""
+
+    tokens: jax.Array  # [B, T] int32, right-padded
+    lengths: jax.Array  # [B] int32, >= 1
+    stop_tokens: jax.Array  # [B, K] int32, padded with -1 (K may be 0)
+    max_new_tokens: int = static_field()
+    cache_size: int = static_field()
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.shape[0]
+
+
+@struct.dataclass
+class OutputBuffer:
+    """Emitted tokens per row; the one place that applies stop tokens and the length limit."""
+
+    tokens: jax.Array  # [B, N] int32, -1 past each row's length
+    lengths: jax.Array  # [B] int32
+    finish_reason: jax.Array  # [B] int32 FinishReason
+
+    @classmethod
+    def create(cls, batch_size: int, max_new_tokens: int) -> "OutputBuffer":
+        return cls(
+            tokens=jnp.full((batch_size, max_new_tokens), -1, jnp.int32),
+            lengths=jnp.zeros((batch_size,), jnp.int32),
+            finish_reason=jnp.zeros((batch_size,), jnp.int32),
+        )
+
+    @property
+    def finished(self) -> jax.Array:  # [B] bool
+        return self.finish_reason != FinishReason.RUNNING
+
+    def append(
+        self,
+        new_tokens: jax.Array,  # [B, T] int32
+        num_new: jax.Array,  # [B] int32: how many leading tokens of new_tokens each row emits
+        stop_tokens: jax.Array,  # [B, K] int32, -1 padded
+    ) -> "OutputBuffer":
+        """Emit up to num_new[b] tokens per running row, stopping after the first stop token (kept) and at
+        the buffer's length. Finished rows are unchanged."""
+        capacity = self.tokens.shape[1]
+        offsets = jnp.arange(new_tokens.shape[1], dtype=jnp.int32)[None, :]
+        offered = (offsets < num_new[:, None]) & ~self.finished[:, None]
+        is_stop = offered & jnp.any(new_tokens[:, :, None] == stop_tokens[:, None, :], axis=-1)
+        first_stop = jnp.where(jnp.any(is_stop, axis=1), jnp.argmax(is_stop, axis=1), new_tokens.shape[1])
+        kept = offered & (offsets <= first_stop[:, None]) & (offsets < (capacity - self.lengths)[:, None])
+        slots = jnp.where(kept, self.lengths[:, None] + offsets, capacity)
+        rows = jnp.arange(new_tokens.shape[0])[:, None]
+        tokens = self.tokens.at[rows, slots].set(new_tokens, mode="drop")
+        lengths = self.lengths + jnp.sum(kept, axis=1, dtype=jnp.int32)
+        stopped = jnp.any(kept & is_stop, axis=1)
+        reason = jnp.where(stopped, FinishReason.EOS, jnp.where(lengths >= capacity, FinishReason.LENGTH, FinishReason.RUNNING))
+        reason = jnp.where(self.finished, self.finish_reason, reason)
+        return self.replace(tokens=tokens, lengths=lengths, finish_reason=reason.astype(jnp.int32))
+
+    def finish(self, rows: jax.Array, reason: FinishReason) -> "OutputBuffer":
+        """Mark running rows [B] bool as finished with `reason`."""
+        mark = rows & ~self.finished
+        return self.replace(finish_reason=jnp.where(mark, int(reason), self.finish_reason).astype(jnp.int32))
+
+
+@dataclasses.dataclass
+class DecodeOutput:
+    """What a decode returns. Inside jit the fields are device arrays; `jspec.decode` returns numpy.
+
+    tokens: [B, max_new_tokens] int32, -1 past each row's length; lengths: [B]; finish_reason: [B] of
+    FinishReason; stats: `model_calls` (target forward calls), `steps` (loop iterations),
+    `tokens_generated` [B], plus strategy-specific entries; text: decoded rows when the model has a
+    tokenizer (stop tokens excluded).
+    """
+
+    tokens: Any
+    lengths: Any
+    finish_reason: Any
+    stats: dict[str, Any]
+    text: list[str] | None = None
+
+    def sequences(self) -> list[list[int]]:
+        """Each row's emitted tokens as a list, without padding."""
+        return [list(map(int, row[:n])) for row, n in zip(np.asarray(self.tokens), np.asarray(self.lengths))]
+
+    def finish_reasons(self) -> list[str]:
+        return [FinishReason(int(r)).name.lower() for r in np.asarray(self.finish_reason)]
+
+
+jax.tree_util.register_dataclass(
+    DecodeOutput, data_fields=["tokens", "lengths", "finish_reason", "stats"], meta_fields=["text"]
+)
+
+
+class Strategy(Protocol):
+    """The contract every decoding strategy implements (see the module docstring)."""
+
+    name: ClassVar[str]
+
+    def validate(self, model: Any, prompts: Prompts) -> None: ...  # concrete checks, before tracing
+
+    def cache_headroom(self) -> int: ...  # cache slots a step may write beyond the emitted tokens
+
+    def init(self, model: Any, prompts: Prompts, key: jax.Array) -> Any: ...
+
+    def step(self, model: Any, state: Any) -> Any: ...
+
+    def done(self, state: Any) -> jax.Array: ...
+
+    def output(self, state: Any) -> DecodeOutput: ...
+
+
+_REGISTRY: dict[str, Callable[..., Strategy]] = {}
+
+
+def register_strategy(name: str, factory: Callable[..., Strategy]) -> None:
+    """Make `jspec.decode(..., strategy=name, **options)` build `factory(**options)`."""
+    _REGISTRY[name] = factory
+
+
+def strategy_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def resolve_strategy(strategy: Any, options: dict[str, Any]) -> Strategy:
+    """A strategy object from a registered name and its options, or the object itself (then no options)."""
+    if isinstance(strategy, str):
+        if strategy not in _REGISTRY:
+            raise ValueError(f"strategy: unknown strategy {strategy!r}; known strategies are {strategy_names()}")
+        factory = _REGISTRY[strategy]
+        allowed = _option_names(factory)
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"strategy {strategy!r}: unknown option(s) {unknown}; its options are {sorted(allowed) or 'none'}"
+            )
+        return factory(**options)
+    if options:
+        raise ValueError(
+            f"strategy: options {sorted(options)} were given with a strategy object; set them on the object instead"
+        )
+    if not all(hasattr(strategy, attr) for attr in ("init", "step", "done", "output")):
+        raise ValueError(f"strategy: expected a registered name or a strategy object, got {strategy!r}")
+    return strategy
+
+
+def _option_names(factory: Callable[..., Any]) -> list[str]:
+    if dataclasses.is_dataclass(factory):
+        return [f.name for f in dataclasses.fields(factory) if f.init]
+    import inspect
+
+    return [p.name for p in inspect.signature(factory).parameters.values() if p.kind == p.KEYWORD_ONLY or p.default is not p.empty]
+
+
+def mark_cache_full(output: OutputBuffer, cache_lengths: jax.Array, capacity: int, slots_needed: int = 1) -> OutputBuffer:
+    """Finish running rows whose next step needs more cache slots than remain."""
+    return output.finish(cache_lengths + slots_needed > capacity, FinishReason.CACHE_FULL)
+
+
+def row_positions(lengths: jax.Array, width: int) -> jax.Array:
+    """[B, width] int32: positions lengths[b] + t."""
+    return lengths[:, None] + jnp.arange(width, dtype=jnp.int32)[None, :]
+
+
+def prefill(model: Any, prompts: Prompts, cache: Any) -> tuple[jax.Array, Any]:
+    """Write every prompt's keys/values into an empty cache and commit them.
+
+    Returns the logits [B, V] at each row's last prompt token and the cache with lengths = prompt lengths.
+    Padding tokens are written to an out-of-range slot, so they never enter the cache.
+    """
+    batch, width = prompts.tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32)[None, :], (batch, width))
+    slots = jnp.where(positions < prompts.lengths[:, None], positions, cache.capacity)
+    logits, cache = model.forward(
+        prompts.tokens, positions, cache, write_slots=slots, output_indices=(prompts.lengths - 1)[:, None]
+    )
+    return logits[:, 0], cache.with_lengths(prompts.lengths)

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random models of every family the transformer covers."""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+import jspec
+from jspec.models.config import RopeScaling, TransformerConfig
+
+FAMILIES = {
+    "llama": dict(),
+    "llama3_scaled": dict(rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16), rope_theta=500000.0),
+    "mistral_window": dict(sliding_window=5),
+    "qwen2": dict(qkv_bias=True, tie_embeddings=True),
+    "qwen3": dict(qk_norm=True, head_dim=16),
+    "mha": dict(num_kv_heads=4),
+}
+
+
+def tiny_config(family: str = "llama", **overrides) -> TransformerConfig:
+    values = dict(
+        name=f"tiny-{family}",
+        vocab_size=97,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=64,
+        eos_token_ids=(),
+    )
+    values.update(FAMILIES[family])
+    values.update(overrides)
+    return TransformerConfig(**values)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, init_scale: float = 0.3, **overrides) -> jspec.Model:
+    """A random model whose logits are far from uniform (init_scale 0.3), so argmax ties do not occur."""
+    return jspec.Model.random(tiny_config(family, **overrides), jax.random.key(seed), init_scale=init_scale)
+
+
+@pytest.fixture
+def model() -> jspec.Model:
+    return tiny_model("llama")
