@@ -1,0 +1,3 @@
+from jspec.cli import main
+
+raise SystemExit(main())

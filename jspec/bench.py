@@ -1,0 +1,73 @@
+"""Benchmark helpers shared by the scripts in benchmarks/: timing with compile time apart, tables, JSON.
+
+Every figure is the median of several timed runs after a first (compiling) run, and every speedup is a
+ratio against a baseline measured in the same process, on the same weights and prompts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+
+
+@dataclasses.dataclass
+class Timing:
+    compile_seconds: float  # first call minus the median steady-state call
+    median_seconds: float
+    runs: list[float]
+    result: Any = None
+
+
+def time_call(fn: Callable[[], Any], repeats: int = 5) -> Timing:
+    """Call fn once to compile, then `repeats` times; every call is blocked until its results are ready."""
+    started = time.perf_counter()
+    result = jax.block_until_ready(fn())
+    first = time.perf_counter() - started
+    runs = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = jax.block_until_ready(fn())
+        runs.append(time.perf_counter() - started)
+    median = statistics.median(runs)
+    return Timing(compile_seconds=max(first - median, 0.0), median_seconds=median, runs=runs, result=result)
+
+
+def environment() -> dict[str, Any]:
+    device = jax.devices()[0]
+    return {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "device": getattr(device, "device_kind", str(device)),
+        "device_count": jax.device_count(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    cells = [[_format(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return "" if value is None else str(value)
+
+
+def write_json(name: str, payload: dict[str, Any], directory: str | Path = "benchmarks/results") -> Path:
+    path = Path(directory) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"environment": environment(), **payload}, indent=2))
+    return path

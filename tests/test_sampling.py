@@ -1,0 +1,61 @@
+"""Sampling: the sampler draws from exactly the distribution `probabilities` states."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jspec import sampling
+
+SIGNIFICANCE = 1e-3  # chi-square tests reject a correct sampler with this probability
+
+
+def chi_square_p_value(counts: np.ndarray, probs: np.ndarray) -> float:
+    from scipy.stats import chisquare
+
+    probs = np.asarray(probs, np.float64) / np.sum(probs, dtype=np.float64)
+    support = probs > 0
+    assert counts[~support].sum() == 0, "drew a token of probability zero"
+    expected = probs[support] * counts.sum()
+    return float(chisquare(counts[support], expected).pvalue)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(temperature=1.0), dict(temperature=0.7, top_k=4), dict(temperature=1.3, top_p=0.8), dict(temperature=1.0, min_p=0.1)],
+)
+def test_sample_matches_probabilities(options):
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(1, 12)) * 1.5, jnp.float32)
+    num = 40_000
+    params = sampling.SamplingParams.broadcast(num, **options)
+    draws = jax.jit(sampling.sample)(jax.random.key(1), jnp.broadcast_to(logits, (num, 12)), params)
+    counts = np.bincount(np.asarray(draws), minlength=12)
+    probs = np.asarray(sampling.probabilities(logits, sampling.SamplingParams.broadcast(1, **options)))[0]
+    assert chi_square_p_value(counts, probs) > SIGNIFICANCE
+
+
+def test_chi_square_detects_a_wrong_distribution():
+    """The test above has power: draws at temperature 1 fail against the temperature-0.8 distribution."""
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(1, 12)) * 1.5, jnp.float32)
+    num = 40_000
+    draws = sampling.sample(jax.random.key(1), jnp.broadcast_to(logits, (num, 12)), sampling.SamplingParams.broadcast(num, 1.0))
+    counts = np.bincount(np.asarray(draws), minlength=12)
+    wrong = np.asarray(sampling.probabilities(logits, sampling.SamplingParams.broadcast(1, 0.8)))[0]
+    assert chi_square_p_value(counts, wrong) < SIGNIFICANCE
+
+
+def test_greedy_is_one_hot_argmax_with_lowest_id_on_ties():
+    logits = jnp.asarray([[0.0, 2.0, 2.0, -1.0]])
+    params = sampling.SamplingParams.broadcast(1, 0.0, top_k=1)
+    np.testing.assert_array_equal(np.asarray(sampling.probabilities(logits, params)), [[0, 1, 0, 0]])
+    assert int(sampling.sample(jax.random.key(0), logits, params)[0]) == 1
+
+
+def test_per_row_parameters():
+    logits = jnp.asarray(np.random.default_rng(3).normal(size=(3, 10)), jnp.float32)
+    params = sampling.SamplingParams.broadcast(3, [0.0, 1.0, 1.0], top_k=[0, 2, 0], top_p=[1.0, 1.0, 0.5])
+    probs = np.asarray(sampling.probabilities(logits, params))
+    assert (probs[0] > 0).sum() == 1 and (probs[1] > 0).sum() == 2 and 1 <= (probs[2] > 0).sum() < 10
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-6)
