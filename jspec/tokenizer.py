@@ -36,3 +36,47 @@ class ByteTokenizer:
 
     def __hash__(self) -> int:
         return hash(ByteTokenizer)
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json` (the `tokenizers` library): byte-level BPE and the other models it reads.
+
+    encode/decode are the library's own; `decode(encode(text)) == text` for byte-level BPE tokenizers.
+    Special tokens are added by `encode` only where the tokenizer's post-processor adds them (never here by
+    default: `add_special_tokens=False`), so prompts are exactly the text's tokens.
+    """
+
+    def __init__(self, tokenizer, eos_token_ids: tuple[int, ...] = (), bos_token_id: int | None = None, path: str | None = None):
+        self._tokenizer = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self._eos_token_ids = tuple(eos_token_ids)
+        self.bos_token_id = bos_token_id
+        self.path = path
+
+    @classmethod
+    def from_file(cls, path, eos_token_ids: Sequence[int] = (), bos_token_id: int | None = None) -> "HFTokenizer":
+        from tokenizers import Tokenizer
+
+        return cls(Tokenizer.from_file(str(path)), tuple(eos_token_ids), bos_token_id, str(path))
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self._eos_token_ids
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tokenizer.token_to_id(token)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def save(self, path) -> None:
+        self._tokenizer.save(str(path))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, HFTokenizer) and other._tokenizer.to_str() == self._tokenizer.to_str()
+
+    def __hash__(self) -> int:
+        return hash(self._tokenizer.to_str())
