@@ -1,5 +1,10 @@
 """`jspec.load`: models by name or path.
 
+- a demo model name (`demo-code`, `demo-code-draft`, ...): shipped inside the package (jspec/assets/), no network;
+- a Hugging Face model directory (config.json + *.safetensors [+ tokenizer.json]);
+- a jspec orbax checkpoint directory (written by `jspec.save`);
+- `random:<preset>`: see below.
+
 Names of the form `random:<preset>` build a clearly labelled model with random weights from a preset in
 configs/models/ (or a path to a config JSON), with the byte-level stand-in tokenizer. They exist to exercise
 the machinery; their text is noise.
@@ -16,6 +21,7 @@ from jspec.models.model import Model
 from jspec.tokenizer import ByteTokenizer
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 RANDOM_PREFIX = "random:"
 
 
@@ -34,12 +40,19 @@ def model_config(name_or_path: str) -> TransformerConfig:
     return TransformerConfig.from_json(path)
 
 
-def load(name_or_path: str, *, dtype: str | None = None, seed: int = 0) -> Model:
-    """Load a model.
+def demo_names() -> list[str]:
+    """Models shipped inside the package."""
+    return sorted(p.name for p in ASSETS_DIR.iterdir() if (p / "config.json").is_file()) if ASSETS_DIR.is_dir() else []
 
-    name_or_path: `random:<preset or config.json>` for a random-weight model with the byte tokenizer.
+
+def load(name_or_path: str | Path, *, dtype: str | None = None, seed: int = 0) -> Model:
+    """Load a model: a demo name, a Hugging Face directory, a jspec orbax checkpoint, or `random:<preset>`.
+
     dtype: override the parameter dtype ("float32", "bfloat16", "float16").
+    seed: only for `random:` models.
     """
+    if isinstance(name_or_path, Path):
+        name_or_path = str(name_or_path)
     if not isinstance(name_or_path, str):
         raise ValueError(f"name_or_path: expected a model name or path (str), got {name_or_path!r}")
     if name_or_path.startswith(RANDOM_PREFIX):
@@ -52,6 +65,18 @@ def load(name_or_path: str, *, dtype: str | None = None, seed: int = 0) -> Model
                 f"name_or_path: preset vocab_size {config.vocab_size} is smaller than the byte tokenizer's {tokenizer.vocab_size}"
             )
         return Model.random(config, jax.random.key(seed), tokenizer=tokenizer)
+    path = ASSETS_DIR / name_or_path if name_or_path in demo_names() else Path(name_or_path)
+    if path.is_dir():
+        from jspec.checkpoint import orbax_store
+
+        if orbax_store.is_checkpoint(path):
+            return orbax_store.restore(path, dtype=dtype)
+        if (path / "config.json").is_file():
+            from jspec.checkpoint.hf import load_hf
+
+            return load_hf(path, dtype=dtype)
+        raise ValueError(f"name_or_path: directory {path} holds neither a jspec checkpoint nor a Hugging Face config.json")
     raise ValueError(
-        f"name_or_path: {name_or_path!r} is not a known model; use 'random:<preset>' with a preset in {preset_names()}"
+        f"name_or_path: {name_or_path!r} is not a demo model {demo_names()}, a model directory, "
+        f"or 'random:<preset>' with a preset in {preset_names()}"
     )

@@ -28,17 +28,21 @@ def causal_mask(
 
 def prefix_and_block_mask(
     prefix_lengths: jax.Array,  # [B] committed slots every query reads
-    block_visibility: jax.Array,  # [T, T] or [B, T, T] bool: chunk query t reads chunk key u
-    block_start: jax.Array,  # [B] slot of the chunk's first token
+    block_visibility: jax.Array,  # [T, U] or [B, T, U] bool: query t reads block entry u
+    block_start: jax.Array,  # [B] slot of the block's first entry
     num_key_slots: int,
 ) -> jax.Array:  # [B, T, S] bool
-    """The committed prefix plus a pattern inside the chunk written at block_start + u (tree, bidirectional)."""
+    """The committed prefix plus a pattern over a block of U slots written at block_start + u.
+
+    The queries may be the block itself (T = U: tree verification, a bidirectional diffusion block) or a
+    subset of it (one level of a draft tree reading its ancestors).
+    """
     batch = prefix_lengths.shape[0]
-    length = block_visibility.shape[-1]
+    length, width = block_visibility.shape[-2:]
     key_slots = jnp.arange(num_key_slots)[None, None, :]
     in_prefix = key_slots < prefix_lengths[:, None, None]
-    offset = key_slots - block_start[:, None, None]  # [B, 1, S]: chunk index of each slot
-    in_block = (offset >= 0) & (offset < length)
-    visibility = jnp.broadcast_to(block_visibility, (batch, length, length))
-    from_block = jnp.take_along_axis(visibility, jnp.broadcast_to(jnp.clip(offset, 0, length - 1), (batch, length, num_key_slots)), axis=2)
-    return in_prefix | (in_block & from_block)
+    offset = key_slots - block_start[:, None, None]  # [B, 1, S]: block entry of each slot
+    in_block = (offset >= 0) & (offset < width)
+    visibility = jnp.broadcast_to(block_visibility, (batch, length, width))
+    entry = jnp.broadcast_to(jnp.clip(offset, 0, width - 1), (batch, length, num_key_slots))
+    return in_prefix | (in_block & jnp.take_along_axis(visibility, entry, axis=2))

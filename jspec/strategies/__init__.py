@@ -1,6 +1,8 @@
 """Decoding strategies: one module per algorithm, each a config with init/step/done/output."""
 
 from jspec.strategies.autoregressive import Autoregressive, AutoregressiveState
+from jspec.strategies.speculative import Speculative, SpeculativeState
+from jspec.strategies.tree import TreeTemplate
 from jspec.strategies.base import (
     DecodeOutput,
     FinishReason,
@@ -19,6 +21,9 @@ __all__ = [
     "FinishReason",
     "OutputBuffer",
     "Prompts",
+    "Speculative",
+    "SpeculativeState",
+    "TreeTemplate",
     "Strategy",
     "register_strategy",
     "resolve_strategy",

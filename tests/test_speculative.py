@@ -1,0 +1,251 @@
+"""Speculative decoding: lossless for greedy (token-identical) and for sampling (distribution-identical)."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import jspec
+from conftest import tiny_model
+from jspec import sampling
+from jspec.strategies import speculative as speculative_module
+from jspec.strategies.tree import TreeTemplate
+
+PROMPTS = [[5, 17, 3], [9, 2, 44, 61, 7, 12, 30, 8], [1], [88, 3, 3, 3, 3, 3], [4, 4, 4, 4], [70, 71, 72, 73, 74, 70, 71], [2, 9], [60] * 5]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    target = tiny_model("llama", seed=0, num_layers=3)
+    draft = tiny_model("llama", seed=1, num_layers=1)
+    return target, draft
+
+
+STRATEGIES = {
+    "chain-draft": lambda draft: ("speculative", dict(draft=draft, num_draft_tokens=3)),
+    "chain-self-as-draft": lambda draft: ("speculative", dict(num_draft_tokens=5, draft="target")),
+    "tree-draft": lambda draft: ("speculative", dict(draft=draft, tree=(3, 2, 1))),
+    "tree-self-as-draft": lambda draft: ("speculative", dict(draft="target", tree=(2, 2, 1))),
+    "adaptive-chain": lambda draft: ("speculative", dict(draft=draft, num_draft_tokens=4, adaptive=True)),
+    "prompt-lookup": lambda draft: ("prompt_lookup", dict(num_draft_tokens=4, max_ngram=2)),
+    "prompt-lookup-adaptive": lambda draft: ("prompt_lookup", dict(num_draft_tokens=6, adaptive=True)),
+    "layer-skip-chain": lambda draft: ("self_speculative", dict(skip_layers=(1,), num_draft_tokens=3)),
+    "layer-skip-tree": lambda draft: ("self_speculative", dict(skip_layers=(0, 2), tree=(2, 2))),
+}
+
+
+def _resolve(name, pair):
+    target, draft = pair
+    strategy, options = STRATEGIES[name](draft)
+    if options.get("draft") == "target":
+        options["draft"] = target
+    return strategy, options
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_greedy_equals_autoregressive(pair, name):
+    target = pair[0]
+    want = jspec.decode(target, PROMPTS, max_new_tokens=18, stop_tokens=[])
+    strategy, options = _resolve(name, pair)
+    got = jspec.decode(target, PROMPTS, strategy, max_new_tokens=18, stop_tokens=[], **options)
+    assert got.sequences() == want.sequences()
+    if "self-as-draft" in name:  # a draft equal to the target accepts every draft token
+        assert got.stats["model_calls"] < want.stats["model_calls"] / 2
+
+
+@pytest.mark.parametrize("name", ["chain-draft", "tree-draft", "prompt-lookup", "layer-skip-chain"])
+def test_stats_add_up(pair, name):
+    target = pair[0]
+    strategy, options = _resolve(name, pair)
+    out = jspec.decode(target, PROMPTS, strategy, max_new_tokens=15, stop_tokens=[], **options)
+    stats = out.stats
+    generated = np.asarray(stats["tokens_generated"])
+    # every row: the prefill token + emitted accepted drafts + emitted corrections/bonus tokens
+    np.testing.assert_array_equal(generated, 1 + np.asarray(stats["emitted_drafts"]) + np.asarray(stats["emitted_corrections"]))
+    # one correction/bonus per step, except a final step whose chunk the length limit cut before it
+    corrections, steps = np.asarray(stats["emitted_corrections"]), np.asarray(stats["active_steps"])
+    assert np.all((corrections == steps) | ((corrections == steps - 1) & (generated == 15)))
+    histogram = np.asarray(stats["accepted_histogram"])
+    assert histogram.sum() == np.sum(stats["active_steps"])
+    assert stats["model_calls"] == stats["steps"] == 1 + max(stats["active_steps"])
+    np.testing.assert_allclose(stats["mean_accepted_length"], generated / (np.asarray(stats["active_steps"]) + 1), rtol=1e-6)
+    rates = np.asarray(stats["acceptance_rate_by_depth"])
+    assert np.all((rates >= 0) & (rates <= 1)) and len(rates) == len(histogram) - 1
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(
+    lengths=st.lists(st.integers(1, 10), min_size=1, max_size=8),
+    drafter=st.sampled_from(["model", "layer_skip", "prompt_lookup"]),
+    shape=st.sampled_from([(1,), (2,), (4,), (6,), (2, 1), (3, 2), (2, 2, 2), (1, 3)]),
+    adaptive=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_property_greedy_equals_autoregressive(pair, lengths, drafter, shape, adaptive, seed):
+    target, draft = pair
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, 97, n).tolist() for n in lengths]
+    tree = None if len(shape) == 1 else shape
+    options = dict(num_draft_tokens=shape[0] if tree is None else 4, adaptive=adaptive)
+    if drafter == "model":
+        strategy = jspec.strategies.Speculative(draft=draft, tree=tree, **options)
+    elif drafter == "layer_skip":
+        strategy = jspec.strategies.Speculative(drafter="layer_skip", skip_layers=(int(rng.integers(0, 3)),), tree=tree, **options)
+    else:
+        strategy = jspec.strategies.Speculative(drafter="prompt_lookup", max_ngram=int(rng.integers(1, 4)), **options)
+    want = jspec.decode(target, prompts, max_new_tokens=12, stop_tokens=[])
+    got = jspec.decode(target, prompts, strategy, max_new_tokens=12, stop_tokens=[])
+    assert got.sequences() == want.sequences()
+
+
+def test_stop_tokens_inside_an_accepted_chunk(pair):
+    """A stop token among accepted drafts ends the row right there, exactly as in autoregressive decoding."""
+    target = pair[0]
+    free = jspec.decode(target, PROMPTS, max_new_tokens=16, stop_tokens=[])
+    stop = int(free.tokens[1, 6])
+    want = jspec.decode(target, PROMPTS, max_new_tokens=16, stop_tokens=[stop])
+    got = jspec.decode(target, PROMPTS, "speculative", max_new_tokens=16, stop_tokens=[stop], draft=target, num_draft_tokens=5)
+    assert got.sequences() == want.sequences() and got.finish_reasons() == want.finish_reasons()
+
+
+# --- sampling: the output distribution is the target's --------------------------------------------------
+
+VOCAB = 6
+SAMPLES = 40_000  # enough to detect a 2% total-variation error at the significance below (see the power check)
+SIGNIFICANCE = 1e-3
+SAMPLING = dict(temperature=0.8, top_k=5)
+
+
+def _exact_joint(model, prompt, num_tokens, options):
+    """The target's exact joint distribution over the next `num_tokens` tokens {tuple: probability}."""
+    params = sampling.SamplingParams.broadcast(1, **options)
+    joint = {(): 1.0}
+    for _ in range(num_tokens):
+        grown = {}
+        for prefix, mass in joint.items():
+            sequence = jnp.asarray([list(prompt) + list(prefix)])
+            logits, _ = model.forward(sequence, jnp.arange(sequence.shape[1])[None])
+            probs = np.asarray(sampling.probabilities(logits[:, -1], params)[0], np.float64)
+            for token in range(VOCAB):
+                if probs[token] > 0:
+                    grown[prefix + (token,)] = mass * probs[token]
+        joint = grown
+    return joint
+
+
+def _p_value(model, prompt, strategy_name, options, num_tokens=3):
+    out = jspec.decode(model, [prompt] * SAMPLES, strategy_name, max_new_tokens=num_tokens, stop_tokens=[], key=123, **SAMPLING, **options)
+    observed = {}
+    for row in map(tuple, np.asarray(out.tokens)):
+        observed[row] = observed.get(row, 0) + 1
+    exact = _exact_joint(model, prompt, num_tokens, SAMPLING)
+    assert set(observed) <= set(exact), "sampled a sequence of probability zero"
+    from scipy.stats import chisquare
+
+    cells = sorted(exact, key=exact.get, reverse=True)
+    expected = np.array([exact[c] for c in cells]) * SAMPLES
+    counts = np.array([observed.get(c, 0) for c in cells], np.float64)
+    small = expected < 5  # pool sparse cells so the chi-square approximation holds
+    expected = np.append(expected[~small], expected[small].sum()) if small.any() else expected
+    counts = np.append(counts[~small], counts[small].sum()) if small.any() else counts
+    counts *= expected.sum() / counts.sum()
+    return chisquare(counts, expected).pvalue, out
+
+
+@pytest.fixture(scope="module")
+def toy_pair():
+    target = tiny_model("llama", seed=3, vocab_size=VOCAB, init_scale=0.5)
+    draft = tiny_model("llama", seed=4, vocab_size=VOCAB, init_scale=0.5, num_layers=1)
+    return target, draft
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["chain", "tree"])
+def test_sampling_reproduces_the_target_distribution(toy_pair, shape):
+    target, draft = toy_pair
+    options = dict(draft=draft, num_draft_tokens=3) if shape == "chain" else dict(draft=draft, tree=(3, 2))
+    p_value, out = _p_value(target, [1, 2, 3], "speculative", options)
+    assert p_value > SIGNIFICANCE
+    histogram = np.asarray(out.stats["accepted_histogram"])
+    assert histogram[0] > 0 and histogram[1:].sum() > 0  # rejections and acceptances both happened
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["chain", "tree"])
+def test_a_broken_acceptance_rule_is_detected(toy_pair, shape, monkeypatch):
+    """Power check: resampling from the target after a rejection (a common bug) is rejected by the test."""
+    target, draft = toy_pair
+    monkeypatch.setattr(speculative_module, "residual_distribution", lambda target_probs, proposal: target_probs)
+    jax.clear_caches()
+    try:
+        options = dict(draft=draft, num_draft_tokens=3) if shape == "chain" else dict(draft=draft, tree=(3, 2))
+        p_value, _ = _p_value(target, [1, 2, 3], "speculative", options)
+    finally:
+        jax.clear_caches()
+    assert p_value < SIGNIFICANCE
+
+
+def test_sampling_is_keyed_and_reproducible(pair):
+    target, draft = pair
+    run = lambda key: jspec.decode(target, PROMPTS, "speculative", draft=draft, max_new_tokens=10, key=key, temperature=1.0).tokens  # noqa: E731
+    np.testing.assert_array_equal(run(1), run(1))
+    assert not np.array_equal(run(1), run(2))
+
+
+# --- pieces ----------------------------------------------------------------------------------------------
+
+
+def test_prompt_lookup_hand_built():
+    history = jnp.asarray(
+        [
+            [1, 2, 3, 9, 8, 1, 2, 3, -1, -1],  # last 3 tokens "1 2 3" occur at 0 -> propose 9 8 1 ...
+            [5, 6, 7, 5, 6, 4, 6, -1, -1, -1],  # "4 6" absent, "6" first occurs at 1 -> propose 7 5 6
+            [1, 2, 3, 4, -1, -1, -1, -1, -1, -1],  # nothing matches
+        ],
+        jnp.int32,
+    )
+    tokens, found = speculative_module.prompt_lookup(history, jnp.asarray([7, 6, 3]), max_ngram=3, num_tokens=4)
+    np.testing.assert_array_equal(np.asarray(found), [[1, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(np.asarray(tokens)[:2], [[9, 8, 1, 2], [7, 5, 6, 4]])
+
+
+def test_tree_template_structure():
+    template = TreeTemplate.from_branching((2, 2))
+    assert template.parents == (-1, -1, 0, 0, 1, 1)
+    assert template.levels == ((0, 2), (2, 6))
+    np.testing.assert_array_equal(template.children[0], [0, 1])
+    np.testing.assert_array_equal(template.children[2], [4, 5])
+    np.testing.assert_array_equal(template.sibling_rank, [0, 1, 0, 1, 0, 1])
+    # node 4 (child of node 1) sees the root, node 1 and itself
+    np.testing.assert_array_equal(np.flatnonzero(template.ancestors[5]), [0, 2, 5])
+    assert TreeTemplate.chain(3).is_chain and not template.is_chain
+
+
+@pytest.mark.parametrize(
+    "strategy, options, message",
+    [
+        ("speculative", dict(num_draft_tokens=4), "draft"),
+        ("speculative", dict(draft="other-vocab"), "vocabulary size"),
+        ("speculative", dict(draft="draft", num_draft_tokens=0), "num_draft_tokens"),
+        ("speculative", dict(draft="draft", tree_parents=(0, -1)), "tree"),
+        ("speculative", dict(draft="draft", tree_parents=(-1, 0, -1)), "breadth-first"),
+        ("speculative", dict(draft="draft", tree=(2, 0)), "branching"),
+        ("speculative", dict(draft="draft", temperature=-1.0), "temperature"),
+        ("self_speculative", dict(skip_layers=(7,)), "skip_layers"),
+        ("self_speculative", dict(skip_layers=(0, 1, 2)), "skip_layers"),
+        ("prompt_lookup", dict(max_ngram=0), "max_ngram"),
+        ("speculative", dict(draft="draft", drafters=2), "unknown option"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(pair, strategy, options, message):
+    target, draft = pair
+    models = {"draft": draft, "other-vocab": tiny_model("llama", vocab_size=50)}
+    options = {k: models.get(v, v) if isinstance(v, str) else v for k, v in options.items()}
+    with pytest.raises(ValueError, match=message):
+        jspec.decode(target, PROMPTS[:2], strategy, max_new_tokens=4, **options)
