@@ -2,6 +2,8 @@
 
     jspec generate --model random:random-tiny --prompt "def fib(n):" --strategy sample --temperature 0.8
     jspec strategies
+    jspec train --recipe demo-code --out runs/demo-code [--steps N] [--resume]
+    jspec build-demo --out-root runs --assets jspec/assets
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, Sequence
 import jspec
 
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p")
+SPECULATIVE_FLAGS = ("num_draft_tokens", "tree", "skip_layers", "max_ngram", "adaptive")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -44,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--min-p", type=float)
     generate.add_argument("--stop-token", type=int, action="append", help="token id that ends a row (repeatable)")
     generate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    speculative = generate.add_argument_group("speculative decoding (strategies speculative, prompt_lookup, self_speculative)")
+    speculative.add_argument("--draft", help="draft model name or path (strategy speculative)")
+    speculative.add_argument("--num-draft-tokens", type=int, help="chain length / maximum draft depth")
+    speculative.add_argument("--tree", type=_int_tuple, help="draft tree branching per depth, e.g. 3,2,1")
+    speculative.add_argument("--skip-layers", type=_int_tuple, help="layers the self-speculative draft skips, e.g. 2,3")
+    speculative.add_argument("--max-ngram", type=int, help="longest n-gram prompt lookup matches")
+    speculative.add_argument("--adaptive", action="store_true", default=None, help="adapt the draft depth per row")
     generate.add_argument(
         "--set", action="append", default=[], metavar="NAME=VALUE", help="any other strategy option, e.g. --set num_draft_tokens=4"
     )
@@ -53,11 +63,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     listing = commands.add_parser("strategies", help="list the registered strategies")
     listing.set_defaults(run=lambda args: print("\n".join(jspec.strategy_names())) or 0)
+
+    train = commands.add_parser("train", help="train a model from a recipe (configs/train/<name>.json or a path)")
+    train.add_argument("--recipe", required=True, help="recipe name in configs/train/ or a path to a recipe JSON")
+    train.add_argument("--out", help="output directory (default: runs/<recipe name>)")
+    train.add_argument("--steps", type=int, help="override the recipe's total steps (changes the LR schedule)")
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--seq-len", type=int)
+    train.add_argument("--learning-rate", type=float)
+    train.add_argument("--compute-dtype", choices=["float32", "bfloat16"])
+    train.add_argument("--tokenizer", help="a tokenizer.json to use instead of training one")
+    train.add_argument("--corpus-manifest", help="a corpus manifest to verify and use instead of building one")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    train.add_argument("--stop-at", type=int, help="stop after this many steps (checkpointed), as if interrupted")
+    train.add_argument(
+        "--set", action="append", default=[], metavar="NAME=VALUE", help="any other recipe field, e.g. --set eval_every=100"
+    )
+    train.set_defaults(run=run_train)
+
+    build = commands.add_parser("build-demo", help="train the demo models and export them to Hugging Face directories")
+    build.add_argument("--out-root", default="runs", help="training directories go under here (default: %(default)s)")
+    build.add_argument("--assets", default=None, help="where to export (default: the package's jspec/assets)")
+    build.add_argument("--only", choices=["demo-code", "demo-code-draft"], action="append", help="build only these")
+    build.add_argument("--resume", action="store_true", help="resume interrupted training runs")
+    build.set_defaults(run=run_build_demo)
     return parser
 
 
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints like 3,2,1, got {text!r}") from None
+
+
 def strategy_options(args: argparse.Namespace) -> dict[str, Any]:
-    options = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
+    flags = SAMPLING_FLAGS + SPECULATIVE_FLAGS
+    options = {name: getattr(args, name) for name in flags if getattr(args, name, None) is not None}
+    if getattr(args, "draft", None):
+        options["draft"] = jspec.load(args.draft, dtype=args.dtype)
     for item in args.set:
         name, sep, value = item.partition("=")
         if not sep or not name:
@@ -98,6 +142,49 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         stats = ", ".join(f"{k}={v}" for k, v in output.stats.items())
         print(f"[{args.strategy}] finish={output.finish_reasons()} {stats} seconds={elapsed:.2f} (compile included)", file=sys.stderr)
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from jspec.train import TrainConfig, train
+
+    overrides = {
+        "out_dir": args.out,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "learning_rate": args.learning_rate,
+        "compute_dtype": args.compute_dtype,
+        "tokenizer": args.tokenizer,
+        "corpus_manifest": args.corpus_manifest,
+    }
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--set: expected NAME=VALUE, got {item!r}")
+        overrides[name.strip()] = _parse_value(value.strip())
+    config = TrainConfig.from_recipe(args.recipe, **overrides)
+    result = train(config, resume=args.resume, stop_at_step=args.stop_at)
+    print(
+        json.dumps(
+            {
+                "out_dir": str(result.out_dir),
+                "steps": result.steps,
+                "tokens_seen": result.tokens_seen,
+                "wall_seconds": round(result.wall_seconds, 1),
+                "train_loss": result.train_loss,
+                "eval_loss": result.eval_loss,
+                "eval_perplexity": result.eval_perplexity,
+            }
+        )
+    )
+    return 0
+
+
+def run_build_demo(args: argparse.Namespace) -> int:
+    from jspec.train import demo
+
+    demo.build(out_root=args.out_root, assets_dir=args.assets, only=args.only, resume=args.resume)
     return 0
 
 

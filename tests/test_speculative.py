@@ -249,3 +249,18 @@ def test_bad_input_raises_a_clear_error(pair, strategy, options, message):
     options = {k: models.get(v, v) if isinstance(v, str) else v for k, v in options.items()}
     with pytest.raises(ValueError, match=message):
         jspec.decode(target, PROMPTS[:2], strategy, max_new_tokens=4, **options)
+
+
+def test_calibration_picks_the_layer_that_keeps_agreement():
+    """A model whose layer 1 is an exact no-op: calibration must choose it, with agreement 1."""
+    from jspec.strategies.calibration import calibrate_skip_layers
+
+    model = tiny_model("llama", num_layers=3)
+    layers = list(model.params["layers"])
+    layers[1] = {**layers[1], "o": jnp.zeros_like(layers[1]["o"]), "down": jnp.zeros_like(layers[1]["down"])}
+    model = model.replace(params={**model.params, "layers": layers})
+    tokens = np.random.default_rng(0).integers(0, 97, (4, 24))
+    skip, agreement = calibrate_skip_layers(model, tokens, 1)
+    assert skip == (1,) and agreement == 1.0
+    with pytest.raises(ValueError, match="num_skip"):
+        calibrate_skip_layers(model, tokens, 3)
