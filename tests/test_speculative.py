@@ -123,19 +123,26 @@ SAMPLING = dict(temperature=0.8, top_k=5)
 
 
 def _exact_joint(model, prompt, num_tokens, options):
-    """The target's exact joint distribution over the next `num_tokens` tokens {tuple: probability}."""
-    params = sampling.SamplingParams.broadcast(1, **options)
+    """The target's exact joint distribution over the next `num_tokens` tokens {tuple: probability}.
+
+    Every prefix of every length is scored in one batched causal forward (prefixes right-padded: causal
+    attention makes the padding inert), then the warped next-token distributions are chained.
+    """
+    prefixes = [()]
+    for _ in range(num_tokens - 1):
+        prefixes += [p + (t,) for p in prefixes if len(p) == _ for t in range(VOCAB)]
+    width = len(prompt) + num_tokens
+    batch = np.zeros((len(prefixes), width), np.int32)
+    for row, prefix in enumerate(prefixes):
+        batch[row, : len(prompt) + len(prefix)] = list(prompt) + list(prefix)
+    logits, _ = model.forward(jnp.asarray(batch), jnp.broadcast_to(jnp.arange(width)[None], batch.shape))
+    last = jnp.asarray([len(prompt) + len(p) - 1 for p in prefixes])
+    params = sampling.SamplingParams.broadcast(len(prefixes), **options)
+    next_probs = np.asarray(sampling.probabilities(logits[jnp.arange(len(prefixes)), last], params), np.float64)
+    conditional = dict(zip(prefixes, next_probs))
     joint = {(): 1.0}
     for _ in range(num_tokens):
-        grown = {}
-        for prefix, mass in joint.items():
-            sequence = jnp.asarray([list(prompt) + list(prefix)])
-            logits, _ = model.forward(sequence, jnp.arange(sequence.shape[1])[None])
-            probs = np.asarray(sampling.probabilities(logits[:, -1], params)[0], np.float64)
-            for token in range(VOCAB):
-                if probs[token] > 0:
-                    grown[prefix + (token,)] = mass * probs[token]
-        joint = grown
+        joint = {p + (t,): mass * conditional[p][t] for p, mass in joint.items() for t in range(VOCAB) if conditional[p][t] > 0}
     return joint
 
 
