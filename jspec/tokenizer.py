@@ -52,6 +52,7 @@ class HFTokenizer:
         self._eos_token_ids = tuple(eos_token_ids)
         self.bos_token_id = bos_token_id
         self.path = path
+        self._digest = hash(tokenizer.to_str())  # computed once: tokenizers compare by content
 
     @classmethod
     def from_file(cls, path, eos_token_ids: Sequence[int] = (), bos_token_id: int | None = None) -> "HFTokenizer":
@@ -66,6 +67,13 @@ class HFTokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tokenizer.token_to_id(token)
 
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tokenizer.id_to_token(int(token_id))
+
+    def to_str(self) -> str:
+        """The tokenizer.json text."""
+        return self._tokenizer.to_str()
+
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
@@ -76,7 +84,7 @@ class HFTokenizer:
         self._tokenizer.save(str(path))
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, HFTokenizer) and other._tokenizer.to_str() == self._tokenizer.to_str()
+        return isinstance(other, HFTokenizer) and other._digest == self._digest and other.to_str() == self.to_str()
 
     def __hash__(self) -> int:
-        return hash(self._tokenizer.to_str())
+        return self._digest
