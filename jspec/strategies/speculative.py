@@ -214,9 +214,11 @@ class Speculative:
         slots = jnp.where(running[:, None], lengths[:, None] + jnp.arange(width, dtype=jnp.int32), cache.capacity)
         mask = masks.prefix_and_block_mask(lengths, jnp.asarray(template.ancestors), lengths, cache.capacity)
         logits, cache = model.forward(tokens, lengths[:, None] + offsets, cache, mask, write_slots=slots)
-        target_probs = _probabilities(logits, state.sampling)  # [B, N + 1, V]
-
-        walk = _accept(template, target_probs, proposal, state.sampling, walk_key)
+        walk = jax.lax.cond(
+            _all_greedy(state.sampling),
+            lambda: _accept_greedy(template, logits, proposal),
+            lambda: _accept(template, _probabilities(logits, state.sampling), proposal, state.sampling, walk_key),
+        )
         num_accepted = jnp.where(running, walk.num_accepted, 0)
 
         # commit: keep the accepted path's entries, emit path + correction/bonus
@@ -291,12 +293,12 @@ class Speculative:
         if self.kind == "prompt_lookup":
             tokens, found = prompt_lookup(state.history, state.cache.lengths, self.max_ngram, template.num_nodes)
             valid = found & (depths[None, :] <= depth_limit[:, None])
-            proposal_probs = jax.nn.one_hot(tokens, model.config.vocab_size, dtype=jnp.float32)
-            return Proposal(tokens, proposal_probs, valid, jnp.sum(valid, axis=1), state.cache, None, jnp.int32(0))
+            return Proposal(tokens, None, valid, jnp.sum(valid, axis=1), state.cache, None, jnp.int32(0), sampled_from_parent=())
         valid = depths[None, :] <= depth_limit[:, None]
-        tokens, proposal_probs, target_cache, draft_cache, calls = self._draft_tree(model, state, pending, depth_limit, key)
+        tokens, parent_logits, target_cache, draft_cache, calls = self._draft_tree(model, state, pending, depth_limit, key)
         valid_depth = jnp.minimum(depth_limit, template.max_depth)
-        return Proposal(tokens, proposal_probs, valid, valid_depth, target_cache, draft_cache, calls)
+        sampled = tuple(bool(x) for x in _single_child_nodes(template))
+        return Proposal(tokens, parent_logits, valid, valid_depth, target_cache, draft_cache, calls, sampled_from_parent=sampled)
 
     def _draft_tree(self, model: Model, state: SpeculativeState, pending: jax.Array, depth_limit: jax.Array, key: jax.Array):
         """Expand the template level by level with the draft network: one draft forward per level."""
@@ -318,26 +320,27 @@ class Speculative:
         vocab = root_logits.shape[-1]
         node_logits = jnp.zeros((batch, num_nodes + 1, vocab), jnp.float32).at[:, 0].set(root_logits[:, 0])
         tokens = jnp.zeros((batch, num_nodes), jnp.int32)
-        proposal_probs = jnp.zeros((batch, num_nodes, vocab), jnp.float32)
-        num_children = (template.children >= 0).sum(axis=1)  # [N + 1] numpy
+        parent_logits_all = jnp.zeros((batch, num_nodes, vocab), jnp.float32)
+        single_child = _single_child_nodes(template)
+        greedy = _all_greedy(state.sampling)
         calls = jnp.int32(1)
         deepest = jnp.max(depth_limit)
         for depth, (start, end) in enumerate(template.levels, start=1):
-            nodes = list(range(start, end))
-            parent_rows = [template.parents[n] + 1 for n in nodes]
-            parent_logits = node_logits[:, jnp.asarray(parent_rows)]  # [B, W, V]
-            parent_probs = _probabilities(parent_logits, state.sampling)
-            level_key = jax.random.fold_in(key, depth)
-            sampled = jax.random.categorical(level_key, jnp.log(parent_probs), axis=-1).astype(jnp.int32)  # [B, W]
+            parent_rows = jnp.asarray([template.parents[n] + 1 for n in range(start, end)])
+            parent_logits = node_logits[:, parent_rows]  # [B, W, V]
             max_rank = int(template.sibling_rank[start:end].max()) + 1
             top = jax.lax.top_k(parent_logits, max_rank)[1].astype(jnp.int32)  # [B, W, max_rank]
             ranks = jnp.asarray(template.sibling_rank[start:end])
             ranked = jnp.take_along_axis(top, ranks[None, :, None], axis=2)[:, :, 0]
-            single = jnp.asarray([num_children[row] == 1 for row in parent_rows])
-            level_tokens = jnp.where(single[None, :], sampled, ranked)
-            level_probs = jnp.where(single[None, :, None], parent_probs, jax.nn.one_hot(level_tokens, vocab, dtype=jnp.float32))
+            level_key = jax.random.fold_in(key, depth)
+            sampled = jax.lax.cond(
+                greedy,
+                lambda: ranked,
+                lambda: jax.random.categorical(level_key, jnp.log(_probabilities(parent_logits, state.sampling)), axis=-1).astype(jnp.int32),
+            )
+            level_tokens = jnp.where(jnp.asarray(single_child[start:end])[None, :], sampled, ranked)
             tokens = tokens.at[:, start:end].set(level_tokens)
-            proposal_probs = proposal_probs.at[:, start:end].set(level_probs)
+            parent_logits_all = parent_logits_all.at[:, start:end].set(parent_logits)
             if depth == template.max_depth:
                 break
             # run this level through the draft to get its children's distributions
@@ -354,19 +357,29 @@ class Speculative:
             cache, node_logits = jax.lax.cond(depth < deepest, run_level, lambda operands: operands, (cache, node_logits))
             calls = calls + (depth < deepest)
         if self.kind == "model":
-            return tokens, proposal_probs, state.cache, cache, calls
-        return tokens, proposal_probs, cache, None, calls
+            return tokens, parent_logits_all, state.cache, cache, calls
+        return tokens, parent_logits_all, cache, None, calls
 
 
 @struct.dataclass
 class Proposal:
     tokens: jax.Array  # [B, N] int32
-    probs: jax.Array  # [B, N, V] proposal distribution of each node
+    parent_logits: jax.Array | None  # [B, N, V] the draft's logits at each node's parent (None: no draft model)
     valid: jax.Array  # [B, N] bool: node proposed (rejected untried otherwise)
     valid_depth: jax.Array  # [B] int32: the depth a row drafted to
     target_cache: KVCache
     draft_cache: KVCache | None
     draft_calls: jax.Array  # [] int32
+    sampled_from_parent: tuple[bool, ...] = static_field()  # per node: drawn from the draft distribution (else top-k)
+
+    def proposal_probs(self, node: jax.Array, params: sampling.SamplingParams, vocab_size: int) -> jax.Array:
+        """q [B, V] of node [B]: the draft distribution where the node was sampled from it, else one-hot."""
+        rows = jnp.arange(self.tokens.shape[0])
+        one_hot = jax.nn.one_hot(self.tokens[rows, node], vocab_size, dtype=jnp.float32)
+        if self.parent_logits is None or not any(self.sampled_from_parent):
+            return one_hot
+        sampled = jnp.asarray(self.sampled_from_parent)[node]
+        return jnp.where(sampled[:, None], sampling.probabilities(self.parent_logits[rows, node], params), one_hot)
 
 
 @struct.dataclass
@@ -384,6 +397,56 @@ def _probabilities(logits: jax.Array, params: sampling.SamplingParams) -> jax.Ar
     repeat = lambda x: jnp.repeat(x, width, axis=0)  # noqa: E731
     flat = sampling.SamplingParams(repeat(params.temperature), repeat(params.top_k), repeat(params.top_p), repeat(params.min_p))
     return sampling.probabilities(logits.reshape(batch * width, vocab), flat).reshape(batch, width, vocab)
+
+
+def _all_greedy(params: sampling.SamplingParams) -> jax.Array:
+    return jnp.all(params.temperature == 0)
+
+
+def _single_child_nodes(template: TreeTemplate):
+    """[N] bool (numpy): nodes that are their parent's only child (drawn from the draft distribution)."""
+    num_children = (template.children >= 0).sum(axis=1)
+    return num_children[[p + 1 for p in template.parents]] == 1
+
+
+def _accept_greedy(template: TreeTemplate, logits: jax.Array, proposal: Proposal) -> Walk:
+    """`_accept` when every row is greedy (p and q one-hot): a draft is accepted iff it is the target's
+    argmax; the final token is the argmax after the last accepted node. Same result, no [B, N, V] work."""
+    batch = logits.shape[0]
+    rows = jnp.arange(batch)
+    choice = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, N + 1]
+    children = jnp.asarray(template.children)
+    current = jnp.full((batch,), -1, jnp.int32)
+    alive = jnp.ones((batch,), bool)
+    path, accepted_at, tried_at = [], [], []
+    for _ in range(template.max_depth):
+        accepted = jnp.zeros((batch,), bool)
+        chosen = jnp.full((batch,), -1, jnp.int32)
+        tried = jnp.zeros((batch,), bool)
+        for rank in range(children.shape[1]):
+            child = children[current + 1, rank]
+            safe = jnp.maximum(child, 0)
+            offered = (child >= 0) & alive & ~accepted & proposal.valid[rows, safe]
+            take = offered & (proposal.tokens[rows, safe] == choice[rows, current + 1])
+            chosen = jnp.where(take, child, chosen)
+            accepted |= take
+            tried |= offered
+        path.append(jnp.where(accepted, chosen, -1))
+        accepted_at.append(accepted)
+        tried_at.append(tried)
+        alive &= accepted
+        current = jnp.where(accepted, chosen, current)
+    return _walk(proposal, jnp.stack(path, axis=1), jnp.stack(accepted_at, axis=1), jnp.stack(tried_at, axis=1), choice[rows, current + 1])
+
+
+def _walk(proposal: Proposal, path: jax.Array, accepted_at: jax.Array, tried_at: jax.Array, final: jax.Array) -> Walk:
+    """Assemble a Walk: emitted = the accepted path's tokens, then the final (correction/bonus) token."""
+    batch = path.shape[0]
+    rows = jnp.arange(batch)
+    num_accepted = jnp.sum(accepted_at, axis=1, dtype=jnp.int32)
+    path_tokens = jnp.where(path >= 0, proposal.tokens[rows[:, None], jnp.maximum(path, 0)], 0)
+    emitted = jnp.concatenate([path_tokens, jnp.zeros((batch, 1), jnp.int32)], axis=1).at[rows, num_accepted].set(final)
+    return Walk(num_accepted, path, emitted, accepted_at, tried_at)
 
 
 def _accept(template: TreeTemplate, target_probs: jax.Array, proposal: Proposal, params: sampling.SamplingParams, key: jax.Array) -> Walk:
@@ -404,7 +467,7 @@ def _accept(template: TreeTemplate, target_probs: jax.Array, proposal: Proposal,
             safe = jnp.maximum(child, 0)
             offered = (child >= 0) & alive & ~accepted & proposal.valid[rows, safe]
             token = proposal.tokens[rows, safe]
-            q = proposal.probs[rows, safe]  # [B, V]
+            q = proposal.proposal_probs(safe, params, probs.shape[-1])  # [B, V]
             uniform = jax.random.uniform(jax.random.fold_in(key, depth * 1024 + rank), (batch,))
             take = offered & (uniform * q[rows, token] < probs[rows, token])
             probs = jnp.where((offered & ~take)[:, None], residual_distribution(probs, q), probs)
@@ -417,15 +480,9 @@ def _accept(template: TreeTemplate, target_probs: jax.Array, proposal: Proposal,
         tried_at.append(tried)
         alive &= accepted
         current = jnp.where(accepted, chosen, current)
-    path = jnp.stack(path, axis=1)
-    num_accepted = jnp.sum(jnp.stack(accepted_at, axis=1), axis=1, dtype=jnp.int32)
-    final_key = jax.random.fold_in(key, 1 << 20)
-    drawn = jax.random.categorical(final_key, jnp.log(probs), axis=-1)
+    drawn = jax.random.categorical(jax.random.fold_in(key, 1 << 20), jnp.log(probs), axis=-1)
     final = jnp.where(params.temperature > 0, drawn, jnp.argmax(probs, axis=-1)).astype(jnp.int32)
-    path_tokens = jnp.where(path >= 0, proposal.tokens[rows[:, None], jnp.maximum(path, 0)], 0)
-    emitted = jnp.concatenate([path_tokens, jnp.zeros((batch, 1), jnp.int32)], axis=1)
-    emitted = emitted.at[rows, num_accepted].set(final)
-    return Walk(num_accepted, path, emitted, jnp.stack(accepted_at, axis=1), jnp.stack(tried_at, axis=1))
+    return _walk(proposal, jnp.stack(path, axis=1), jnp.stack(accepted_at, axis=1), jnp.stack(tried_at, axis=1), final)
 
 
 def residual_distribution(target: jax.Array, proposal: jax.Array) -> jax.Array:
