@@ -172,7 +172,8 @@ def build_prompts(
 
     headroom = strategy.cache_headroom() if strategy is not None else 0
     if cache_size is None:
-        cache_size = width + max_new_tokens + headroom
+        multiple = model.config.cache_size_multiple  # attention kernels read the cache in whole blocks
+        cache_size = -(-(width + max_new_tokens + headroom) // multiple) * multiple
     elif isinstance(cache_size, bool) or not isinstance(cache_size, (int, np.integer)) or cache_size < 1:
         raise ValueError(f"cache_size: expected a positive int, got {cache_size!r}")
     elif int(lengths.max()) > cache_size:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("xla", "pallas_dense", "pallas_sparse")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,21 @@ class TransformerConfig:
     pad_token_id: int = 0
     mask_token_id: int | None = None  # diffusion LMs
     name: str = "transformer"
+    # Decode attention (see jspec/models/kernel_attention.py). "xla": `layers.attend` everywhere.
+    # "pallas_dense" / "pallas_sparse": decode-sized causal chunks over a cache use the Pallas kernels; prefill and
+    # custom masks (tree verification, diffusion blocks) stay on XLA. Cache capacities must then be a multiple of
+    # `cache_size_multiple`.
+    attention_impl: str = "xla"
+    attention_interpret: bool | None = None  # Pallas interpret mode; None: interpret on CPU, compile elsewhere
+    dense_block_size: int = 128  # keys per step of the dense decode kernel ("pallas_dense")
+    # InfLLM v2 sparse attention ("pallas_sparse"), released MiniCPM4 defaults:
+    sparse_block_size: int = 64  # keys per attended block
+    sparse_kernel_size: int = 32  # compressed key = mean of this many keys ...
+    sparse_kernel_stride: int = 16  # ... every this many keys
+    sparse_init_blocks: int = 1  # first blocks always attended (attention sink)
+    sparse_local_blocks: int = 32  # most recent blocks always attended (window 2048 / 64)
+    sparse_top_k: int = 64  # blocks attended per query and KV head, forced ones included
+    sparse_dense_len: int = 8192  # a query whose sequence (itself included) is shorter attends densely
 
     def __post_init__(self):
         _require(self.vocab_size > 0, "vocab_size", "a positive int", self.vocab_size)
@@ -68,10 +84,51 @@ class TransformerConfig:
         )
         _require(self.dtype in DTYPES, "dtype", f"one of {DTYPES}", self.dtype)
         _require(self.head_size % 2 == 0, "head_dim", "an even int (RoPE rotates pairs)", self.head_size)
+        self._validate_attention()
         if isinstance(self.eos_token_ids, list):
             object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+
+    def _validate_attention(self) -> None:
+        impl = self.attention_impl
+        _require(impl in ATTENTION_IMPLS, "attention_impl", f"one of {ATTENTION_IMPLS}", impl)
+        _require(
+            self.attention_interpret is None or isinstance(self.attention_interpret, bool),
+            "attention_interpret",
+            "None or a bool",
+            self.attention_interpret,
+        )
+        for name in ("dense_block_size", "sparse_block_size"):
+            value = getattr(self, name)
+            _require(_is_int(value) and value >= 16 and value & (value - 1) == 0, name, "a power of two >= 16", value)
+        for name, minimum in (("sparse_kernel_size", 1), ("sparse_kernel_stride", 1), ("sparse_init_blocks", 0),
+                              ("sparse_local_blocks", 1), ("sparse_top_k", 1), ("sparse_dense_len", 0)):
+            value = getattr(self, name)
+            _require(_is_int(value) and value >= minimum, name, f"an int >= {minimum}", value)
+        stride = self.sparse_kernel_stride
+        _require(self.sparse_kernel_size % stride == 0, "sparse_kernel_stride",
+                 f"a divisor of sparse_kernel_size={self.sparse_kernel_size}", stride)
+        _require(self.sparse_block_size % stride == 0, "sparse_kernel_stride",
+                 f"a divisor of sparse_block_size={self.sparse_block_size}", stride)
+        forced = self.sparse_init_blocks + self.sparse_local_blocks
+        _require(self.sparse_top_k >= forced, "sparse_top_k",
+                 f"an int >= sparse_init_blocks + sparse_local_blocks = {forced} (forced blocks are always selected)",
+                 self.sparse_top_k)
+        _require(
+            self.attention_impl != "pallas_sparse" or self.sliding_window is None,
+            "sliding_window",
+            "None with attention_impl='pallas_sparse' (InfLLM v2 block selection has no sliding window; "
+            "use 'pallas_dense' or 'xla')",
+            self.sliding_window,
+        )
+
+    @property
+    def cache_size_multiple(self) -> int:
+        """KV cache capacities must be a multiple of this: the attention kernel's block size (1 for "xla")."""
+        return {"xla": 1, "pallas_dense": self.dense_block_size, "pallas_sparse": self.sparse_block_size}[
+            self.attention_impl
+        ]
 
     @property
     def head_size(self) -> int:
@@ -112,6 +169,10 @@ class TransformerConfig:
         per_layer = attn + 3 * d * f + 2 * d
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return self.num_layers * per_layer + embed + d
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _require(ok: bool, name: str, expected: str, got: Any) -> None:

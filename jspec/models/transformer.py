@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from jspec import masks
 from jspec.cache import KVCache
+from jspec.models import kernel_attention
 from jspec.models.config import TransformerConfig
 from jspec.models.layers import apply_rope, attend, rms_norm, rope_tables
 
@@ -117,11 +118,18 @@ def forward(
     same logits (to float tolerance) as one call over the whole sequence.
     `skip_layers` (static) leaves those layers out (self-speculative drafting); their cache slots are not
     written.
+    With `config.attention_impl` "pallas_dense" / "pallas_sparse" and a cache, a chunk of at most
+    `kernel_attention.MAX_CHAIN_TOKENS` tokens under the default mask attends through the Pallas decode
+    kernels; its in-range write slots must then be contiguous per row (see `kernel_attention`). Prefill and
+    every custom mask (tree verification, diffusion) use XLA `attend`.
     """
     batch, length = tokens.shape
     if cache is not None and write_slots is None:
         write_slots = cache.lengths[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
-    if mask is None:
+    if cache is not None and config.attention_impl != "xla":
+        kernel_attention.check_cache(config, cache)
+    use_kernels = kernel_attention.uses_kernels(config, cache, mask, length)
+    if mask is None and not use_kernels:
         if cache is None:
             query_slots = jnp.broadcast_to(jnp.arange(length)[None, :], (batch, length))
             mask = masks.causal_mask(query_slots, length, config.sliding_window)
@@ -138,7 +146,11 @@ def forward(
         if cache is not None:
             cache = cache.write_layer(index, keys, values, write_slots)
             keys, values = cache.keys[index], cache.values[index]
-        attended = attend(queries, keys, values, mask).reshape(batch, length, -1)
+        if use_kernels:
+            attended = kernel_attention.kernel_attend(config, queries, cache, index, write_slots)
+        else:
+            attended = attend(queries, keys, values, mask)
+        attended = attended.reshape(batch, length, -1)
         hidden = hidden + attended @ layer["o"]
         normed = rms_norm(hidden, layer["mlp_norm"], config.rms_norm_eps)
         hidden = hidden + (jax.nn.silu(normed @ layer["gate"]) * (normed @ layer["up"])) @ layer["down"]

@@ -412,14 +412,48 @@ def _single_child_nodes(template: TreeTemplate):
 def _accept_greedy(template: TreeTemplate, logits: jax.Array, proposal: Proposal) -> Walk:
     """`_accept` when every row is greedy (p and q one-hot): a draft is accepted iff it is the target's
     argmax; the final token is the argmax after the last accepted node. Same result, no [B, N, V] work."""
-    batch = logits.shape[0]
-    rows = jnp.arange(batch)
+    rows = jnp.arange(logits.shape[0])
     choice = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, N + 1]
+
+    def try_child(carry, current, child, token, offered, draw):
+        return offered & (token == choice[rows, current + 1]), carry
+
+    path, accepted_at, tried_at, current, _ = _traverse(template, proposal, None, try_child, lambda carry, accepted, chosen: carry)
+    return _walk(proposal, path, accepted_at, tried_at, choice[rows, current + 1])
+
+
+def _accept(template: TreeTemplate, target_probs: jax.Array, proposal: Proposal, params: sampling.SamplingParams, key: jax.Array) -> Walk:
+    """Walk the tree from the root with the multi-draft rejection rule (module docstring)."""
+    rows = jnp.arange(target_probs.shape[0])
+
+    def try_child(probs, current, child, token, offered, draw):
+        q = proposal.proposal_probs(child, params, probs.shape[-1])  # [B, V]
+        take = offered & (draw(key) * q[rows, token] < probs[rows, token])
+        return take, jnp.where((offered & ~take)[:, None], residual_distribution(probs, q), probs)
+
+    def enter(probs, accepted, chosen):
+        return jnp.where(accepted[:, None], target_probs[rows, chosen + 1], probs)
+
+    path, accepted_at, tried_at, _, probs = _traverse(template, proposal, target_probs[:, 0], try_child, enter)
+    drawn = jax.random.categorical(jax.random.fold_in(key, 1 << 20), jnp.log(probs), axis=-1)
+    final = jnp.where(params.temperature > 0, drawn, jnp.argmax(probs, axis=-1)).astype(jnp.int32)
+    return _walk(proposal, path, accepted_at, tried_at, final)
+
+
+def _traverse(template: TreeTemplate, proposal: Proposal, carry: Any, try_child, enter):
+    """Descend the tree from the root, trying each node's children in rank order until one is accepted.
+
+    try_child(carry, current [B], child [B], token [B], offered [B], draw) -> (take [B], carry), where
+    draw(key) gives this trial's uniforms; enter(carry, accepted [B], chosen [B]) -> carry after a level.
+    Returns path [B, D], accepted_at [B, D], tried_at [B, D], the last accepted node [B] (-1 = root), carry.
+    """
+    batch = proposal.tokens.shape[0]
+    rows = jnp.arange(batch)
     children = jnp.asarray(template.children)
     current = jnp.full((batch,), -1, jnp.int32)
     alive = jnp.ones((batch,), bool)
     path, accepted_at, tried_at = [], [], []
-    for _ in range(template.max_depth):
+    for depth in range(1, template.max_depth + 1):
         accepted = jnp.zeros((batch,), bool)
         chosen = jnp.full((batch,), -1, jnp.int32)
         tried = jnp.zeros((batch,), bool)
@@ -427,16 +461,19 @@ def _accept_greedy(template: TreeTemplate, logits: jax.Array, proposal: Proposal
             child = children[current + 1, rank]
             safe = jnp.maximum(child, 0)
             offered = (child >= 0) & alive & ~accepted & proposal.valid[rows, safe]
-            take = offered & (proposal.tokens[rows, safe] == choice[rows, current + 1])
+            draw = lambda key, trial=depth * 1024 + rank: jax.random.uniform(jax.random.fold_in(key, trial), (batch,))  # noqa: E731
+            take, carry = try_child(carry, current, safe, proposal.tokens[rows, safe], offered, draw)
             chosen = jnp.where(take, child, chosen)
             accepted |= take
             tried |= offered
+        carry = enter(carry, accepted, chosen)
         path.append(jnp.where(accepted, chosen, -1))
         accepted_at.append(accepted)
         tried_at.append(tried)
         alive &= accepted
         current = jnp.where(accepted, chosen, current)
-    return _walk(proposal, jnp.stack(path, axis=1), jnp.stack(accepted_at, axis=1), jnp.stack(tried_at, axis=1), choice[rows, current + 1])
+    stack = lambda xs: jnp.stack(xs, axis=1)  # noqa: E731
+    return stack(path), stack(accepted_at), stack(tried_at), current, carry
 
 
 def _walk(proposal: Proposal, path: jax.Array, accepted_at: jax.Array, tried_at: jax.Array, final: jax.Array) -> Walk:
@@ -447,42 +484,6 @@ def _walk(proposal: Proposal, path: jax.Array, accepted_at: jax.Array, tried_at:
     path_tokens = jnp.where(path >= 0, proposal.tokens[rows[:, None], jnp.maximum(path, 0)], 0)
     emitted = jnp.concatenate([path_tokens, jnp.zeros((batch, 1), jnp.int32)], axis=1).at[rows, num_accepted].set(final)
     return Walk(num_accepted, path, emitted, accepted_at, tried_at)
-
-
-def _accept(template: TreeTemplate, target_probs: jax.Array, proposal: Proposal, params: sampling.SamplingParams, key: jax.Array) -> Walk:
-    """Walk the tree from the root with the multi-draft rejection rule (module docstring)."""
-    batch = target_probs.shape[0]
-    rows = jnp.arange(batch)
-    children = jnp.asarray(template.children)
-    current = jnp.full((batch,), -1, jnp.int32)
-    alive = jnp.ones((batch,), bool)
-    probs = target_probs[:, 0]
-    path, accepted_at, tried_at = [], [], []
-    for depth in range(1, template.max_depth + 1):
-        accepted = jnp.zeros((batch,), bool)
-        chosen = jnp.full((batch,), -1, jnp.int32)
-        tried = jnp.zeros((batch,), bool)
-        for rank in range(children.shape[1]):
-            child = children[current + 1, rank]
-            safe = jnp.maximum(child, 0)
-            offered = (child >= 0) & alive & ~accepted & proposal.valid[rows, safe]
-            token = proposal.tokens[rows, safe]
-            q = proposal.proposal_probs(safe, params, probs.shape[-1])  # [B, V]
-            uniform = jax.random.uniform(jax.random.fold_in(key, depth * 1024 + rank), (batch,))
-            take = offered & (uniform * q[rows, token] < probs[rows, token])
-            probs = jnp.where((offered & ~take)[:, None], residual_distribution(probs, q), probs)
-            chosen = jnp.where(take, child, chosen)
-            accepted |= take
-            tried |= offered
-        probs = jnp.where(accepted[:, None], target_probs[rows, chosen + 1], probs)
-        path.append(jnp.where(accepted, chosen, -1))
-        accepted_at.append(accepted)
-        tried_at.append(tried)
-        alive &= accepted
-        current = jnp.where(accepted, chosen, current)
-    drawn = jax.random.categorical(jax.random.fold_in(key, 1 << 20), jnp.log(probs), axis=-1)
-    final = jnp.where(params.temperature > 0, drawn, jnp.argmax(probs, axis=-1)).astype(jnp.int32)
-    return _walk(proposal, jnp.stack(path, axis=1), jnp.stack(accepted_at, axis=1), jnp.stack(tried_at, axis=1), final)
 
 
 def residual_distribution(target: jax.Array, proposal: jax.Array) -> jax.Array:
