@@ -27,9 +27,9 @@ def heldout_prompts(tokenizer, count: int, prompt_tokens: int) -> list[list[int]
     """The first `prompt_tokens` tokens of held-out standard-library files (deterministic order)."""
     from jspec.train import corpus
 
-    manifest = corpus.load_manifest(ASSETS_DIR / "corpus_manifest.json") if (ASSETS_DIR / "corpus_manifest.json").is_file() else corpus.build_manifest()
+    manifest = corpus.load_manifest(ASSETS_DIR / "demo-code" / "corpus_manifest.json")
     prompts = []
-    for text in corpus.iter_files(manifest, "heldout"):
+    for text in corpus.load_documents(manifest, "heldout", root=corpus.stdlib_root()):
         ids = tokenizer.encode(text)
         if len(ids) >= prompt_tokens + 64:
             prompts.append(ids[:prompt_tokens])

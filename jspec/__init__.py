@@ -4,7 +4,7 @@ explicit KV/state pytrees, behind one call: `jspec.decode(model, prompts, strate
 from jspec import sampling, strategies
 from jspec.cache import KVCache
 from jspec.decode import Stream, decode, stream, trace_count
-from jspec.loading import load
+from jspec.loading import load, save
 from jspec.models import Model, RopeScaling, TransformerConfig
 from jspec.strategies import Autoregressive, DecodeOutput, FinishReason, register_strategy, strategy_names
 from jspec.tokenizer import ByteTokenizer
@@ -25,6 +25,7 @@ __all__ = [
     "load",
     "register_strategy",
     "sampling",
+    "save",
     "stream",
     "strategies",
     "strategy_names",

@@ -1,6 +1,6 @@
 """The `jspec` command line.
 
-    jspec generate --model random:random-tiny --prompt "def fib(n):" --strategy sample --temperature 0.8
+    jspec generate --prompt "def fib(n):" --strategy sample --temperature 0.8          # the shipped demo-code model
     jspec strategies
     jspec train --recipe demo-code --out runs/demo-code [--steps N] [--resume]
     jspec build-demo --out-root runs --assets jspec/assets
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="decode prompts with a strategy, streaming the text")
-    generate.add_argument("--model", default="random:random-tiny", help="model name or path (default: %(default)s)")
+    generate.add_argument("--model", default="demo-code", help="model name or path (default: %(default)s, shipped with jspec)")
     generate.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
     generate.add_argument("--strategy", default="greedy", help=f"one of {jspec.strategy_names()} (default: greedy)")
     generate.add_argument("--max-new-tokens", type=int, default=64)

@@ -80,3 +80,13 @@ def load(name_or_path: str | Path, *, dtype: str | None = None, seed: int = 0) -
         f"name_or_path: {name_or_path!r} is not a demo model {demo_names()}, a model directory, "
         f"or 'random:<preset>' with a preset in {preset_names()}"
     )
+
+
+def save(model: Model, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write `model` as a jspec orbax checkpoint that `jspec.load(path)` reads back bit for bit.
+
+    Atomic: an interrupted save never leaves a directory that loads. See `jspec.checkpoint.orbax_store`.
+    """
+    from jspec.checkpoint import orbax_store
+
+    return orbax_store.save(model, path, overwrite=overwrite)
