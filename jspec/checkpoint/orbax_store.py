@@ -136,17 +136,23 @@ def save(model: Model, path: str | Path, *, overwrite: bool = False, _before_ren
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         if _before_rename is not None:  # tests: simulate an interruption between writing and renaming
             _before_rename(tmp)
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:12]}"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
+        replace_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def replace_directory(source: Path, destination: Path) -> None:
+    """Move a finished directory onto `destination`, replacing what was there; the destination is at every
+    moment either the old complete directory or the new one (a crash can only leave a hidden `.old-` copy)."""
+    if destination.exists():
+        old = destination.parent / f".{destination.name}.old-{uuid.uuid4().hex[:12]}"
+        os.rename(destination, old)
+        os.rename(source, destination)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(source, destination)
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:

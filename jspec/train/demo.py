@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
 import time
 import uuid
 from pathlib import Path
@@ -54,16 +52,6 @@ def build(out_root: str | Path = "runs", assets_dir: str | Path | None = None, o
         train(TrainConfig.from_recipe(name, out_dir=str(run_dir)), resume=resume)
     if all((out_root / name / "result.json").is_file() for name in NAMES):
         export(out_root, assets_dir)
-
-
-def _atomic_replace_dir(build_dir: Path, final: Path) -> None:
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(final, old)
-        os.rename(build_dir, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(build_dir, final)
 
 
 def _dir_bytes(path: Path) -> int:
@@ -156,7 +144,7 @@ def export(out_root: str | Path = "runs", assets_dir: str | Path | None = None) 
         for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(loaded.params)):
             if not np.array_equal(np.asarray(a), np.asarray(b)):
                 raise ValueError(f"export: {name} does not read back equal through load_hf")
-        _atomic_replace_dir(build_dir, assets / name)
+        orbax_store.replace_directory(build_dir, assets / name)
         shipped[name] = load_hf(assets / name)
 
     windows = heldout_windows(manifest, shipped[TARGET].tokenizer, recipes[TARGET]["seq_len"])
