@@ -36,7 +36,7 @@ ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 TARGET, DRAFT = "demo-code", "demo-code-draft"
 NAMES = (DRAFT, TARGET)  # the draft first: it finishes sooner
 MAX_SHIPPED_BYTES = 40 * 1024 * 1024
-SAMPLE_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
+SAMPLE_PROMPT = "import os\nimport sys\n\n\ndef main("
 
 
 def build(out_root: str | Path = "runs", assets_dir: str | Path | None = None, only: Sequence[str] | None = None, resume: bool = False) -> None:
@@ -147,6 +147,11 @@ def export(out_root: str | Path = "runs", assets_dir: str | Path | None = None) 
         orbax_store.replace_directory(build_dir, assets / name)
         shipped[name] = load_hf(assets / name)
 
+    return measure_and_write_card(assets, shipped, results, recipes, manifest, dtype)
+
+
+def measure_and_write_card(assets: Path, shipped: dict[str, Model], results, recipes, manifest, dtype: str) -> dict[str, Any]:
+    """Measure the shipped models (held-out loss, agreement, samples) and write assets/MODEL_CARD.md."""
     windows = heldout_windows(manifest, shipped[TARGET].tokenizer, recipes[TARGET]["seq_len"])
     from jspec.train.trainer import DEFAULT_CACHE_DIR
 
@@ -166,6 +171,20 @@ def export(out_root: str | Path = "runs", assets_dir: str | Path | None = None) 
         raise ValueError(f"export: shipped files total {total:,} bytes, over the {MAX_SHIPPED_BYTES:,} limit")
     print(json.dumps({k: v for k, v in figures.items() if k != "samples"}, indent=2))
     return figures
+
+
+def rewrite_card(assets_dir: str | Path | None = None) -> dict[str, Any]:
+    """Re-measure the models already shipped in assets_dir and rewrite MODEL_CARD.md (no training run needed)."""
+    from jspec.checkpoint.hf import load_hf
+
+    assets = Path(assets_dir) if assets_dir is not None else ASSETS_DIR
+    results = {name: json.loads((assets / name / "training_result.json").read_text()) for name in NAMES}
+    recipes = {name: json.loads((assets / name / "training_recipe.json").read_text()) for name in NAMES}
+    shipped = {name: load_hf(assets / name) for name in NAMES}
+    manifest = corpus_lib.build_manifest(heldout_fraction=recipes[TARGET]["heldout_fraction"])
+    if manifest["digest"] != results[TARGET]["corpus"]["digest"]:
+        raise ValueError("rewrite_card: this machine's stdlib differs from the corpus the models were trained on")
+    return measure_and_write_card(assets, shipped, results, recipes, manifest, shipped[TARGET].config.dtype)
 
 
 def _architecture(model: Model) -> str:
@@ -190,7 +209,8 @@ def write_model_card(path: Path, models: dict[str, Model], results, recipes, man
         "Two small code models shipped inside the package so that `jspec.load(\"demo-code\")` and",
         "`jspec.load(\"demo-code-draft\")` work offline. They exist to demonstrate decoding strategies (the draft",
         "is a speculative-decoding draft for the target), not to write useful code: they are tiny, trained for",
-        "less than one epoch on a shared 2-core CPU, and complete Python in the style of the standard library.",
+        "at most two epochs of a small corpus on a shared 2-core CPU, and complete Python in the style of the",
+        "standard library (greedy decoding soon repeats itself).",
         "",
         "Both are Hugging Face directories (LlamaForCausalLM config, model.safetensors, tokenizer.json) and load",
         "in `transformers` as well as in jspec.",
@@ -237,6 +257,9 @@ def write_model_card(path: Path, models: dict[str, Model], results, recipes, man
         "  than the 2-layer draft (held-out loss 4.31 against the draft's 3.70). In 150-step probes on the same schedule",
         "  (mean train loss over steps 141-150) 3 layers x 384 reached 5.16, 6 x 256 reached 5.48 at peak LR 2e-3, 5.35",
         "  at 1e-3 and 5.63 at 3e-3; so the target is shallow and wide, and trained for more steps than the draft.",
+        "- Wall time is summed over resumed segments (a segment's steps after its last checkpoint, redone after an",
+        "  interruption, are not counted twice). Alone on 2 cores the target trains at about 2,200 tokens/s (about",
+        "  37 minutes for its recipe) and the draft at about 4,000 tokens/s.",
         "- Deterministic: the same recipe on the same machine reproduces the same weights; a resumed run continues",
         "  exactly. Rebuild:",
         "",
@@ -275,7 +298,10 @@ def write_model_card(path: Path, models: dict[str, Model], results, recipes, man
         f"`demo-code/corpus_manifest.json` (digest `{manifest['digest'][:16]}`); training on another Python version "
         "builds a different corpus (the recipe records which one it saw).",
         "",
-        "## Samples (greedy decoding, 48 new tokens at most; the prompt is the first two lines)",
+        "## Samples (greedy decoding, 48 new tokens at most; the prompt is everything up to `def main(`)",
+        "",
+        "Prompts that end in spaces (`\"    \"`) cut a whitespace token in two and read as odd indentation to a BPE",
+        "model; end prompts at a newline or inside a statement.",
         "",
     ]
     for name in (TARGET, DRAFT):
@@ -296,8 +322,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out-root", default="runs")
     parser.add_argument("--assets", default=None)
     parser.add_argument("--export-only", action="store_true")
+    parser.add_argument("--card-only", action="store_true", help="re-measure the shipped models and rewrite MODEL_CARD.md")
     args = parser.parse_args(argv)
-    if args.export_only:
+    if args.card_only:
+        rewrite_card(args.assets)
+    elif args.export_only:
         export(args.out_root, args.assets)
     else:
         build(args.out_root, args.assets)
