@@ -20,22 +20,8 @@ import numpy as np
 
 import jspec
 from jspec import bench
+from jspec.bench import heldout_prompts
 from jspec.loading import ASSETS_DIR
-
-
-def heldout_prompts(tokenizer, count: int, prompt_tokens: int) -> list[list[int]]:
-    """The first `prompt_tokens` tokens of held-out standard-library files (deterministic order)."""
-    from jspec.train import corpus
-
-    manifest = corpus.load_manifest(ASSETS_DIR / "demo-code" / "corpus_manifest.json")
-    prompts = []
-    for text in corpus.load_documents(manifest, "heldout", root=corpus.stdlib_root()):
-        ids = tokenizer.encode(text)
-        if len(ids) >= prompt_tokens + 64:
-            prompts.append(ids[:prompt_tokens])
-        if len(prompts) == count:
-            break
-    return prompts
 
 
 def strategies(draft, skip_layers, quick: bool):

@@ -39,6 +39,23 @@ def time_call(fn: Callable[[], Any], repeats: int = 5) -> Timing:
     return Timing(compile_seconds=max(first - median, 0.0), median_seconds=median, runs=runs, result=result)
 
 
+def heldout_prompts(tokenizer, count: int, prompt_tokens: int, min_continuation: int = 64) -> list[list[int]]:
+    """The first `prompt_tokens` tokens of held-out standard-library files of the demo corpus (the demo models
+    never trained on them), in manifest order; files shorter than prompt + min_continuation are skipped."""
+    from jspec.loading import ASSETS_DIR
+    from jspec.train import corpus
+
+    manifest = corpus.load_manifest(ASSETS_DIR / "demo-code" / "corpus_manifest.json")
+    prompts = []
+    for text in corpus.load_documents(manifest, "heldout", root=corpus.stdlib_root()):
+        ids = tokenizer.encode(text)
+        if len(ids) >= prompt_tokens + min_continuation:
+            prompts.append(ids[:prompt_tokens])
+        if len(prompts) == count:
+            break
+    return prompts
+
+
 def environment() -> dict[str, Any]:
     device = jax.devices()[0]
     return {

@@ -19,6 +19,7 @@ import jspec
 
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p")
 SPECULATIVE_FLAGS = ("num_draft_tokens", "tree", "skip_layers", "max_ngram", "adaptive")
+DIFFUSION_FLAGS = ("block_size", "sub_block_size", "threshold", "draft_steps", "cache")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     speculative.add_argument("--skip-layers", type=_int_tuple, help="layers the self-speculative draft skips, e.g. 2,3")
     speculative.add_argument("--max-ngram", type=int, help="longest n-gram prompt lookup matches")
     speculative.add_argument("--adaptive", action="store_true", default=None, help="adapt the draft depth per row")
+    diffusion = generate.add_argument_group(
+        "diffusion LMs (strategies dllm_static, dllm_threshold, freedave with demo-code-dllm; block_diffusion with demo-code-bd)"
+    )
+    diffusion.add_argument("--block-size", type=int, help="tokens per block (dllm default 32; block_diffusion: the model's)")
+    diffusion.add_argument("--sub-block-size", type=int, help="block_diffusion sub-block size (default 8)")
+    diffusion.add_argument("--threshold", type=float, help="confidence threshold in (0, 1] (dllm_threshold, block_diffusion)")
+    diffusion.add_argument("--draft-steps", type=int, help="FreeDave drafts verified per forward (default 8)")
+    diffusion.add_argument("--diffusion-cache", dest="cache", help="none | prefix | dual (dllm) ; none | block | sub_block (block_diffusion)")
     generate.add_argument(
         "--set", action="append", default=[], metavar="NAME=VALUE", help="any other strategy option, e.g. --set num_draft_tokens=4"
     )
@@ -98,7 +107,7 @@ def _int_tuple(text: str) -> tuple[int, ...]:
 
 
 def strategy_options(args: argparse.Namespace) -> dict[str, Any]:
-    flags = SAMPLING_FLAGS + SPECULATIVE_FLAGS
+    flags = SAMPLING_FLAGS + SPECULATIVE_FLAGS + DIFFUSION_FLAGS
     options = {name: getattr(args, name) for name in flags if getattr(args, name, None) is not None}
     if getattr(args, "draft", None):
         options["draft"] = jspec.load(args.draft, dtype=args.dtype)

@@ -46,3 +46,48 @@ def prefix_and_block_mask(
     visibility = jnp.broadcast_to(block_visibility, (batch, length, width))
     entry = jnp.broadcast_to(jnp.clip(offset, 0, width - 1), (batch, length, num_key_slots))
     return in_prefix | (in_block & jnp.take_along_axis(visibility, entry, axis=2))
+
+
+def block_causal_mask(
+    query_positions: jax.Array,  # [B, T] int
+    key_positions: jax.Array,  # [B, S] int
+    block_size: int,
+) -> jax.Array:  # [B, T, S] bool
+    """Block diffusion (Fast-dLLM v2): a query reads every key whose block (position // block_size) is not
+    after its own: causal across blocks, bidirectional inside one."""
+    return (key_positions[:, None, :] // block_size) <= (query_positions[:, :, None] // block_size)
+
+
+def block_diffusion_training_mask(length: int, block_size: int) -> jax.Array:  # [2L, 2L] bool
+    """The Fast-dLLM v2 training mask over the concatenation [noisy x_t ; clean x_0] (2 x length positions,
+    both halves at positions 0..length-1): a noisy block reads itself bidirectionally (M_BD) and the clean
+    blocks before it (M_OBC); a clean token reads the clean blocks up to its own (M_BC); nothing reads noisy
+    tokens of another block."""
+    blocks = jnp.arange(length) // block_size
+    query, key = blocks[:, None], blocks[None, :]
+    noisy_reads_noisy = query == key
+    noisy_reads_clean = key < query
+    clean_reads_clean = key <= query
+    top = jnp.concatenate([noisy_reads_noisy, noisy_reads_clean], axis=1)
+    bottom = jnp.concatenate([jnp.zeros_like(clean_reads_clean), clean_reads_clean], axis=1)
+    return jnp.concatenate([top, bottom], axis=0)
+
+
+def packed_branches_mask(
+    num_branches: int,
+    in_sequence: jax.Array,  # [B, L] bool: span entries that are real positions (not past the sequence end)
+    write_base: int,  # cache slot of branch 0's first entry; branch k occupies [base + k L, base + (k + 1) L)
+    num_key_slots: int,
+    context: jax.Array | None = None,  # [B, C] bool: slots (from 0) every query also reads
+) -> jax.Array:  # [B, K L, S] bool
+    """K branches of the same span packed along the sequence (FreeDave's draft verification): each query reads
+    the shared context and every real entry of its own branch (bidirectionally), never another branch."""
+    length = in_sequence.shape[1]
+    relative = jnp.arange(num_key_slots) - write_base
+    key_branch = jnp.where((relative >= 0) & (relative < num_branches * length), relative // length, -1)  # [S]
+    key_real = jnp.take_along_axis(in_sequence, jnp.clip(relative % length, 0, length - 1)[None, :], axis=1)  # [B, S]
+    query_branch = jnp.arange(num_branches * length) // length
+    visible = (key_branch[None, None, :] == query_branch[None, :, None]) & key_real[:, None, :]
+    if context is not None:
+        visible |= jnp.pad(context, ((0, 0), (0, num_key_slots - context.shape[1])))[:, None, :]
+    return visible

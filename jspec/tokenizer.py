@@ -83,6 +83,18 @@ class HFTokenizer:
     def save(self, path) -> None:
         self._tokenizer.save(str(path))
 
+    def with_special_token(self, token: str) -> tuple["HFTokenizer", int]:
+        """This tokenizer with `token` added as a special token (if it is not there yet), and its id.
+        Text that does not contain the token's literal string encodes exactly as before."""
+        from tokenizers import AddedToken, Tokenizer
+
+        existing = self.token_to_id(token)
+        if existing is not None:
+            return self, existing
+        copy = Tokenizer.from_str(self.to_str())
+        copy.add_special_tokens([AddedToken(token, special=True, normalized=False)])
+        return HFTokenizer(copy, self._eos_token_ids, self.bos_token_id), copy.token_to_id(token)
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, HFTokenizer) and other._digest == self._digest and other.to_str() == self.to_str()
 

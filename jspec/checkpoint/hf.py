@@ -55,6 +55,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "Qwen3ForCausalLM": dict(num_key_value_heads=32, head_dim=128, max_position_embeddings=32768, bos_token_id=None, eos_token_id=None),
 }
 _ACTIVATIONS = ("silu", "swish")
+DIFFUSION_KEY = "jspec_diffusion"  # config.json entry for jspec's diffusion-LM options (kind, block_size, shifted_logits)
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)  # buffers some older checkpoints carry; recomputed from the config
 
 
@@ -141,6 +142,9 @@ def config_from_hf(
     pad = field("pad_token_id")
     pad = pad if isinstance(pad, int) and 0 <= pad < vocab_size else 0
     mask = hf_config.get("mask_token_id")
+    diffusion = hf_config.get(DIFFUSION_KEY) or {}
+    if not isinstance(diffusion, dict):
+        raise ValueError(f"config.json: {DIFFUSION_KEY} must be an object with kind, block_size, shifted_logits; got {diffusion!r}")
 
     return TransformerConfig(
         vocab_size=vocab_size,
@@ -163,6 +167,9 @@ def config_from_hf(
         eos_token_ids=tuple(eos),
         pad_token_id=pad,
         mask_token_id=mask if isinstance(mask, int) else None,
+        diffusion=diffusion.get("kind"),
+        diffusion_block_size=diffusion.get("block_size"),
+        shifted_logits=bool(diffusion.get("shifted_logits", False)),
         name=name or hf_config.get("_name_or_path") or architecture,
     )
 
@@ -314,6 +321,10 @@ def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
         )
     if config.mask_token_id is not None:
         out["mask_token_id"] = config.mask_token_id
+    if config.diffusion is not None:  # transformers keeps unknown keys as attributes; jspec reads them back
+        out[DIFFUSION_KEY] = {
+            "kind": config.diffusion, "block_size": config.diffusion_block_size, "shifted_logits": config.shifted_logits
+        }
     return out
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
+DIFFUSION_KINDS = ("masked", "block")
 ATTENTION_IMPLS = ("xla", "pallas_dense", "pallas_sparse")
 
 
@@ -53,7 +54,14 @@ class TransformerConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
-    mask_token_id: int | None = None  # diffusion LMs
+    mask_token_id: int | None = None  # diffusion LMs: the token that stands for "not decoded yet"
+    # Diffusion LMs (jspec/strategies/diffusion.py, block_diffusion.py). None: an autoregressive LM.
+    # "masked": every position attends to every other (LLaDA / Dream); "block": causal across blocks of
+    # `diffusion_block_size` positions, bidirectional inside a block (Fast-dLLM v2). The same transformer runs
+    # all three: only the attention mask differs.
+    diffusion: str | None = None
+    diffusion_block_size: int | None = None  # the block size a "block" model was trained with
+    shifted_logits: bool = False  # the logit at position i-1 predicts the token at i (Dream, Fast-dLLM v2)
     name: str = "transformer"
     # Decode attention (see jspec/models/kernel_attention.py). "xla": `layers.attend` everywhere.
     # "pallas_dense" / "pallas_sparse": decode-sized causal chunks over a cache use the Pallas kernels; prefill and
@@ -85,6 +93,7 @@ class TransformerConfig:
         _require(self.dtype in DTYPES, "dtype", f"one of {DTYPES}", self.dtype)
         _require(self.head_size % 2 == 0, "head_dim", "an even int (RoPE rotates pairs)", self.head_size)
         self._validate_attention()
+        self._validate_diffusion()
         if isinstance(self.eos_token_ids, list):
             object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
         if isinstance(self.rope_scaling, dict):
@@ -122,6 +131,20 @@ class TransformerConfig:
             "use 'pallas_dense' or 'xla')",
             self.sliding_window,
         )
+
+    def _validate_diffusion(self) -> None:
+        _require(self.diffusion is None or self.diffusion in DIFFUSION_KINDS, "diffusion",
+                 f"None or one of {DIFFUSION_KINDS}", self.diffusion)
+        mask = self.mask_token_id
+        _require(mask is None or (_is_int(mask) and 0 <= mask < self.vocab_size), "mask_token_id",
+                 f"None or a token id in [0, vocab_size={self.vocab_size})", mask)
+        _require(self.diffusion is None or mask is not None, "mask_token_id",
+                 f"a token id (a diffusion={self.diffusion!r} model needs a mask token)", mask)
+        size = self.diffusion_block_size
+        if self.diffusion == "block":
+            _require(_is_int(size) and size >= 1, "diffusion_block_size", "a positive int for diffusion='block'", size)
+        else:
+            _require(size is None, "diffusion_block_size", "None unless diffusion='block'", size)
 
     @property
     def cache_size_multiple(self) -> int:

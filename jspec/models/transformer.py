@@ -163,6 +163,15 @@ def forward(
     return logits, cache
 
 
+def position_logits(logits: jax.Array, shifted: bool) -> jax.Array:  # [B, T, V] -> [B, T, V]
+    """The logits that predict the token at each position of a chunk. Unshifted (LLaDA): a position's own
+    logits. Shifted (Dream, Fast-dLLM v2 token shift): the previous position's; the chunk's first position
+    keeps its own (callers never ask a shifted model to predict it: it is known)."""
+    if not shifted:
+        return logits
+    return jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
+
+
 def _project_qkv(
     layer: Params,
     config: TransformerConfig,

@@ -1,6 +1,8 @@
 """Decoding strategies: one module per algorithm, each a config with init/step/done/output."""
 
 from jspec.strategies.autoregressive import Autoregressive, AutoregressiveState
+from jspec.strategies.block_diffusion import BlockDiffusion, BlockDiffusionState
+from jspec.strategies.diffusion import MaskedDiffusion, MaskedDiffusionState
 from jspec.strategies.speculative import Speculative, SpeculativeState
 from jspec.strategies.tree import TreeTemplate
 from jspec.strategies.base import (
@@ -17,8 +19,12 @@ from jspec.strategies.base import (
 __all__ = [
     "Autoregressive",
     "AutoregressiveState",
+    "BlockDiffusion",
+    "BlockDiffusionState",
     "DecodeOutput",
     "FinishReason",
+    "MaskedDiffusion",
+    "MaskedDiffusionState",
     "OutputBuffer",
     "Prompts",
     "Speculative",

@@ -13,8 +13,9 @@ the recipe's `objective_options`, and is then a pure function
 - metrics: at least "loss_sum" and "token_count" (float32 scalars), so evaluation can average over many
   batches exactly; anything else is logged.
 
-The causal LM objective is registered here; masked-diffusion and block-diffusion objectives register beside it
-(`register_objective("masked_diffusion", factory)`) without touching the trainer.
+Registered here: "causal_lm", "masked_diffusion" (LLaDA / MDLM, optionally Dream's shifted logits) and
+"block_diffusion" (Fast-dLLM v2: [noisy ; clean] with complementary masks and token shift). Others register
+beside them (`register_objective(name, factory)`) without touching the trainer.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any, Callable, Protocol
 import jax
 import jax.numpy as jnp
 
+from jspec import masks
 from jspec.models import transformer
 from jspec.models.config import TransformerConfig
 
@@ -85,4 +87,102 @@ def causal_lm(config: TransformerConfig, ignore_token_id: int | None = None) -> 
     return objective
 
 
+def _require_diffusion(config: TransformerConfig, objective: str, kind: str) -> None:
+    if config.diffusion != kind or config.mask_token_id is None:
+        raise ValueError(
+            f"objective {objective!r}: needs a model with diffusion={kind!r} and a mask_token_id (set them in the "
+            f"recipe's model and mask_token); got diffusion={config.diffusion!r}, mask_token_id={config.mask_token_id!r}"
+        )
+
+
+def _positions(batch_size: int, length: int) -> jax.Array:  # [B, L] int32
+    return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32)[None, :], (batch_size, length))
+
+
+def masked_diffusion(config: TransformerConfig, min_mask_ratio: float = 1e-3) -> Objective:
+    """The masked-diffusion (LLaDA / MDLM) objective over each window's first L tokens, bidirectional.
+
+    Per row a ratio t ~ U[min_mask_ratio, 1); each token is replaced by the mask token with probability t; the
+    loss is the cross-entropy at masked positions weighted by 1/t, summed and divided by the number of
+    predictable positions. Its expectation is the negative ELBO per token, an upper bound on the model's
+    negative log-likelihood in nats/token (comparable to a causal LM's loss). With `config.shifted_logits`
+    (Dream) a position is predicted by the previous position's logits and the first position is never masked.
+    """
+    _require_diffusion(config, "masked_diffusion", "masked")
+    shifted = config.shifted_logits
+
+    def objective(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple[jax.Array, Metrics]:
+        tokens = batch["tokens"][:, :-1]  # [B, L]
+        batch_size, length = tokens.shape
+        ratio_key, mask_key = jax.random.split(key)
+        ratio = jax.random.uniform(ratio_key, (batch_size, 1), minval=min_mask_ratio, maxval=1.0)
+        masked = jax.random.uniform(mask_key, (batch_size, length)) < ratio
+        if shifted:
+            masked = masked.at[:, 0].set(False)
+        noisy = jnp.where(masked, config.mask_token_id, tokens)
+        everything = jnp.ones((batch_size, length, length), bool)
+        logits, _ = transformer.forward(params, config, noisy, _positions(batch_size, length), mask=everything)
+        aligned = transformer.position_logits(logits, shifted)
+        losses = token_cross_entropy(aligned, tokens)
+        loss_sum = jnp.sum(jnp.where(masked, losses / ratio, 0.0))
+        token_count = jnp.float32(batch_size * (length - int(shifted)))
+        hits = (jnp.argmax(aligned, -1) == tokens) & masked
+        accuracy = jnp.sum(hits) / jnp.maximum(jnp.sum(masked), 1)
+        return loss_sum / token_count, {"loss_sum": loss_sum, "token_count": token_count, "accuracy": accuracy}
+
+    return objective
+
+
+def complementary_masks(key: jax.Array, batch_size: int, length: int, block_size: int, min_mask_ratio: float) -> jax.Array:
+    """[2B, L] bool: rows 0..B-1 mask each token with a per-(row, block) ratio t ~ U[min_mask_ratio, 1); row B + b
+    is the complement of row b, so every token is masked in exactly one of the pair."""
+    ratio_key, mask_key = jax.random.split(key)
+    ratio = jax.random.uniform(ratio_key, (batch_size, length // block_size), minval=min_mask_ratio, maxval=1.0)
+    masked = jax.random.uniform(mask_key, (batch_size, length)) < jnp.repeat(ratio, block_size, axis=1)
+    return jnp.concatenate([masked, ~masked])
+
+
+def block_diffusion(config: TransformerConfig, min_mask_ratio: float = 1e-3) -> Objective:
+    """The block-diffusion (Fast-dLLM v2) objective over each window's first L tokens (L a multiple of
+    `config.diffusion_block_size`).
+
+    Per row and block a ratio t ~ U[min_mask_ratio, 1) masks tokens; the row appears twice, with the mask m and
+    its complement 1 - m, so every token is masked exactly once. Input is [noisy ; clean] (2L positions, both
+    halves at positions 0..L-1) under `masks.block_diffusion_training_mask`. Token shift: a position is predicted
+    by the previous position's logits, from the noisy half inside a block and from the clean half at a block's
+    first position (at inference that token comes from the last logit of the committed block before it). The
+    loss is the mean cross-entropy over all predictable tokens, each counted once (where it was masked).
+    """
+    _require_diffusion(config, "block_diffusion", "block")
+    if not config.shifted_logits:
+        raise ValueError("objective 'block_diffusion': needs shifted_logits=True (Fast-dLLM v2's token shift)")
+    block_size = config.diffusion_block_size
+
+    def objective(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple[jax.Array, Metrics]:
+        tokens = batch["tokens"][:, :-1]  # [B, L]
+        batch_size, length = tokens.shape
+        if length % block_size:
+            raise ValueError(f"block_diffusion: window length {length} is not a multiple of block size {block_size}")
+        masked = complementary_masks(key, batch_size, length, block_size, min_mask_ratio)  # [2B, L]
+        clean = jnp.concatenate([tokens, tokens])
+        noisy = jnp.where(masked, config.mask_token_id, clean)
+        inputs = jnp.concatenate([noisy, clean], axis=1)  # [2B, 2L]
+        positions = jnp.concatenate([_positions(2 * batch_size, length)] * 2, axis=1)
+        attention = jnp.broadcast_to(masks.block_diffusion_training_mask(length, block_size), (2 * batch_size, 2 * length, 2 * length))
+        logits, _ = transformer.forward(params, config, inputs, positions, mask=attention)
+        noisy_logits, clean_logits = logits[:, : length - 1], logits[:, length : 2 * length - 1]
+        starts_block = (jnp.arange(1, length) % block_size == 0)[None, :, None]
+        predictor = jnp.where(starts_block, clean_logits, noisy_logits)  # [2B, L-1, V]: predicts positions 1..L-1
+        losses = token_cross_entropy(predictor, clean[:, 1:])
+        counted = masked[:, 1:]
+        loss_sum = jnp.sum(jnp.where(counted, losses, 0.0))
+        token_count = jnp.float32(batch_size * (length - 1))
+        accuracy = jnp.sum((jnp.argmax(predictor, -1) == clean[:, 1:]) & counted) / token_count
+        return loss_sum / token_count, {"loss_sum": loss_sum, "token_count": token_count, "accuracy": accuracy}
+
+    return objective
+
+
 register_objective("causal_lm", causal_lm)
+register_objective("masked_diffusion", masked_diffusion)
+register_objective("block_diffusion", block_diffusion)

@@ -49,6 +49,7 @@ _TRAJECTORY_FIELDS = (
     "model", "tokenizer_vocab_size", "heldout_fraction", "seq_len", "batch_size", "data_seed", "steps",
     "learning_rate", "min_learning_rate_ratio", "warmup_steps", "weight_decay", "adam_b1", "adam_b2",
     "adam_eps", "grad_clip_norm", "compute_dtype", "init_seed", "init_scale", "objective", "objective_options",
+    "init_from", "mask_token",
 )
 
 
@@ -81,6 +82,9 @@ class TrainConfig:
     init_scale: float = 0.02
     objective: str = "causal_lm"
     objective_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Adaptation (e.g. a diffusion LM from an autoregressive one, as Dream and Fast-dLLM v2 do).
+    init_from: str | None = None  # a model jspec.load knows: its weights, architecture and tokenizer are the start
+    mask_token: str | None = None  # a special token added to the tokenizer; its id becomes model.mask_token_id
     # Bookkeeping.
     out_dir: str | None = None  # default: runs/<name>
     cache_dir: str | None = None  # tokenized corpora; default ~/.cache/jspec/train (or $JSPEC_CACHE)
@@ -194,7 +198,13 @@ def prepare_data(config: TrainConfig, log=print) -> PreparedData:
     log(f"corpus: {corpus_lib.manifest_summary(manifest)}")
     train_texts = corpus_lib.load_documents(manifest, "train")
     heldout_texts = corpus_lib.load_documents(manifest, "heldout")
-    if config.tokenizer:
+    if config.init_from:
+        if config.tokenizer:
+            raise ValueError("tokenizer: leave it unset with init_from (the starting model's tokenizer is used)")
+        tokenizer = initial_model(config.init_from).tokenizer
+        if tokenizer is None or not hasattr(tokenizer, "to_str"):
+            raise ValueError(f"init_from: {config.init_from!r} has no tokenizer.json tokenizer to train with")
+    elif config.tokenizer:
         tokenizer = data_lib.load_tokenizer(config.tokenizer)
     else:
         tokenizer_path = cache_dir / f"tokenizer-{manifest['digest'][:16]}-{config.tokenizer_vocab_size}.json"
@@ -211,18 +221,55 @@ def prepare_data(config: TrainConfig, log=print) -> PreparedData:
             tokenizer = data_lib.load_tokenizer(tokenizer_path)
     train_stream = data_lib.cached_token_stream(tokenizer, train_texts, cache_dir, f"{manifest['digest']}:train")
     heldout_stream = data_lib.cached_token_stream(tokenizer, heldout_texts, cache_dir, f"{manifest['digest']}:heldout")
+    if config.mask_token:  # added after tokenizing: the corpus never holds it, so the streams are unchanged
+        tokenizer, _ = tokenizer.with_special_token(config.mask_token)
     log(f"data: {len(train_stream):,} train tokens, {len(heldout_stream):,} held-out tokens (vocab {tokenizer.vocab_size})")
     return PreparedData(tokenizer, manifest, train_stream, heldout_stream)
 
 
+EVAL_METRICS = {  # what the held-out loss of each objective is
+    "causal_lm": "mean next-token cross-entropy (nats) over all targets",
+    "masked_diffusion": (
+        "masked-diffusion negative ELBO per token (nats; an upper bound on the negative log-likelihood): cross-entropy "
+        "at masked positions weighted by 1/t, one mask ratio t per window drawn with a fixed key"
+    ),
+    "block_diffusion": (
+        "block-diffusion loss (nats): mean cross-entropy of every token predicted where it is masked, under complementary "
+        "masks with one ratio per block drawn with a fixed key"
+    ),
+}
+
+_INITIAL_MODELS: dict[str, Model] = {}
+
+
+def initial_model(name: str) -> Model:
+    """The model `init_from` names, loaded once per process (float32)."""
+    if name not in _INITIAL_MODELS:
+        from jspec.loading import load
+
+        _INITIAL_MODELS[name] = load(name, dtype="float32")
+    return _INITIAL_MODELS[name]
+
+
 def model_config(config: TrainConfig, tokenizer: Any) -> TransformerConfig:
     values = dict(config.model)
+    if config.init_from:
+        start = initial_model(config.init_from).config.to_dict()
+        architecture = {"hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "head_dim"}
+        changed = sorted(k for k in architecture & set(values) if values[k] != start[k])
+        if changed:
+            raise ValueError(f"model: {changed} differ from init_from {config.init_from!r}'s architecture")
+        values = {**{k: v for k, v in start.items() if k not in ("vocab_size", "dtype", "attention_impl")}, **values}
+    if config.mask_token:
+        values["mask_token_id"] = tokenizer.token_to_id(config.mask_token)
     values.setdefault("name", config.name)
     values.setdefault("vocab_size", tokenizer.vocab_size)
     values.setdefault("eos_token_ids", list(tokenizer.eos_token_ids))
     values.setdefault("pad_token_id", tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else 0)
     values.setdefault("max_position_embeddings", max(config.seq_len, 2048))
     values["dtype"] = "float32"  # master weights
+    if config.init_from:
+        values["vocab_size"] = max(tokenizer.vocab_size, initial_model(config.init_from).config.vocab_size)
     model_cfg = TransformerConfig.from_dict(values)
     if model_cfg.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"model.vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
@@ -286,7 +333,10 @@ class Trainer:
         self._train_step, self._eval_step = _compiled_functions(config, self.model_config)
 
     def init_state(self) -> TrainState:
-        params = transformer.init_params(self.model_config, jax.random.fold_in(self.base_key, 0), self.config.init_scale)
+        if self.config.init_from:
+            params = grown_vocabulary(initial_model(self.config.init_from).params, self.model_config.vocab_size)
+        else:
+            params = transformer.init_params(self.model_config, jax.random.fold_in(self.base_key, 0), self.config.init_scale)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params))
 
     def evaluate(self, params, max_windows: int | None) -> dict[str, float]:
@@ -342,6 +392,23 @@ class CheckpointStore:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def grown_vocabulary(params: Any, vocab_size: int) -> Any:
+    """float32 params with the embedding (and untied head) grown to vocab_size; new tokens (a mask token)
+    start at the mean embedding. Existing rows are unchanged."""
+    params = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), params)  # the step donates its state
+    embed = params["embed"]  # [V, D]
+    extra = vocab_size - embed.shape[0]
+    if extra < 0:
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the starting model's {embed.shape[0]}")
+    if extra == 0:
+        return params
+    grown = dict(params, embed=jnp.concatenate([embed, jnp.broadcast_to(embed.mean(0), (extra, embed.shape[1]))]))
+    if "lm_head" in params:  # [D, V]
+        head = params["lm_head"]
+        grown["lm_head"] = jnp.concatenate([head, jnp.broadcast_to(head.mean(1, keepdims=True), (head.shape[0], extra))], 1)
+    return grown
 
 
 def _global_norm(tree) -> jax.Array:
@@ -503,7 +570,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_at_step: int | None
             "eval_slice": (
                 f"held-out split of the corpus manifest, tokenized in manifest order with EOS after each file, cut into "
                 f"windows of seq_len+1={config.seq_len + 1} tokens at stride {config.seq_len}; first "
-                f"{final_eval.get('eval_windows')} windows; mean next-token cross-entropy (nats) over all targets"
+                f"{final_eval.get('eval_windows')} windows; " + EVAL_METRICS.get(config.objective, f"the {config.objective!r} objective's loss")
             ),
             "corpus": {k: data.manifest[k] for k in ("python_version", "num_files", "num_bytes", "num_heldout_files", "digest")},
             "tokenizer_sha256": data_lib.tokenizer_digest(data.tokenizer),

@@ -1,0 +1,295 @@
+"""Block-diffusion decoding (Fast-dLLM v2, arXiv 2509.26328) for block-diffusion LMs (config.diffusion == "block").
+
+Layout. Blocks are aligned to absolute positions: block j covers positions [j * block_size, (j + 1) * block_size).
+A row's prompt fills its complete blocks, which are committed (their keys/values kept); the block holding the
+prompt's tail (or, when the prompt ends on a block boundary, the block whose first token is the argmax of the
+prompt's last logit) is the first one decoded. A block is decided sub-block by sub-block (`sub_block_size`, left
+to right): each iteration runs the block bidirectionally over the committed prefix, predicts masked positions
+with the token shift (position i from the logits at i - 1), and unmasks every masked position of the current
+sub-block with confidence > `threshold`, and at least the most confident one. A complete block is emitted (stop
+tokens end the row there) and committed by one more forward, whose last logit gives the next block's first token.
+Rows move through blocks independently; positions past max_new_tokens are never decided.
+
+Caches (`cache`):
+- "none": every forward runs all committed blocks and the current one under the block-causal mask (the
+  reference decoder).
+- "block": committed blocks' keys/values are kept and each forward runs only the current block. Exact: a
+  committed block never reads later positions, so its entries do not change ("none" and "block" give the same
+  tokens).
+- "sub_block": as "block", and at a sub-block's first iteration the whole block runs once and keeps its own
+  entries; later iterations run only the sub-block (and the token before it) over those. Fast-dLLM v2's
+  `use_block_cache`: an approximation (kept entries of the rest of the block do not see the sub-block's new
+  tokens), exact for one-layer models.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jspec import masks
+from jspec.cache import KVCache
+from jspec.strategies import unmasking
+from jspec.strategies.base import DecodeOutput, OutputBuffer, Prompts, register_strategy, static_field
+
+CACHE_MODES = ("none", "block", "sub_block")
+
+
+@struct.dataclass
+class BlockDiffusionState:
+    canvas: jax.Array  # [B, S] int32: prompt, decided tokens, mask tokens elsewhere
+    committed: jax.Array  # [B] int32: committed length (a multiple of block_size); the current block starts here
+    gen_start: jax.Array  # [B] int32: first generated position (= prompt length)
+    needs_commit: jax.Array  # [B] bool: the current block is complete and emitted; commit it next
+    sub_block_started: jax.Array  # [B] int32: the sub-block whose whole-block run is kept ("sub_block"), -1: none
+    cache: KVCache
+    decided: jax.Array  # [B] int32: generated positions decided so far (sampling noise index)
+    output: OutputBuffer
+    stop_tokens: jax.Array  # [B, K]
+    temperature: jax.Array  # [B] float32
+    threshold: jax.Array  # [B] float32
+    key: jax.Array
+    step: jax.Array  # [] int32
+    model_calls: jax.Array  # [] int32
+    block_forwards: jax.Array  # [B, max_blocks] int32: forwards each row spent deciding each of its blocks
+    mask_token_id: int = static_field()
+
+
+@struct.dataclass
+class BlockDiffusion:
+    """Fast-dLLM v2 inference; see the module docstring.
+
+    block_size (static, None: the model's training block size), sub_block_size (static, divides block_size),
+    cache (static): "none" | "block" | "sub_block". threshold in (0, 1] and temperature >= 0: traced, scalar or
+    one per row. threshold 1 decides one token per forward.
+    """
+
+    name: ClassVar[str] = "block_diffusion"
+    block_size: int | None = static_field(default=None)
+    sub_block_size: int = static_field(default=8)
+    cache: str = static_field(default="block")
+    threshold: Any = 0.9
+    temperature: Any = 0.0
+
+    # --- contract -------------------------------------------------------------------------------------
+
+    def validate(self, model: Any, prompts: Prompts) -> None:
+        unmasking.check_diffusion_model(model, "block", "block_diffusion")
+        if not model.config.shifted_logits:
+            raise ValueError("model: block_diffusion needs a token-shift model (config.shifted_logits=True), as Fast-dLLM v2 trains")
+        if self.cache not in CACHE_MODES:
+            raise ValueError(f"cache: expected one of {CACHE_MODES}, got {self.cache!r}")
+        if self.block_size is not None:
+            unmasking.check_positive_int("block_size", self.block_size)
+        unmasking.check_positive_int("sub_block_size", self.sub_block_size)
+        block_size = self._block_size(model)
+        if block_size % self.sub_block_size:
+            raise ValueError(f"sub_block_size: {self.sub_block_size} does not divide block_size={block_size}")
+        unmasking.check_options(prompts, self.temperature, self.threshold)
+
+    def cache_headroom(self) -> int:
+        return 0
+
+    def init(self, model: Any, prompts: Prompts, key: jax.Array) -> BlockDiffusionState:
+        bs = self._block_size(model)
+        batch, prompt_width = prompts.tokens.shape
+        new = prompts.max_new_tokens
+        width = -(-(prompt_width + new + bs) // bs) * bs
+        slots = jnp.arange(width, dtype=jnp.int32)[None, :]
+        mask_id = model.config.mask_token_id
+        padded = jnp.pad(prompts.tokens, ((0, 0), (0, width - prompt_width)))
+        canvas = jnp.where(slots < prompts.lengths[:, None], padded, mask_id).astype(jnp.int32)
+        committed = (prompts.lengths // bs) * bs
+        max_blocks = -(-(new + bs) // bs) + 1
+        state = BlockDiffusionState(
+            canvas=canvas,
+            committed=jnp.zeros_like(committed),
+            gen_start=prompts.lengths,
+            needs_commit=jnp.zeros((batch,), bool),
+            sub_block_started=jnp.full((batch,), -1, jnp.int32),
+            cache=KVCache.create(model.config, batch, width if self.cache != "none" else 1),
+            decided=jnp.zeros((batch,), jnp.int32),
+            output=OutputBuffer.create(batch, new),
+            stop_tokens=prompts.stop_tokens,
+            temperature=unmasking.per_row(self.temperature, batch),
+            threshold=unmasking.per_row(self.threshold, batch),
+            key=key,
+            step=jnp.int32(0),
+            model_calls=jnp.int32(0),
+            block_forwards=jnp.zeros((batch, max_blocks), jnp.int32),
+            mask_token_id=mask_id,
+        )
+        # Prefill: commit the prompt's complete blocks; where the prompt ends on a block boundary its last
+        # logit gives the first generated token.
+        if self.cache == "none":
+            cache = state.cache
+            logits = self._canvas_logits(model, state, committed, (committed - 1)[:, None])
+        else:
+            positions = jnp.broadcast_to(jnp.arange(prompt_width, dtype=jnp.int32)[None, :], (batch, prompt_width))
+            write = jnp.where(positions < committed[:, None], positions, width)
+            mask = masks.block_causal_mask(positions, jnp.broadcast_to(slots, (batch, width)), bs) & (slots < committed[:, None])[:, None, :]
+            logits, cache = model.forward(
+                prompts.tokens, positions, state.cache, mask, write_slots=write, output_indices=jnp.maximum(committed - 1, 0)[:, None]
+            )
+        on_boundary = (committed == prompts.lengths) & (prompts.max_new_tokens > 0)
+        state = state.replace(cache=cache.with_lengths(committed), committed=committed, model_calls=jnp.int32(1))
+        return self._place_first_token(model, state, logits[:, 0], on_boundary)
+
+    def step(self, model: Any, state: BlockDiffusionState) -> BlockDiffusionState:
+        running = ~state.output.finished
+        if self.cache == "sub_block":
+            full = running & (state.needs_commit | (self._current_sub_block(model, state) != state.sub_block_started))
+            state = jax.lax.cond(
+                jnp.any(full), lambda s: self._block_step(model, s, full), lambda s: self._sub_block_step(model, s, running), state
+            )
+        else:
+            state = self._block_step(model, state, running)
+        return state.replace(step=state.step + 1)
+
+    def done(self, state: BlockDiffusionState) -> jax.Array:
+        return state.output.finished
+
+    def output(self, state: BlockDiffusionState) -> DecodeOutput:
+        return unmasking.decode_output(state)
+
+    # --- layout -----------------------------------------------------------------------------------------
+
+    def _block_size(self, model: Any) -> int:
+        return self.block_size if self.block_size is not None else model.config.diffusion_block_size
+
+    def _block_slots(self, model: Any, state: BlockDiffusionState) -> jax.Array:  # [B, bs]
+        bs = self._block_size(model)
+        slots = state.committed[:, None] + jnp.arange(bs, dtype=jnp.int32)[None, :]
+        return jnp.minimum(slots, state.canvas.shape[1] - 1)
+
+    def _to_decide(self, model: Any, state: BlockDiffusionState) -> jax.Array:  # [B, bs] bool
+        """Masked positions of the current block inside the generation limit."""
+        slots = self._block_slots(model, state)
+        block = jnp.take_along_axis(state.canvas, slots, axis=1)
+        in_limit = slots < (state.gen_start + state.output.tokens.shape[1])[:, None]
+        return (block == state.mask_token_id) & in_limit
+
+    def _current_sub_block(self, model: Any, state: BlockDiffusionState) -> jax.Array:  # [B] int32
+        """The leftmost sub-block with positions still to decide."""
+        pending = self._to_decide(model, state)
+        first = jnp.argmax(pending, axis=1)
+        return jnp.where(jnp.any(pending, axis=1), first // self.sub_block_size, -1).astype(jnp.int32)
+
+    # --- forwards ---------------------------------------------------------------------------------------
+
+    def _canvas_logits(self, model: Any, state: BlockDiffusionState, visible_end: jax.Array, indices: jax.Array) -> jax.Array:
+        """"none": run the canvas up to visible_end [B] under the block-causal mask; logits at indices [B, T]."""
+        batch, width = state.canvas.shape
+        positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32)[None, :], (batch, width))
+        mask = masks.block_causal_mask(positions, positions, self._block_size(model)) & (positions < visible_end[:, None])[:, None, :]
+        logits, _ = model.forward(state.canvas, positions, None, mask, output_indices=jnp.clip(indices, 0, width - 1))
+        return logits
+
+    def _run(self, model: Any, state: BlockDiffusionState, start: jax.Array, length: int, rows: jax.Array) -> tuple[jax.Array, KVCache]:
+        """Run `length` tokens of the current block from block offset start [B] over the committed prefix and
+        the block; logits [B, length, V] (unshifted), and the cache with those entries written for `rows`."""
+        bs = self._block_size(model)
+        block_start = state.committed
+        offsets = start[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
+        slots = block_start[:, None] + offsets  # [B, length]
+        if self.cache == "none":
+            return self._canvas_logits(model, state, block_start + bs, slots), state.cache
+        tokens = jnp.take_along_axis(state.canvas, jnp.minimum(slots, state.canvas.shape[1] - 1), axis=1)
+        write = jnp.where(rows[:, None], slots, state.cache.capacity)
+        visibility = jnp.ones((length, bs), bool)  # every fed token reads the whole block (bidirectional)
+        mask = masks.prefix_and_block_mask(block_start, visibility, block_start, state.cache.capacity)
+        return model.forward(tokens, slots, state.cache, mask, write_slots=write)
+
+    def _block_step(self, model: Any, state: BlockDiffusionState, rows: jax.Array) -> BlockDiffusionState:
+        """Run the whole current block for `rows`: commit the complete ones, decide in the others."""
+        bs = self._block_size(model)
+        logits, cache = self._run(model, state, jnp.zeros_like(state.committed), bs, rows)
+        commit = rows & state.needs_commit
+        state = state.replace(
+            cache=cache,
+            model_calls=state.model_calls + 1,
+            block_forwards=self._count_forward(model, state, rows & ~commit),
+            sub_block_started=jnp.where(rows & ~commit, self._current_sub_block(model, state), state.sub_block_started),
+        )
+        # committing rows: the next block starts after this one, its first token from the last logit
+        committed = jnp.where(commit, state.committed + bs, state.committed)
+        after = state.replace(committed=committed, cache=state.cache.with_lengths(committed), needs_commit=state.needs_commit & ~commit)
+        after = after.replace(sub_block_started=jnp.where(commit, -1, after.sub_block_started))
+        after = self._place_first_token(model, after, logits[:, bs - 1], commit)
+        # deciding rows: predictions for block positions 1.. from the logits before them (token shift)
+        return self._decide(model, after, logits[:, :-1], jnp.ones_like(state.committed), rows & ~commit)
+
+    def _sub_block_step(self, model: Any, state: BlockDiffusionState, rows: jax.Array) -> BlockDiffusionState:
+        """Run only the current sub-block (and the token before it) over the kept block entries."""
+        sub = self.sub_block_size
+        sub_start = self._current_sub_block(model, state) * sub
+        fed_start = jnp.maximum(sub_start - 1, 0)
+        logits, cache = self._run(model, state, fed_start, sub + 1, rows)
+        state = state.replace(cache=cache, model_calls=state.model_calls + 1, block_forwards=self._count_forward(model, state, rows))
+        return self._decide(model, state, logits, fed_start + 1, rows)
+
+    # --- decisions --------------------------------------------------------------------------------------
+
+    def _decide(self, model: Any, state: BlockDiffusionState, logits: jax.Array, first: jax.Array, rows: jax.Array) -> BlockDiffusionState:
+        """Unmask in the current sub-block of `rows`, from logits [B, T, V] predicting block offsets
+        first [B] + t; then emit a completed block."""
+        bs = self._block_size(model)
+        length = logits.shape[1]
+        offsets = first[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]  # [B, T] block offsets predicted
+        slots = state.committed[:, None] + offsets
+        predicted, confidence = unmasking.predict(
+            logits[:, None], slots, state.decided[:, None], state.temperature, state.key, state.mask_token_id
+        )
+        predicted, confidence = predicted[:, 0], confidence[:, 0]
+        to_decide = self._to_decide(model, state)  # [B, bs]
+        sub_block = self._current_sub_block(model, state)
+        in_sub_block = (offsets // self.sub_block_size) == sub_block[:, None]
+        eligible = jnp.take_along_axis(to_decide, jnp.clip(offsets, 0, bs - 1), axis=1) & (offsets < bs) & in_sub_block
+        chosen = unmasking.above_threshold(confidence, eligible, state.threshold) & rows[:, None]
+        write = jnp.where(chosen, slots, state.canvas.shape[1])
+        batch_rows = jnp.arange(state.canvas.shape[0])[:, None]
+        canvas = state.canvas.at[batch_rows, write].set(predicted, mode="drop")
+        state = state.replace(canvas=canvas, decided=state.decided + jnp.sum(chosen, axis=1, dtype=jnp.int32))
+        return self._emit_complete(model, state, rows)
+
+    def _emit_complete(self, model: Any, state: BlockDiffusionState, rows: jax.Array) -> BlockDiffusionState:
+        """Emit the generated tokens of `rows` whose current block is now fully decided."""
+        bs = self._block_size(model)
+        complete = rows & ~jnp.any(self._to_decide(model, state), axis=1) & ~state.needs_commit
+        first = jnp.maximum(state.committed, state.gen_start)  # the first generated slot of the block
+        end = jnp.minimum(state.committed + bs, state.gen_start + state.output.tokens.shape[1])
+        tokens = jnp.take_along_axis(state.canvas, jnp.minimum(first[:, None] + jnp.arange(bs)[None, :], state.canvas.shape[1] - 1), axis=1)
+        output = state.output.append(tokens, jnp.where(complete, end - first, 0), state.stop_tokens)
+        return state.replace(output=output, needs_commit=state.needs_commit | (complete & ~output.finished))
+
+    def _place_first_token(self, model: Any, state: BlockDiffusionState, logits: jax.Array, rows: jax.Array) -> BlockDiffusionState:
+        """Put the token predicted by logits [B, V] at the first position of `rows`' current block."""
+        slot = state.committed
+        predicted, _ = unmasking.predict(
+            logits[:, None, None], slot[:, None], state.decided[:, None], state.temperature, state.key, state.mask_token_id
+        )
+        in_limit = slot < state.gen_start + state.output.tokens.shape[1]
+        place = rows & in_limit
+        batch_rows = jnp.arange(state.canvas.shape[0])
+        canvas = state.canvas.at[batch_rows, jnp.where(place, slot, state.canvas.shape[1])].set(predicted[:, 0, 0], mode="drop")
+        state = state.replace(canvas=canvas, decided=state.decided + place)
+        return self._emit_complete(model, state, place)
+
+    def _count_forward(self, model: Any, state: BlockDiffusionState, rows: jax.Array) -> jax.Array:
+        bs = self._block_size(model)
+        max_blocks = state.block_forwards.shape[1]
+        index = jnp.clip((state.committed - (state.gen_start // bs) * bs) // bs, 0, max_blocks - 1)
+        return state.block_forwards + jax.nn.one_hot(index, max_blocks, dtype=jnp.int32) * rows[:, None]
+
+
+def block_diffusion(
+    *, block_size: int | None = None, sub_block_size: int = 8, cache: str = "block", threshold: Any = 0.9, temperature: Any = 0.0
+) -> BlockDiffusion:
+    """Fast-dLLM v2 block-diffusion decoding (see the module docstring)."""
+    return BlockDiffusion(block_size=block_size, sub_block_size=sub_block_size, cache=cache, threshold=threshold, temperature=temperature)
+
+
+register_strategy("block_diffusion", block_diffusion)
