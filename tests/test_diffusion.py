@@ -320,3 +320,17 @@ def test_diffusion_objectives_train_and_the_model_round_trips_through_hf(kind, t
 
     save_hf(model.without_tokenizer(), tmp_path / "m")
     assert load_hf(tmp_path / "m").config.replace(name=model.config.name) == model.config
+
+
+def test_adapting_a_model_grows_the_vocabulary_by_the_mask_token_only():
+    from jspec.train.trainer import grown_vocabulary
+
+    model = tiny_model(vocab_size=96, tie_embeddings=False)
+    grown = grown_vocabulary(model.params, 97)
+    np.testing.assert_array_equal(np.asarray(grown["embed"][:96]), np.asarray(model.params["embed"]))
+    np.testing.assert_allclose(np.asarray(grown["embed"][96]), np.asarray(model.params["embed"]).mean(0), atol=1e-6)
+    assert grown["lm_head"].shape == (model.config.hidden_size, 97)
+    tokenizer = jspec.load("demo-code").tokenizer
+    with_mask, mask_id = tokenizer.with_special_token("<|mask|>")
+    assert mask_id == tokenizer.vocab_size and with_mask.encode("def f(x):\n") == tokenizer.encode("def f(x):\n")
+    assert with_mask.with_special_token("<|mask|>") == (with_mask, mask_id)

@@ -246,7 +246,7 @@ def diffusion_card_section(assets: Path) -> list[str]:
     rows = [
         ("Kind", lambda r, c, m: {"masked": "masked diffusion (LLaDA / Dream): bidirectional", "block": f"block diffusion (Fast-dLLM v2): causal across {m.config.diffusion_block_size}-token blocks, bidirectional inside"}[m.config.diffusion]),
         ("Logits", lambda r, c, m: "shifted (position i predicted at i-1)" if m.config.shifted_logits else "unshifted"),
-        ("Mask token", lambda r, c, m: f"`<|mask|>` = id {m.config.mask_token_id} (vocab {m.config.vocab_size})"),
+        ("Mask token id (vocab)", lambda r, c, m: f"{m.config.mask_token_id} ({m.config.vocab_size})"),
         ("Objective", lambda r, c, m: f"`{c['objective']}`" + (" (complementary masks, token shift)" if c["objective"] == "block_diffusion" else " (1/t-weighted)")),
         ("Steps x tokens/step", lambda r, c, m: f"{c['steps']} x {c['batch_size']}x{c['seq_len']} from `{c['init_from']}`"),
         ("Peak LR / warmup", lambda r, c, m: f"{c['learning_rate']:g} / {c['warmup_steps']}, cosine to {c['min_learning_rate_ratio']:g}x"),
