@@ -8,6 +8,14 @@ import pytest
 import jspec
 from jspec.models.config import RopeScaling, TransformerConfig
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop every module's compiled programs when it finishes: the suite compiles hundreds of decode loops,
+    and keeping them all alive in one process made XLA's CPU compiler crash late in the run."""
+    yield
+    jax.clear_caches()
+
+
 FAMILIES = {
     "llama": dict(),
     "llama3_scaled": dict(rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16), rope_theta=500000.0),
