@@ -10,8 +10,9 @@ from jspec.models.config import RopeScaling, TransformerConfig
 
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
-    """Drop every module's compiled programs when it finishes: the suite compiles hundreds of decode loops,
-    and keeping them all alive in one process made XLA's CPU compiler crash late in the run."""
+    """Drop every module's compiled programs when it finishes. The suite compiles hundreds of decode loops in
+    one process; one full run crashed (segfault) inside XLA's CPU compiler late in the suite. The cause was not
+    established; releasing compiled programs between modules is a mitigation that also bounds memory."""
     yield
     jax.clear_caches()
 
