@@ -171,11 +171,16 @@ def build_prompts(
         tokens[index, : len(row)] = row
 
     headroom = strategy.cache_headroom() if strategy is not None else 0
+    multiple = model.cache_size_multiple  # attention kernels read the cache in whole blocks
     if cache_size is None:
-        multiple = model.config.cache_size_multiple  # attention kernels read the cache in whole blocks
         cache_size = -(-(width + max_new_tokens + headroom) // multiple) * multiple
     elif isinstance(cache_size, bool) or not isinstance(cache_size, (int, np.integer)) or cache_size < 1:
         raise ValueError(f"cache_size: expected a positive int, got {cache_size!r}")
+    elif cache_size % multiple:
+        raise ValueError(
+            f"cache_size: {cache_size} is not a multiple of the attention kernel block size {multiple} "
+            f"(attention_impl={model.kernels.attention_impl!r}); use cache_size={-(-cache_size // multiple) * multiple}"
+        )
     elif int(lengths.max()) > cache_size:
         longest = int(np.argmax(lengths))
         raise ValueError(

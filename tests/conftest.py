@@ -7,6 +7,7 @@ import pytest
 
 import jspec
 from jspec.models.config import RopeScaling, TransformerConfig
+from jspec.models.kernels import KernelOptions
 
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
@@ -44,8 +45,11 @@ def tiny_config(family: str = "llama", **overrides) -> TransformerConfig:
 
 
 def tiny_model(family: str = "llama", seed: int = 0, init_scale: float = 0.3, **overrides) -> jspec.Model:
-    """A random model whose logits are far from uniform (init_scale 0.3), so argmax ties do not occur."""
-    return jspec.Model.random(tiny_config(family, **overrides), jax.random.key(seed), init_scale=init_scale)
+    """A random model whose logits are far from uniform (init_scale 0.3), so argmax ties do not occur.
+    Overrides that are `KernelOptions` fields (attention_impl, ...) set the model's kernels."""
+    kernels = {k: overrides.pop(k) for k in list(overrides) if k in KernelOptions.field_names()}
+    return jspec.Model.random(tiny_config(family, **overrides), jax.random.key(seed), init_scale=init_scale,
+                              kernels=KernelOptions(**kernels))
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -11,10 +10,9 @@ import pytest
 
 import jspec
 from conftest import tiny_model
+from jspec.models import transformer
 from jspec import masks
-from jspec.cache import KVCache
-from jspec.models import kernel_attention
-from jspec.models.config import TransformerConfig
+from jspec.models.kernels import KernelOptions
 from jspec.models.layers import attend
 from pallas_kernels import compress_keys, num_full_kernels, select_blocks
 
@@ -70,7 +68,7 @@ def decode_session(model, prompts, capacity=128):
     for b, p in enumerate(prompts):
         tokens[b, : len(p)] = p
     positions = np.broadcast_to(np.arange(width, dtype=np.int32), (batch, width))
-    cache = KVCache.create(model.config, batch, capacity)
+    cache = model.new_cache(batch, capacity)
     slots = np.where(positions < lengths[:, None], positions, capacity)
     logits, cache = _forward(model, tokens, positions, cache, slots, None)  # 48 tokens: XLA, compressed from scratch
     cache = cache.with_lengths(lengths)
@@ -123,14 +121,14 @@ def small_top_k_session():
 
 def test_compressed_keys_after_incremental_decoding_equal_recomputed(small_top_k_session):
     model, (_, cache, lengths) = small_top_k_session
-    config = model.config
+    config, entry = model.kernels, cache.entries[0]
     expected_count = num_full_kernels(jnp.asarray(lengths), config.sparse_kernel_size, config.sparse_kernel_stride)
-    for layer in range(config.num_layers):
+    for layer in range(model.config.num_layers):
         reference, count = compress_keys(
-            cache.keys[layer], jnp.asarray(lengths), config.sparse_kernel_size, config.sparse_kernel_stride)
-        np.testing.assert_array_equal(cache.num_compressed[layer], expected_count)
+            entry.keys[layer], jnp.asarray(lengths), config.sparse_kernel_size, config.sparse_kernel_stride)
+        np.testing.assert_array_equal(entry.num_compressed[layer], expected_count)
         for b, n in enumerate(np.asarray(count)):
-            np.testing.assert_allclose(cache.compressed_keys[layer][b, :n], reference[b, :n], rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(entry.compressed_keys[layer][b, :n], reference[b, :n], rtol=1e-6, atol=1e-6)
 
 
 def test_small_top_k_changes_logits_of_long_rows(small_top_k_session):
@@ -145,29 +143,30 @@ def test_sparse_attention_reads_exactly_the_selected_blocks(small_top_k_session)
     """kernel_attend on a 2-token chain equals XLA `attend` masked to the blocks that `select_blocks` picks
     from compressed keys recomputed from scratch (every block below sparse_dense_len)."""
     model, (_, cache, lengths) = small_top_k_session
-    config = model.config
+    config, kernels, entry = model.config, model.kernels, cache.entries[0]
+    (kind, _, _), = transformer.group_kinds(config, kernels)
     batch, chain = len(lengths), 2
     group = config.queries_per_kv_head
     queries = jax.random.normal(jax.random.key(3), (batch, chain, config.num_heads, config.head_size))
     slots = jnp.asarray(lengths[:, None] - chain + np.arange(chain), jnp.int32)  # the last two committed tokens
-    num_blocks = cache.capacity // config.sparse_block_size
+    num_blocks = cache.capacity // kernels.sparse_block_size
     for layer in range(config.num_layers):
-        got = kernel_attention.kernel_attend(config, queries, cache, layer, slots)
-        keys, values = cache.keys[layer], cache.values[layer]
+        got = kind.kernel_attend(config, queries, entry, layer, slots)
+        keys, values = entry.keys[layer], entry.values[layer]
         for t in range(chain):
             seq = jnp.asarray(lengths - (chain - 1 - t), jnp.int32)
-            compressed, _ = compress_keys(keys, seq, config.sparse_kernel_size, config.sparse_kernel_stride)
+            compressed, _ = compress_keys(keys, seq, kernels.sparse_kernel_size, kernels.sparse_kernel_stride)
             q = queries[:, t].reshape(batch, config.num_kv_heads, group, -1)
             chosen = select_blocks(
-                q, compressed, seq, kernel_size=config.sparse_kernel_size, kernel_stride=config.sparse_kernel_stride,
-                block_size=config.sparse_block_size, init_blocks=1, local_blocks=1, top_k=2, num_blocks=num_blocks)
+                q, compressed, seq, kernel_size=kernels.sparse_kernel_size, kernel_stride=kernels.sparse_kernel_stride,
+                block_size=kernels.sparse_block_size, init_blocks=1, local_blocks=1, top_k=2, num_blocks=num_blocks)
             for b in range(batch):
                 for h in range(config.num_kv_heads):
-                    if seq[b] < config.sparse_dense_len:
-                        blocks = set(range(-(-int(seq[b]) // config.sparse_block_size)))
+                    if seq[b] < kernels.sparse_dense_len:
+                        blocks = set(range(-(-int(seq[b]) // kernels.sparse_block_size)))
                     else:
                         blocks = set(np.asarray(chosen[b, h]).tolist()) - {-1}
-                    visible = [s < seq[b] and s // config.sparse_block_size in blocks for s in range(cache.capacity)]
+                    visible = [s < seq[b] and s // kernels.sparse_block_size in blocks for s in range(cache.capacity)]
                     heads = slice(h * group, (h + 1) * group)
                     expected = attend(queries[b : b + 1, t : t + 1, heads], keys[b : b + 1, :, h : h + 1],
                                       values[b : b + 1, :, h : h + 1], jnp.asarray(visible)[None, None])
@@ -204,9 +203,8 @@ def test_self_speculative_tree_with_sparse_target_equals_xla():
     ],
 )
 def test_bad_attention_config_raises_naming_the_field(field, value):
-    with pytest.raises(ValueError, match=f"TransformerConfig.{field}"):
-        TransformerConfig(vocab_size=10, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=8,
-                          **{field: value})
+    with pytest.raises(ValueError, match=f"KernelOptions.{field}"):
+        KernelOptions(**{field: value})
 
 
 def test_sparse_with_sliding_window_raises():
@@ -215,17 +213,20 @@ def test_sparse_with_sliding_window_raises():
 
 
 def test_cache_capacity_must_be_a_multiple_of_the_kernel_block():
-    config = tiny_model("llama", **DENSE).config
+    model = tiny_model("llama", **DENSE)
+    assert model.new_cache(1, 40).capacity == 48  # the model rounds capacities up to the kernel block
+    with pytest.raises(ValueError, match="cache_size: 46 is not a multiple of the attention kernel block size 16"):
+        jspec.decode(model, PROMPTS, max_new_tokens=4, cache_size=46)
+    too_small = model.new_cache(1, 16).replace(capacity=40)  # a cache built around the model's rounding
     with pytest.raises(ValueError, match=r"cache_size\) 40 is not a multiple of the attention kernel block size 16"):
-        KVCache.create(config, 1, 40)
-    with pytest.raises(ValueError, match="cache_size"):
-        jspec.decode(jspec.Model.random(config), PROMPTS, max_new_tokens=4, cache_size=46)
+        model.forward(jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32), too_small)
     sparse = tiny_model("llama", **SPARSE, sparse_top_k=2)
     with pytest.raises(ValueError, match="compressed keys"):  # a cache made for another attention_impl
-        sparse.forward(jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32), KVCache.create(config, 1, 32))
+        sparse.forward(jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32), model.new_cache(1, 32))
 
 
-def test_attention_config_json_round_trip():
-    config = tiny_model("llama", **SPARSE, sparse_top_k=3, attention_interpret=True).config
-    assert TransformerConfig.from_dict(config.to_dict()) == config
-    assert dataclasses.replace(config, attention_impl="xla").cache_size_multiple == 1
+def test_kernel_choice_leaves_the_config_unchanged():
+    sparse = tiny_model("llama", **SPARSE, sparse_top_k=3, attention_interpret=True)
+    assert sparse.config == tiny_model("llama", head_dim=16).config  # what the model is does not name its kernel
+    assert "attention_impl" not in sparse.config.to_dict()
+    assert sparse.cache_size_multiple == 16 and sparse.with_kernels(attention_impl="xla").cache_size_multiple == 1

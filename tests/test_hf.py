@@ -43,6 +43,17 @@ FAMILIES = {
              rope_scaling=RopeScaling(8.0, 1.0, 4.0, 16)),
     ),
     "mistral_window4": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2, sliding_window=4), dict(sliding_window=4)),
+    "qwen2_window_layers": (  # layer 0 full attention, layers 1-2 a 4-token window (max_window_layers=1)
+        "Qwen2Config", "Qwen2ForCausalLM",
+        dict(num_hidden_layers=3, num_key_value_heads=2, use_sliding_window=True, sliding_window=4, max_window_layers=1),
+        dict(qkv_bias=True, sliding_window=4, layer_types=("full_attention", "sliding_attention", "sliding_attention")),
+    ),
+    "qwen3_alternating_window": (  # local / global layers alternating, as Gemma 2/3 and gpt-oss do
+        "Qwen3Config", "Qwen3ForCausalLM",
+        dict(num_hidden_layers=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=3,
+             layer_types=["sliding_attention", "full_attention"] * 2),
+        dict(qk_norm=True, sliding_window=3, layer_types=("sliding_attention", "full_attention") * 2),
+    ),
     "qwen2_bias_tied": (
         "Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=True, eos_token_id=[2, 3]),
         dict(qkv_bias=True, tie_embeddings=True, eos_token_ids=(2, 3)),
@@ -394,12 +405,16 @@ def test_load_hf_errors_name_the_problem(llama_dir, tmp_path, config_edit, tenso
         load_hf(path)
 
 
-def test_partial_sliding_window_layers_raise():
+def test_per_layer_sliding_windows_load_and_bad_layer_types_raise():
     config = {**BASE, "architectures": ["Qwen2ForCausalLM"], "num_key_value_heads": 2, "use_sliding_window": True,
               "sliding_window": 4, "max_window_layers": 1}
-    with pytest.raises(ValueError, match="some layers only"):
-        config_from_hf(config)
+    assert config_from_hf(config).layer_types == ("full_attention", "sliding_attention")
+    with pytest.raises(ValueError, match=r"layer_types \['chunked_attention'\] are not supported"):
+        config_from_hf({**config, "layer_types": ["chunked_attention", "full_attention"]})
+    with pytest.raises(ValueError, match="layer_types has 3 entries for 2 layers"):
+        config_from_hf({**config, "layer_types": ["full_attention"] * 3})
     assert config_from_hf({**config, "max_window_layers": 0}).sliding_window == 4
+    assert config_from_hf({**config, "max_window_layers": 0}).layer_types is None
     assert config_from_hf({**config, "use_sliding_window": False}).sliding_window is None
     with pytest.raises(ValueError, match="num_hidden_layers must be a positive int"):
         config_from_hf({**config, "num_hidden_layers": None})

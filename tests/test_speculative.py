@@ -262,10 +262,12 @@ def test_calibration_picks_the_layer_that_keeps_agreement():
     """A model whose layer 1 is an exact no-op: calibration must choose it, with agreement 1."""
     from jspec.strategies.calibration import calibrate_skip_layers
 
+    from jspec.models import transformer
+
     model = tiny_model("llama", num_layers=3)
-    layers = list(model.params["layers"])
+    layers = [transformer.layer_params(model.config, model.params, i) for i in range(3)]
     layers[1] = {**layers[1], "o": jnp.zeros_like(layers[1]["o"]), "down": jnp.zeros_like(layers[1]["down"])}
-    model = model.replace(params={**model.params, "layers": layers})
+    model = model.replace(params={**model.params, "groups": transformer.stack_layers(model.config, layers)})
     tokens = np.random.default_rng(0).integers(0, 97, (4, 24))
     skip, agreement = calibrate_skip_layers(model, tokens, 1)
     assert skip == (1,) and agreement == 1.0

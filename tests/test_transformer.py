@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import FAMILIES, tiny_model
+from jspec.models import transformer
 from jspec import masks
-from jspec.cache import KVCache
 
 FP32_TOLERANCE = 1e-4  # max abs logit difference, float32
 BF16_TOLERANCE = 0.1  # max abs logit difference, bfloat16 (logits of magnitude ~5)
@@ -35,7 +35,7 @@ def incremental_logits(model, sequences, prompt_lengths, chunk=1):
         padded[b, : len(s)] = s
     prompt_lengths = np.asarray(prompt_lengths)
     width = int(prompt_lengths.max())
-    cache = KVCache.create(model.config, batch, capacity=total + 3)
+    cache = model.new_cache(batch, total + 3)
     positions = np.broadcast_to(np.arange(width), (batch, width))
     slots = np.where(positions < prompt_lengths[:, None], positions, cache.capacity)
     logits, cache = model.forward(jnp.asarray(padded[:, :width]), jnp.asarray(positions), cache, write_slots=jnp.asarray(slots))
@@ -91,7 +91,7 @@ def test_rollback_is_a_length_change():
     """Writing a rejected chunk, rolling back, then writing the true tokens gives the logits of a clean run."""
     model = tiny_model("llama")
     prompt = jnp.asarray([[5, 6, 7, 8]])
-    cache = KVCache.create(model.config, 1, 16)
+    cache = model.new_cache(1, 16)
     _, cache = model.forward(prompt, jnp.arange(4)[None], cache)
     cache = cache.with_lengths(jnp.asarray([4]))
     _, dirty = model.forward(jnp.asarray([[1, 2, 3]]), jnp.arange(4, 7)[None], cache)  # rejected draft, not committed
@@ -102,22 +102,23 @@ def test_rollback_is_a_length_change():
 
 def test_out_of_range_slots_are_dropped():
     model = tiny_model("llama")
-    cache = KVCache.create(model.config, 2, 4)
+    cache = model.new_cache(2, 4)
     _, written = model.forward(jnp.asarray([[1, 2], [3, 4]]), jnp.zeros((2, 2), jnp.int32), cache, write_slots=jnp.asarray([[0, 4], [-1, 9]]))
-    assert np.any(np.asarray(written.keys[0][0, 0]) != 0)
-    np.testing.assert_array_equal(np.asarray(written.keys[0][0, 1:]), 0)
-    np.testing.assert_array_equal(np.asarray(written.keys[0][1]), 0)
+    keys = np.asarray(written.entries[0].keys)  # [layers, B, S, Hkv, Dh]
+    assert np.all(np.any(keys[:, 0, 0] != 0, axis=(1, 2)))
+    np.testing.assert_array_equal(keys[:, 0, 1:], 0)
+    np.testing.assert_array_equal(keys[:, 1], 0)
 
 
 def test_compact_moves_only_accepted_entries():
-    config = tiny_model("llama").config
-    cache = KVCache.create(config, 2, 8)
-    marked = tuple(jnp.broadcast_to(jnp.arange(8, dtype=jnp.float32)[None, :, None, None], k.shape) for k in cache.keys)
-    cache = cache.replace(keys=marked, values=marked)
+    cache = tiny_model("llama").new_cache(2, 8)
+    entry = cache.entries[0]
+    marked = jnp.broadcast_to(jnp.arange(8, dtype=jnp.float32)[None, None, :, None, None], entry.keys.shape)
+    cache = cache.replace(entries=(entry.replace(keys=marked, values=marked),))
     # row 0 keeps slots 5 and 7 at 3, 4; row 1 keeps slot 6 at 2 (second entry is padding)
-    compacted = cache.compact(jnp.asarray([[5, 7], [6, -1]]), jnp.asarray([3, 2]))
-    np.testing.assert_array_equal(np.asarray(compacted.keys[1][0, :, 0, 0]), [0, 1, 2, 5, 7, 5, 6, 7])
-    np.testing.assert_array_equal(np.asarray(compacted.values[0][1, :, 0, 0]), [0, 1, 6, 3, 4, 5, 6, 7])
+    compacted = cache.compact(jnp.asarray([[5, 7], [6, -1]]), jnp.asarray([3, 2])).entries[0]
+    np.testing.assert_array_equal(np.asarray(compacted.keys[1, 0, :, 0, 0]), [0, 1, 2, 5, 7, 5, 6, 7])
+    np.testing.assert_array_equal(np.asarray(compacted.values[0, 1, :, 0, 0]), [0, 1, 6, 3, 4, 5, 6, 7])
 
 
 def test_causal_mask_hand_built():
@@ -143,7 +144,9 @@ def test_skip_layers_equals_a_model_without_them():
     model = tiny_model("llama", num_layers=3)
     tokens, positions = jnp.asarray([[3, 1, 4, 1, 5]]), jnp.arange(5)[None]
     skipped, _ = model.forward(tokens, positions, skip_layers=(1,))
-    shallow = model.replace(params={**model.params, "layers": [model.params["layers"][0], model.params["layers"][2]]}, config=model.config.replace(num_layers=2))
+    config = model.config.replace(num_layers=2)
+    layers = [transformer.layer_params(model.config, model.params, i) for i in (0, 2)]
+    shallow = model.replace(params={**model.params, "groups": transformer.stack_layers(config, layers)}, config=config)
     want, _ = shallow.forward(tokens, positions)
     np.testing.assert_allclose(np.asarray(skipped), np.asarray(want), atol=1e-6)
 

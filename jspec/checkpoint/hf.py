@@ -40,6 +40,7 @@ import numpy as np
 
 from jspec.checkpoint import safetensors
 from jspec.models.config import DTYPES, RopeScaling, TransformerConfig
+from jspec.models import transformer
 from jspec.models.model import Model
 from jspec.tokenizer import HFTokenizer
 
@@ -120,7 +121,7 @@ def config_from_hf(
     else:
         qkv_bias = False  # Mistral has no attention biases
 
-    sliding_window = _sliding_window(hf_config, architecture, num_layers, field)
+    sliding_window, layer_types = _sliding_window(hf_config, architecture, num_layers, field)
     rope_theta, rope_scaling = _rope(hf_config, architecture, field)
 
     if dtype is None:
@@ -161,6 +162,7 @@ def config_from_hf(
         qkv_bias=qkv_bias,
         qk_norm=architecture == "Qwen3ForCausalLM",
         sliding_window=sliding_window,
+        layer_types=layer_types,
         dtype=dtype,
         max_position_embeddings=int(field("max_position_embeddings", 4096)),
         bos_token_id=bos,
@@ -181,29 +183,29 @@ def _token_list(value: Any) -> list[int]:
     return [int(v) for v in values if isinstance(v, int) and not isinstance(v, bool)]
 
 
-def _sliding_window(hf_config: dict[str, Any], architecture: str, num_layers: int, field) -> int | None:
+def _sliding_window(hf_config: dict[str, Any], architecture: str, num_layers: int, field) -> tuple[int | None, tuple[str, ...] | None]:
+    """(sliding_window, layer_types): None layer types when every layer is of one kind (the config default)."""
     if architecture == "LlamaForCausalLM":
-        return None
+        return None, None
     window = field("sliding_window")
     if architecture == "MistralForCausalLM":
-        return _positive_window(window, architecture)  # every layer
+        return _positive_window(window, architecture), None  # every layer
     # Qwen2 / Qwen3: a layer slides when use_sliding_window and its layer type is "sliding_attention"
     if not field("use_sliding_window", False) or window is None:
-        return None
+        return None, None
     layer_types = hf_config.get("layer_types") or [
         "sliding_attention" if i >= field("max_window_layers", 28) else "full_attention" for i in range(num_layers)
     ]
     if len(layer_types) != num_layers:
         raise ValueError(f"config.json ({architecture}): layer_types has {len(layer_types)} entries for {num_layers} layers")
-    kinds = set(layer_types)
-    if kinds == {"full_attention"}:
-        return None
-    if kinds == {"sliding_attention"}:
-        return _positive_window(window, architecture)
-    raise ValueError(
-        f"config.json ({architecture}): a sliding window on some layers only (layer_types {layer_types}) is not "
-        "supported; jspec applies sliding_window to every layer"
-    )
+    unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise ValueError(f"config.json ({architecture}): layer_types {unknown} are not supported; jspec loads "
+                         "'full_attention' and 'sliding_attention' layers")
+    if set(layer_types) == {"full_attention"}:
+        return None, None
+    window = _positive_window(window, architecture)
+    return window, (None if set(layer_types) == {"sliding_attention"} else tuple(layer_types))
 
 
 def _positive_window(window: Any, architecture: str) -> int | None:
@@ -263,6 +265,11 @@ def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
         architecture = "Qwen3ForCausalLM"
     elif config.qkv_bias:
         architecture = "Qwen2ForCausalLM"
+    elif config.layer_types is not None:
+        raise ValueError(
+            f"layer_types: per-layer attention kinds {config.layer_types} are written as Qwen2 (qkv_bias) or Qwen3 "
+            "(qk_norm) checkpoints; this config has neither, and Llama / Mistral configs have no per-layer windows"
+        )
     elif config.sliding_window is not None or config.hidden_size % config.num_heads:
         # Mistral with sliding_window null is Llama; it also takes a hidden size that is not a multiple of the
         # head count (with an explicit head_dim), which LlamaConfig rejects
@@ -312,12 +319,14 @@ def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
     if architecture == "MistralForCausalLM":
         out["sliding_window"] = config.sliding_window
     if architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
-        sliding = config.sliding_window is not None
+        types = list(config.attention_types)
+        sliding = "sliding_attention" in types
         out.update(
             use_sliding_window=sliding,
             sliding_window=config.sliding_window,
-            max_window_layers=0 if sliding else config.num_layers,
-            layer_types=["sliding_attention" if sliding else "full_attention"] * config.num_layers,
+            # transformers derives layer_types from max_window_layers when absent; both are written consistently
+            max_window_layers=types.index("sliding_attention") if sliding else config.num_layers,
+            layer_types=types,
         )
     if config.mask_token_id is not None:
         out["mask_token_id"] = config.mask_token_id
@@ -392,6 +401,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], config: TransformerConfig, *,
 
     dtype = jnp.dtype(config.dtype)
     params: dict[str, Any] = {"embed": None, "layers": [{} for _ in range(config.num_layers)], "final_norm": None}
+    layers = params["layers"]
     for name, (shape, destination, transpose) in expected.items():
         array = tensors[name]
         if tuple(array.shape) != shape:
@@ -411,15 +421,17 @@ def params_from_hf(tensors: dict[str, np.ndarray], config: TransformerConfig, *,
             array = np.ascontiguousarray(array.T)
         value = jnp.asarray(array).astype(dtype)
         if destination[0] == "layers":
-            params["layers"][destination[1]][destination[2]] = value
+            layers[destination[1]][destination[2]] = value
         else:
             params[destination[0]] = value
+    params["groups"] = transformer.stack_layers(config, params.pop("layers"))
     return params
 
 
 def params_to_hf(params: dict[str, Any], config: TransformerConfig) -> dict[str, np.ndarray]:
     """HF-named numpy tensors (torch layout, the params' dtype) for `config_to_hf(config)`'s architecture."""
     o_bias = config_to_hf(config).get("attention_bias", False)
+    params = {**params, "layers": [transformer.layer_params(config, params, i) for i in range(config.num_layers)]}
     out = {}
     for name, (shape, destination, transpose) in _expected_tensors(config, o_bias).items():
         if destination is None:

@@ -14,7 +14,6 @@ from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
 DIFFUSION_KINDS = ("masked", "block")
-ATTENTION_IMPLS = ("xla", "pallas_dense", "pallas_sparse")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,21 +62,11 @@ class TransformerConfig:
     diffusion_block_size: int | None = None  # the block size a "block" model was trained with
     shifted_logits: bool = False  # the logit at position i-1 predicts the token at i (Dream, Fast-dLLM v2)
     name: str = "transformer"
-    # Decode attention (see jspec/models/kernel_attention.py). "xla": `layers.attend` everywhere.
-    # "pallas_dense" / "pallas_sparse": decode-sized causal chunks over a cache use the Pallas kernels; prefill and
-    # custom masks (tree verification, diffusion blocks) stay on XLA. Cache capacities must then be a multiple of
-    # `cache_size_multiple`.
-    attention_impl: str = "xla"
-    attention_interpret: bool | None = None  # Pallas interpret mode; None: interpret on CPU, compile elsewhere
-    dense_block_size: int = 128  # keys per step of the dense decode kernel ("pallas_dense")
-    # InfLLM v2 sparse attention ("pallas_sparse"), released MiniCPM4 defaults:
-    sparse_block_size: int = 64  # keys per attended block
-    sparse_kernel_size: int = 32  # compressed key = mean of this many keys ...
-    sparse_kernel_stride: int = 16  # ... every this many keys
-    sparse_init_blocks: int = 1  # first blocks always attended (attention sink)
-    sparse_local_blocks: int = 32  # most recent blocks always attended (window 2048 / 64)
-    sparse_top_k: int = 64  # blocks attended per query and KV head, forced ones included
-    sparse_dense_len: int = 8192  # a query whose sequence (itself included) is shorter attends densely
+    # The attention kind of each layer (Hugging Face's names): "full_attention", "sliding_attention" (a query sees
+    # the `sliding_window` most recent positions; its cache is a ring buffer bounded by the window), or any kind
+    # registered with `jspec.models.attention.register_attention_kind`. None: every layer "sliding_attention"
+    # when sliding_window is set, else "full_attention". Kernel choices live apart, in `KernelOptions`.
+    layer_types: tuple[str, ...] | None = None
 
     def __post_init__(self):
         _require(self.vocab_size > 0, "vocab_size", "a positive int", self.vocab_size)
@@ -92,45 +81,35 @@ class TransformerConfig:
         )
         _require(self.dtype in DTYPES, "dtype", f"one of {DTYPES}", self.dtype)
         _require(self.head_size % 2 == 0, "head_dim", "an even int (RoPE rotates pairs)", self.head_size)
-        self._validate_attention()
+        if isinstance(self.layer_types, list):
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        self._validate_layer_types()
         self._validate_diffusion()
         if isinstance(self.eos_token_ids, list):
             object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
 
-    def _validate_attention(self) -> None:
-        impl = self.attention_impl
-        _require(impl in ATTENTION_IMPLS, "attention_impl", f"one of {ATTENTION_IMPLS}", impl)
-        _require(
-            self.attention_interpret is None or isinstance(self.attention_interpret, bool),
-            "attention_interpret",
-            "None or a bool",
-            self.attention_interpret,
-        )
-        for name in ("dense_block_size", "sparse_block_size"):
-            value = getattr(self, name)
-            _require(_is_int(value) and value >= 16 and value & (value - 1) == 0, name, "a power of two >= 16", value)
-        for name, minimum in (("sparse_kernel_size", 1), ("sparse_kernel_stride", 1), ("sparse_init_blocks", 0),
-                              ("sparse_local_blocks", 1), ("sparse_top_k", 1), ("sparse_dense_len", 0)):
-            value = getattr(self, name)
-            _require(_is_int(value) and value >= minimum, name, f"an int >= {minimum}", value)
-        stride = self.sparse_kernel_stride
-        _require(self.sparse_kernel_size % stride == 0, "sparse_kernel_stride",
-                 f"a divisor of sparse_kernel_size={self.sparse_kernel_size}", stride)
-        _require(self.sparse_block_size % stride == 0, "sparse_kernel_stride",
-                 f"a divisor of sparse_block_size={self.sparse_block_size}", stride)
-        forced = self.sparse_init_blocks + self.sparse_local_blocks
-        _require(self.sparse_top_k >= forced, "sparse_top_k",
-                 f"an int >= sparse_init_blocks + sparse_local_blocks = {forced} (forced blocks are always selected)",
-                 self.sparse_top_k)
-        _require(
-            self.attention_impl != "pallas_sparse" or self.sliding_window is None,
-            "sliding_window",
-            "None with attention_impl='pallas_sparse' (InfLLM v2 block selection has no sliding window; "
-            "use 'pallas_dense' or 'xla')",
-            self.sliding_window,
-        )
+    def _validate_layer_types(self) -> None:
+        from jspec.models.attention import attention_kind_names
+
+        window = self.sliding_window
+        _require(window is None or (_is_int(window) and window >= 1), "sliding_window", "None or an int >= 1", window)
+        types = self.layer_types
+        sliding = window is not None and (types is None or "sliding_attention" in types)
+        _require(not sliding or window <= self.max_position_embeddings, "sliding_window",
+                 f"None or an int <= max_position_embeddings={self.max_position_embeddings}", window)
+        if types is None:
+            return
+        _require(isinstance(types, tuple) and len(types) == self.num_layers, "layer_types",
+                 f"None or one attention kind per layer ({self.num_layers})", types)
+        known = attention_kind_names()
+        for layer, kind in enumerate(types):
+            if kind not in known:
+                raise ValueError(f"TransformerConfig.layer_types: layer {layer} has unknown kind {kind!r}; known kinds are {known}")
+            if kind == "sliding_attention" and window is None:
+                raise ValueError(f"TransformerConfig.sliding_window: layer {layer} is 'sliding_attention', which needs "
+                                 "sliding_window (an int >= 1), got None")
 
     def _validate_diffusion(self) -> None:
         _require(self.diffusion is None or self.diffusion in DIFFUSION_KINDS, "diffusion",
@@ -147,11 +126,23 @@ class TransformerConfig:
             _require(size is None, "diffusion_block_size", "None unless diffusion='block'", size)
 
     @property
-    def cache_size_multiple(self) -> int:
-        """KV cache capacities must be a multiple of this: the attention kernel's block size (1 for "xla")."""
-        return {"xla": 1, "pallas_dense": self.dense_block_size, "pallas_sparse": self.sparse_block_size}[
-            self.attention_impl
-        ]
+    def attention_types(self) -> tuple[str, ...]:
+        """The attention kind of every layer (see `layer_types`)."""
+        if self.layer_types is not None:
+            return self.layer_types
+        return ("sliding_attention" if self.sliding_window is not None else "full_attention",) * self.num_layers
+
+    @property
+    def layer_groups(self) -> tuple[tuple[str, int, int], ...]:
+        """(kind, first layer, end layer) of each run of consecutive layers of one kind: the units whose
+        parameters and cache entries are stacked and run with one `lax.scan`."""
+        groups: list[tuple[str, int, int]] = []
+        for layer, kind in enumerate(self.attention_types):
+            if groups and groups[-1][0] == kind:
+                groups[-1] = (kind, groups[-1][1], layer + 1)
+            else:
+                groups.append((kind, layer, layer + 1))
+        return tuple(groups)
 
     @property
     def head_size(self) -> int:
@@ -167,11 +158,17 @@ class TransformerConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["eos_token_ids"] = list(self.eos_token_ids)
+        if self.layer_types is not None:
+            out["layer_types"] = list(self.layer_types)
         return out
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TransformerConfig":
+        from jspec.models.kernels import KernelOptions
+
         known = {f.name for f in dataclasses.fields(cls)}
+        # kernel choices were config fields in jspec 0.1; they are not part of what a model is
+        values = {k: v for k, v in values.items() if k not in KernelOptions.field_names()}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"TransformerConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")

@@ -1,7 +1,14 @@
-"""`jspec.Model`: one pytree that carries a model's parameters, with its config and tokenizer as static metadata.
+"""`jspec.Model`: one pytree that carries a model's parameters, with its config, kernel options and tokenizer as
+static metadata; the model protocol every strategy uses and nothing else.
 
-Because the config is static metadata, a `Model` passes through `jit` as an ordinary argument: its arrays
-are traced, its config selects the compiled code.
+Because config and kernel options are static metadata, a `Model` passes through `jit` as an ordinary argument:
+its arrays are traced, its config selects the compiled code.
+
+The protocol (what strategies call):
+    model.forward(tokens, positions, cache, mask, *, write_slots, skip_layers, output_indices) -> logits, cache
+    model.new_cache(batch_size, capacity, *, max_chunk=None) -> Cache     the only cache constructor
+    model.param_axes, model.cache_axes                                     logical axis names (sharding)
+    model.config.vocab_size, mask_token_id, shifted_logits, ...            what a strategy needs to know
 """
 
 from __future__ import annotations
@@ -11,9 +18,10 @@ from typing import Any
 import jax
 from flax import struct
 
-from jspec.cache import KVCache
+from jspec.cache import Cache
 from jspec.models import transformer
 from jspec.models.config import TransformerConfig
+from jspec.models.kernels import KernelOptions
 
 
 @struct.dataclass
@@ -21,31 +29,58 @@ class Model:
     params: transformer.Params
     config: TransformerConfig = struct.field(pytree_node=False)
     tokenizer: Any = struct.field(pytree_node=False, default=None)
+    kernels: KernelOptions = struct.field(pytree_node=False, default=KernelOptions())
+
+    def __post_init__(self):
+        transformer.group_kinds(self.config, self.kernels)  # raises for a layer kind the kernels cannot serve
 
     @classmethod
-    def random(cls, config: TransformerConfig, key: jax.Array | int = 0, init_scale: float = 0.02, tokenizer: Any = None) -> "Model":
+    def random(
+        cls, config: TransformerConfig, key: jax.Array | int = 0, init_scale: float = 0.02, tokenizer: Any = None,
+        kernels: KernelOptions | None = None,
+    ) -> "Model":
         """A model with random parameters (see `transformer.init_params`)."""
         if isinstance(key, int):
             key = jax.random.key(key)
-        return cls(params=transformer.init_params(config, key, init_scale), config=config, tokenizer=tokenizer)
+        return cls(params=transformer.init_params(config, key, init_scale), config=config, tokenizer=tokenizer,
+                   kernels=kernels or KernelOptions())
 
     def forward(
         self,
         tokens: jax.Array,  # [B, T]
         positions: jax.Array,  # [B, T]
-        cache: KVCache | None = None,
+        cache: Cache | None = None,
         mask: jax.Array | None = None,  # [B, T, S]
         **options: Any,
-    ) -> tuple[jax.Array, KVCache | None]:
-        """`transformer.forward` with this model's parameters and config."""
-        return transformer.forward(self.params, self.config, tokens, positions, cache, mask, **options)
+    ) -> tuple[jax.Array, Cache | None]:
+        """`transformer.forward` with this model's parameters, config and kernels."""
+        return transformer.forward(self.params, self.config, tokens, positions, cache, mask, kernels=self.kernels, **options)
 
-    def new_cache(self, batch_size: int, capacity: int) -> KVCache:
-        return KVCache.create(self.config, batch_size, capacity)
+    def new_cache(self, batch_size: int, capacity: int, *, max_chunk: int | None = None) -> Cache:
+        """An empty cache (see `transformer.new_cache`): `capacity` logical slots per row, rounded up to the attention
+        kernels' block size; `max_chunk` bounds sliding-window layers' ring buffers."""
+        return transformer.new_cache(self.config, self.kernels, batch_size, capacity, max_chunk)
+
+    def with_kernels(self, **options: Any) -> "Model":
+        """The same model computing with other kernel options (`KernelOptions` fields); its config is unchanged."""
+        return self.replace(kernels=self.kernels.replace(**options))
 
     def without_tokenizer(self) -> "Model":
         """The same model with no tokenizer: what jitted code receives, so tokenizers never key a compile."""
         return self if self.tokenizer is None else self.replace(tokenizer=None)
+
+    @property
+    def param_axes(self) -> transformer.Params:
+        return transformer.param_logical_axes(self.config)
+
+    @property
+    def cache_axes(self) -> Cache:
+        return transformer.cache_logical_axes(self.config, self.kernels)
+
+    @property
+    def cache_size_multiple(self) -> int:
+        """Cache capacities are rounded up to a multiple of this (the attention kernels' block size)."""
+        return transformer.cache_size_multiple(self.config, self.kernels)
 
     @property
     def vocab_size(self) -> int:

@@ -3,96 +3,123 @@
 `forward` is the one entry: prefill, single-token decode, tree verification and bidirectional diffusion
 blocks are calls of it with different tokens, positions, write slots and masks.
 
-Parameter pytree (nested dicts; shapes for hidden D, heads H, KV heads Hkv, head dim Dh, MLP F, vocab V):
+Each layer's attention is an attention kind (jspec/models/attention/): full causal GQA, sliding window (ring
+buffer cache), InfLLM v2 sparse, or any registered kind; the config names one per layer. Consecutive layers of
+one kind form a group; a group's parameters are stacked over its layers and run with one `lax.scan`, so compile
+time does not grow with depth.
+
+Parameter pytree (nested dicts; shapes for hidden D, heads H, KV heads Hkv, head dim Dh, MLP F, vocab V, and L
+layers in a group):
     embed      [V, D]
-    layers     list of {attn_norm [D], q [D, H*Dh], k [D, Hkv*Dh], v [D, Hkv*Dh], o [H*Dh, D],
-                        (q_bias [H*Dh], k_bias [Hkv*Dh], v_bias [Hkv*Dh] if qkv_bias),
-                        (q_norm [Dh], k_norm [Dh] if qk_norm),
-                        mlp_norm [D], gate [D, F], up [D, F], down [F, D]}
+    groups     tuple, one per layer group, of {attn_norm [L, D], the kind's parameters stacked over L (for GQA:
+               q [L, D, H*Dh], k [L, D, Hkv*Dh], v [L, D, Hkv*Dh], o [L, H*Dh, D], (q_bias, k_bias, v_bias if
+               qkv_bias), (q_norm, k_norm [L, Dh] if qk_norm)), mlp_norm [L, D], gate [L, D, F], up [L, D, F],
+               down [L, F, D]}
     final_norm [D]
     lm_head    [D, V]   (absent when embeddings are tied)
+`layer_params` / `stack_layers` convert between that and one flat dict per layer (checkpoint formats).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jspec import masks
-from jspec.cache import KVCache
-from jspec.models import kernel_attention
+from jspec.cache import Cache
+from jspec.models.attention import AttentionKind, attention_kind
 from jspec.models.config import TransformerConfig
-from jspec.models.layers import apply_rope, attend, rms_norm, rope_tables
+from jspec.models.kernels import KernelOptions
+from jspec.models.layers import rms_norm
 
 Params = dict[str, Any]
+DEFAULT_KERNELS = KernelOptions()
+
+
+def group_kinds(config: TransformerConfig, kernels: KernelOptions = DEFAULT_KERNELS) -> tuple[tuple[AttentionKind, int, int], ...]:
+    """(kind, first layer, end layer) per layer group (static: from the config and the kernel options)."""
+    return tuple((attention_kind(name, config, kernels, start), start, end) for name, start, end in config.layer_groups)
 
 
 def init_params(config: TransformerConfig, key: jax.Array, init_scale: float = 0.02) -> Params:
     """Random parameters: weights ~ N(0, init_scale^2), norms = 1, biases ~ N(0, init_scale^2)."""
     dtype = jnp.dtype(config.dtype)
     d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    q_dim = config.num_heads * config.head_size
-    kv_dim = config.num_kv_heads * config.head_size
     keys = iter(jax.random.split(key, 4 + 10 * config.num_layers))
+    kinds = [kind for kind, start, end in group_kinds(config) for _ in range(start, end)]
 
-    def normal(shape):
+    def normal(shape: tuple[int, ...]) -> jax.Array:  # draws keys in a fixed order: embed, per layer, head
         return (init_scale * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
 
-    def layer():
-        params = {
-            "attn_norm": jnp.ones((d,), dtype),
-            "q": normal((d, q_dim)),
-            "k": normal((d, kv_dim)),
-            "v": normal((d, kv_dim)),
-            "o": normal((q_dim, d)),
-            "mlp_norm": jnp.ones((d,), dtype),
-            "gate": normal((d, f)),
-            "up": normal((d, f)),
-            "down": normal((f, d)),
-        }
-        if config.qkv_bias:
-            params.update(q_bias=normal((q_dim,)), k_bias=normal((kv_dim,)), v_bias=normal((kv_dim,)))
-        if config.qk_norm:
-            params.update(q_norm=jnp.ones((config.head_size,), dtype), k_norm=jnp.ones((config.head_size,), dtype))
-        return params
+    def layer(index: int) -> Params:
+        attention = kinds[index].init_params(config, normal)
+        return {"attn_norm": jnp.ones((d,), dtype), **attention, "mlp_norm": jnp.ones((d,), dtype),
+                "gate": normal((d, f)), "up": normal((d, f)), "down": normal((f, d))}
 
-    params: Params = {
-        "embed": normal((v, d)),
-        "layers": [layer() for _ in range(config.num_layers)],
-        "final_norm": jnp.ones((d,), dtype),
-    }
+    params: Params = {"embed": normal((v, d))}
+    params["groups"] = stack_layers(config, [layer(i) for i in range(config.num_layers)])
+    params["final_norm"] = jnp.ones((d,), dtype)
     if not config.tie_embeddings:
         params["lm_head"] = normal((d, v))
     return params
 
 
+def stack_layers(config: TransformerConfig, layers: Sequence[Params]) -> tuple[Params, ...]:
+    """One flat dict per layer -> the stacked groups of `config.layer_groups`."""
+    if len(layers) != config.num_layers:
+        raise ValueError(f"layers: expected {config.num_layers} per-layer parameter dicts, got {len(layers)}")
+    return tuple(jax.tree.map(lambda *xs: jnp.stack(xs), *layers[start:end]) for _, start, end in config.layer_groups)
+
+
+def layer_params(config: TransformerConfig, params: Params, layer: int) -> Params:
+    """The flat parameter dict of one layer (a view into its group's stacked arrays)."""
+    for group, (_, start, end) in zip(params["groups"], config.layer_groups):
+        if start <= layer < end:
+            return jax.tree.map(lambda x: x[layer - start], group)
+    raise ValueError(f"layer: expected an index in [0, {config.num_layers}), got {layer}")
+
+
 def param_logical_axes(config: TransformerConfig) -> Params:
-    """The parameter pytree's structure with a tuple of logical axis names per leaf (for sharding rules)."""
-    layer = {
-        "attn_norm": ("embed",),
-        "q": ("embed", "q_heads"),
-        "k": ("embed", "kv_heads"),
-        "v": ("embed", "kv_heads"),
-        "o": ("q_heads", "embed"),
-        "mlp_norm": ("embed",),
-        "gate": ("embed", "mlp"),
-        "up": ("embed", "mlp"),
-        "down": ("mlp", "embed"),
-    }
-    if config.qkv_bias:
-        layer.update(q_bias=("q_heads",), k_bias=("kv_heads",), v_bias=("kv_heads",))
-    if config.qk_norm:
-        layer.update(q_norm=("head_dim",), k_norm=("head_dim",))
-    axes: Params = {
-        "embed": ("vocab", "embed"),
-        "layers": [dict(layer) for _ in range(config.num_layers)],
-        "final_norm": ("embed",),
-    }
+    """The parameter pytree's structure with a tuple of logical axis names per leaf (for sharding rules); stacked
+    group leaves lead with "layers"."""
+    groups = []
+    for kind, _, _ in group_kinds(config):
+        layer = {"attn_norm": ("embed",), **kind.param_axes(config), "mlp_norm": ("embed",),
+                 "gate": ("embed", "mlp"), "up": ("embed", "mlp"), "down": ("mlp", "embed")}
+        groups.append({name: ("layers", *axes) for name, axes in layer.items()})
+    axes: Params = {"embed": ("vocab", "embed"), "groups": tuple(groups), "final_norm": ("embed",)}
     if not config.tie_embeddings:
         axes["lm_head"] = ("embed", "vocab")
     return axes
+
+
+def new_cache(
+    config: TransformerConfig, kernels: KernelOptions, batch_size: int, capacity: int, max_chunk: int | None = None
+) -> Cache:
+    """An empty cache of `capacity` logical slots per row (rounded up to the kernels' block size); every row starts
+    at length 0. `max_chunk`: the most slots one forward writes at or past the committed length (a prefill aside);
+    it bounds ring-buffer layers (window + max_chunk slots). None: the capacity (no bound)."""
+    if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 1:
+        raise ValueError(f"cache capacity: expected a positive int, got {capacity!r}")
+    kinds = group_kinds(config, kernels)
+    multiple = cache_size_multiple(config, kernels)
+    capacity = -(-int(capacity) // multiple) * multiple
+    chunk = capacity if max_chunk is None else int(max_chunk)
+    entries = tuple(kind.new_entry(config, end - start, batch_size, capacity, chunk) for kind, start, end in kinds)
+    return Cache(entries=entries, lengths=jnp.zeros((batch_size,), jnp.int32), capacity=capacity)
+
+
+def cache_size_multiple(config: TransformerConfig, kernels: KernelOptions = DEFAULT_KERNELS) -> int:
+    """Cache capacities are multiples of this: the least common multiple of the layer kinds' kernel blocks."""
+    return int(np.lcm.reduce([getattr(kind, "cache_size_multiple", 1) for kind, _, _ in group_kinds(config, kernels)]))
+
+
+def cache_logical_axes(config: TransformerConfig, kernels: KernelOptions = DEFAULT_KERNELS) -> Cache:
+    """The cache's structure with a tuple of logical axis names per array leaf (entries lead with "layers")."""
+    entries = tuple(kind.entry_axes(config) for kind, _, _ in group_kinds(config, kernels))
+    return Cache(entries=entries, lengths=("batch",), capacity=0)
 
 
 def forward(
@@ -100,60 +127,46 @@ def forward(
     config: TransformerConfig,
     tokens: jax.Array,  # [B, T] int32
     positions: jax.Array,  # [B, T] int32, RoPE positions
-    cache: KVCache | None = None,
+    cache: Cache | None = None,
     mask: jax.Array | None = None,  # [B, T, S] bool over key slots; None: causal by slot
     *,
     write_slots: jax.Array | None = None,  # [B, T] cache slots for the chunk; None: lengths + t
     skip_layers: tuple[int, ...] = (),
     output_indices: jax.Array | None = None,  # [B, K] chunk indices whose logits are wanted; None: all
-) -> tuple[jax.Array, KVCache | None]:  # logits [B, T or K, V] float32, cache
+    kernels: KernelOptions = DEFAULT_KERNELS,
+) -> tuple[jax.Array, Cache | None]:  # logits [B, T or K, V] float32, cache
     """Run the transformer on a chunk of tokens.
 
     With a cache: the chunk's keys/values are written at `write_slots` (a slot outside [0, capacity) is
-    dropped; padding tokens use that), then every query attends over all cache slots through `mask`.
-    The cache's `lengths` are not changed: committing is the caller's decision (`cache.with_lengths`).
-    Without a cache: queries attend over the chunk itself; `mask` is then [B, T, T] (None: causal).
+    dropped; padding tokens use that), and every query attends over the cache's slots through `mask` (and its
+    layer's window). The cache's `lengths` are not changed: committing is the caller's decision
+    (`cache.with_lengths`). Without a cache: queries attend over the chunk itself; `mask` is then [B, T, T]
+    (None: causal).
 
     Guarantee: for a causal mask, prefill of a prefix followed by chunked or single-token calls gives the
     same logits (to float tolerance) as one call over the whole sequence.
     `skip_layers` (static) leaves those layers out (self-speculative drafting); their cache slots are not
-    written.
-    With `config.attention_impl` "pallas_dense" / "pallas_sparse" and a cache, a chunk of at most
-    `kernel_attention.MAX_CHAIN_TOKENS` tokens under the default mask attends through the Pallas decode
-    kernels; its in-range write slots must then be contiguous per row (see `kernel_attention`). Prefill and
-    every custom mask (tree verification, diffusion) use XLA `attend`.
+    written. With Pallas `kernels`, decode-sized chunks under the default mask attend through the kernels (see
+    jspec/models/attention/full.py); prefill and every custom mask use XLA.
     """
-    batch, length = tokens.shape
+    length = tokens.shape[1]
+    capacity = None if cache is None else cache.capacity
     if cache is not None and write_slots is None:
         write_slots = cache.lengths[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
-    if cache is not None and config.attention_impl != "xla":
-        kernel_attention.check_cache(config, cache)
-    use_kernels = kernel_attention.uses_kernels(config, cache, mask, length)
-    if mask is None and not use_kernels:
-        if cache is None:
-            query_slots = jnp.broadcast_to(jnp.arange(length)[None, :], (batch, length))
-            mask = masks.causal_mask(query_slots, length, config.sliding_window)
-        else:
-            mask = masks.causal_mask(write_slots, cache.capacity, config.sliding_window)
-
-    cos, sin = rope_tables(positions, config)
     hidden = params["embed"][tokens]
-    for index, layer in enumerate(params["layers"]):
-        if index in skip_layers:
-            continue
-        normed = rms_norm(hidden, layer["attn_norm"], config.rms_norm_eps)
-        queries, keys, values = _project_qkv(layer, config, normed, cos, sin)
-        if cache is not None:
-            cache = cache.write_layer(index, keys, values, write_slots)
-            keys, values = cache.keys[index], cache.values[index]
-        if use_kernels:
-            attended = kernel_attention.kernel_attend(config, queries, cache, index, write_slots)
-        else:
-            attended = attend(queries, keys, values, mask)
-        attended = attended.reshape(batch, length, -1)
-        hidden = hidden + attended @ layer["o"]
-        normed = rms_norm(hidden, layer["mlp_norm"], config.rms_norm_eps)
-        hidden = hidden + (jax.nn.silu(normed @ layer["gate"]) * (normed @ layer["up"])) @ layer["down"]
+    entries = []
+    kinds = group_kinds(config, kernels)
+    if cache is not None and len(cache.entries) != len(kinds):
+        raise ValueError(f"cache: {len(cache.entries)} layer-group entries for a model with {len(kinds)} layer groups; "
+                         "create caches with model.new_cache(...)")
+    for index, ((kind, start, end), group) in enumerate(zip(kinds, params["groups"])):
+        entry = None if cache is None else cache.entries[index]
+        context = kind.prepare(config, entry, positions, write_slots, mask, capacity)
+        active = tuple(layer not in skip_layers for layer in range(start, end))
+        hidden, entry = _run_group(kind, config, group, hidden, entry, context, active)
+        entries.append(kind.finish(entry, context))
+    if cache is not None:
+        cache = cache.replace(entries=tuple(entries))
 
     if output_indices is not None:
         hidden = jnp.take_along_axis(hidden, output_indices[:, :, None], axis=1)
@@ -163,6 +176,43 @@ def forward(
     return logits, cache
 
 
+def _run_group(
+    kind: AttentionKind,
+    config: TransformerConfig,
+    group: Params,  # leaves [L, ...]
+    hidden: jax.Array,  # [B, T, D]
+    entry: Any,  # the group's cache entry (None without a cache)
+    context: Any,
+    active: tuple[bool, ...],  # static: layers of the group that run (False: skipped)
+) -> tuple[jax.Array, Any]:
+    """The group's layers in order: one `lax.scan` (a `lax.cond` per layer when some are skipped)."""
+
+    def block(operands, layer_params, layer):
+        hidden, entry = operands
+        normed = rms_norm(hidden, layer_params["attn_norm"], config.rms_norm_eps)
+        attended, entry = kind.apply(layer_params, config, normed, entry, layer, context)
+        hidden = hidden + attended
+        normed = rms_norm(hidden, layer_params["mlp_norm"], config.rms_norm_eps)
+        mlp = (jax.nn.silu(normed @ layer_params["gate"]) * (normed @ layer_params["up"])) @ layer_params["down"]
+        return hidden + mlp, entry
+
+    if not any(active):
+        return hidden, entry
+    if len(active) == 1:
+        return block((hidden, entry), jax.tree.map(lambda x: x[0], group), 0)
+
+    def body(operands, xs):
+        layer_params, layer, is_active = xs
+        if all(active):
+            return block(operands, layer_params, layer), None
+        run = lambda ops: block(ops, layer_params, layer)  # noqa: E731
+        return jax.lax.cond(is_active, run, lambda ops: ops, operands), None
+
+    layers = jnp.arange(len(active), dtype=jnp.int32)
+    (hidden, entry), _ = jax.lax.scan(body, (hidden, entry), (group, layers, jnp.asarray(active)))
+    return hidden, entry
+
+
 def position_logits(logits: jax.Array, shifted: bool) -> jax.Array:  # [B, T, V] -> [B, T, V]
     """The logits that predict the token at each position of a chunk. Unshifted (LLaDA): a position's own
     logits. Shifted (Dream, Fast-dLLM v2 token shift): the previous position's; the chunk's first position
@@ -170,23 +220,3 @@ def position_logits(logits: jax.Array, shifted: bool) -> jax.Array:  # [B, T, V]
     if not shifted:
         return logits
     return jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
-
-
-def _project_qkv(
-    layer: Params,
-    config: TransformerConfig,
-    normed: jax.Array,  # [B, T, D]
-    cos: jax.Array,  # [B, T, Dh]
-    sin: jax.Array,  # [B, T, Dh]
-) -> tuple[jax.Array, jax.Array, jax.Array]:  # q [B, T, H, Dh], k and v [B, T, Hkv, Dh]
-    batch, length, _ = normed.shape
-    queries, keys, values = normed @ layer["q"], normed @ layer["k"], normed @ layer["v"]
-    if config.qkv_bias:
-        queries, keys, values = queries + layer["q_bias"], keys + layer["k_bias"], values + layer["v_bias"]
-    queries = queries.reshape(batch, length, config.num_heads, config.head_size)
-    keys = keys.reshape(batch, length, config.num_kv_heads, config.head_size)
-    values = values.reshape(batch, length, config.num_kv_heads, config.head_size)
-    if config.qk_norm:
-        queries = rms_norm(queries, layer["q_norm"], config.rms_norm_eps)
-        keys = rms_norm(keys, layer["k_norm"], config.rms_norm_eps)
-    return apply_rope(queries, cos, sin), apply_rope(keys, cos, sin), values

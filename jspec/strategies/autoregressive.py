@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jspec import sampling
-from jspec.cache import KVCache
+from jspec.cache import Cache
 from jspec.strategies.base import (
     DecodeOutput,
     OutputBuffer,
@@ -22,7 +22,7 @@ from jspec.strategies.base import (
 
 @struct.dataclass
 class AutoregressiveState:
-    cache: KVCache
+    cache: Cache
     pending: jax.Array  # [B] int32: the last emitted token, not yet in the cache
     output: OutputBuffer
     sampling: sampling.SamplingParams
@@ -56,7 +56,7 @@ class Autoregressive:
         return sampling.SamplingParams.broadcast(batch_size, self.temperature, self.top_k, self.top_p, self.min_p)
 
     def init(self, model: Any, prompts: Prompts, key: jax.Array) -> AutoregressiveState:
-        cache = KVCache.create(model.config, prompts.batch_size, prompts.cache_size)
+        cache = model.new_cache(prompts.batch_size, prompts.cache_size, max_chunk=1)
         logits, cache = prefill(model, prompts, cache)
         params = self.sampling_params(prompts.batch_size)
         first = sampling.sample(jax.random.fold_in(key, 0), logits, params)

@@ -110,7 +110,7 @@ class BlockDiffusion:
             gen_start=prompts.lengths,
             needs_commit=jnp.zeros((batch,), bool),
             sub_block_started=jnp.full((batch,), -1, jnp.int32),
-            cache=KVCache.create(model.config, batch, width if self.cache != "none" else 1),
+            cache=model.new_cache(batch, width if self.cache != "none" else 1),
             decided=jnp.zeros((batch,), jnp.int32),
             output=OutputBuffer.create(batch, new),
             stop_tokens=prompts.stop_tokens,

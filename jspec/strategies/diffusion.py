@@ -122,7 +122,7 @@ class MaskedDiffusion:
             canvas=canvas.astype(jnp.int32),
             gen_start=gen_start,
             block=jnp.zeros((batch,), jnp.int32),
-            cache=KVCache.create(model.config, batch, self._capacity(model, width, prompts.max_new_tokens)),
+            cache=model.new_cache(batch, self._capacity(model, width, prompts.max_new_tokens)),
             cache_block=jnp.full((batch,), -1, jnp.int32),
             predicted=jnp.zeros((batch, window), jnp.int32),
             confidence=jnp.zeros((batch, window), jnp.float32),

@@ -140,13 +140,6 @@ class Speculative:
                 raise ValueError("tree: prompt lookup drafts one continuation; use a chain (num_draft_tokens)")
             if not isinstance(self.max_ngram, int) or self.max_ngram < 1:
                 raise ValueError(f"max_ngram: expected an int >= 1, got {self.max_ngram!r}")
-        for name, config in (("model", model.config), ("draft", getattr(self.draft, "config", None))):
-            if config is not None and config.sliding_window is not None and prompts.cache_size > config.sliding_window:
-                raise ValueError(
-                    f"{name}: sliding_window={config.sliding_window} is shorter than cache_size={prompts.cache_size}; "
-                    "tree verification masks do not apply a sliding window, so speculative decoding needs contexts "
-                    "within the window"
-                )
         sampling.validate_sampling_options(
             prompts.batch_size, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p
         )
@@ -159,13 +152,13 @@ class Speculative:
     def init(self, model: Model, prompts: Prompts, key: jax.Array) -> SpeculativeState:
         batch = prompts.batch_size
         template = self.template
-        cache = KVCache.create(model.config, batch, prompts.cache_size)
+        cache = model.new_cache(batch, prompts.cache_size, max_chunk=template.num_nodes + 1)
         logits, cache = prefill(model, prompts, cache)
         params = sampling.SamplingParams.broadcast(batch, self.temperature, self.top_k, self.top_p, self.min_p)
         first = sampling.sample(jax.random.fold_in(key, 0), logits, params)
         draft_cache, draft_calls = None, 0
         if self.kind == "model":
-            draft_cache = KVCache.create(self.draft.config, batch, prompts.cache_size)
+            draft_cache = self.draft.new_cache(batch, prompts.cache_size, max_chunk=template.num_nodes + 2)
             _, draft_cache = prefill(self.draft, prompts, draft_cache)
             draft_calls = 1
         history = jnp.full((batch, prompts.cache_size + template.num_nodes + 2), -1, jnp.int32)
