@@ -10,20 +10,21 @@ sub-block with confidence > `threshold`, and at least the most confident one. A 
 tokens end the row there) and committed by one more forward, whose last logit gives the next block's first token.
 Rows move through blocks independently; positions past max_new_tokens are never decided.
 
-Caches (`cache`):
-- "none": every forward runs all committed blocks and the current one under the block-causal mask (the
-  reference decoder).
-- "block": committed blocks' keys/values are kept and each forward runs only the current block. Exact: a
-  committed block never reads later positions, so its entries do not change ("none" and "block" give the same
-  tokens).
-- "sub_block": as "block", and at a sub-block's first iteration the whole block runs once and keeps its own
-  entries; later iterations run only the sub-block (and the token before it) over those. Fast-dLLM v2's
-  `use_block_cache`: an approximation (kept entries of the rest of the block do not see the sub-block's new
-  tokens), exact for one-layer models.
+Caches (`cache`: a name, or one of the policy objects `NoBlockCache`, `BlockCache`, `SubBlockCache` below):
+- "none" (`NoBlockCache`): every forward runs all committed blocks and the current one under the block-causal
+  mask (the reference decoder).
+- "block" (`BlockCache`): committed blocks' keys/values are kept and each forward runs only the current block.
+  Exact: a committed block never reads later positions, so its entries do not change ("none" and "block" give
+  the same tokens).
+- "sub_block" (`SubBlockCache`): as "block", and at a sub-block's first iteration the whole block runs once and
+  keeps its own entries; later iterations run only the sub-block (and the token before it) over those.
+  Fast-dLLM v2's `use_block_cache`: an approximation (kept entries of the rest of the block do not see the
+  sub-block's new tokens), exact for one-layer models.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar
 
 import jax
@@ -31,11 +32,123 @@ import jax.numpy as jnp
 from flax import struct
 
 from jspec import masks
-from jspec.cache import KVCache
+from jspec.cache import Cache
 from jspec.strategies import unmasking
 from jspec.strategies.base import DecodeOutput, OutputBuffer, Prompts, register_strategy, static_field
 
-CACHE_MODES = ("none", "block", "sub_block")
+# --- caches --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockDiffusionCache:
+    """Which keys/values a block-diffusion forward keeps, and so which tokens it runs."""
+
+    def capacity(self, width: int) -> int:
+        """Cache slots per row for a canvas of `width` (static)."""
+        raise NotImplementedError
+
+    def prefill(
+        self,
+        model: Any,
+        state: BlockDiffusionState,  # the initial state (nothing committed yet)
+        prompts: Prompts,
+        committed: jax.Array,  # [B] int32: end of the prompt's complete blocks
+        block_size: int,
+    ) -> tuple[jax.Array, Cache]:  # logits [B, 1, V] at slot committed - 1 (clipped to 0), cache
+        """Run the prompt's complete blocks, keeping their entries where this mode keeps any."""
+        raise NotImplementedError
+
+    def run(
+        self, model: Any, state: BlockDiffusionState, slots: jax.Array, block_size: int, rows: jax.Array
+    ) -> tuple[jax.Array, Cache]:  # logits [B, T, V] (unshifted), cache
+        """Run the current block's tokens at slots [B, T] over the committed prefix and the block; the cache with
+        their entries written for `rows` (where entries are kept)."""
+        raise NotImplementedError
+
+    def whole_block_rows(
+        self, state: BlockDiffusionState, current_sub_block: jax.Array, running: jax.Array  # [B] int32, [B] bool
+    ) -> jax.Array | None:  # [B] bool
+        """Running rows whose next forward runs the whole block (the others run their current sub-block);
+        None: every forward runs the whole block."""
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class NoBlockCache(BlockDiffusionCache):
+    """Nothing is kept: every forward runs all committed blocks and the current one under the block-causal mask
+    (the reference decoder)."""
+
+    def capacity(self, width: int) -> int:
+        return 1  # a placeholder: the state always carries a cache, and nothing is written to it
+
+    def prefill(self, model, state, prompts, committed, block_size):
+        return canvas_logits(model, state.canvas, block_size, committed, (committed - 1)[:, None]), state.cache
+
+    def run(self, model, state, slots, block_size, rows):
+        return canvas_logits(model, state.canvas, block_size, state.committed + block_size, slots), state.cache
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockCache(BlockDiffusionCache):
+    """Committed blocks' keys/values are kept and every forward runs only the current block. Exact: a committed
+    block never reads later positions, so its entries do not change."""
+
+    def capacity(self, width: int) -> int:
+        return width
+
+    def prefill(self, model, state, prompts, committed, block_size):
+        batch, prompt_width = prompts.tokens.shape
+        width = state.canvas.shape[1]
+        slots = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32)[None, :], (batch, width))
+        positions = jnp.broadcast_to(jnp.arange(prompt_width, dtype=jnp.int32)[None, :], (batch, prompt_width))
+        write = jnp.where(positions < committed[:, None], positions, width)
+        mask = masks.block_causal_mask(positions, slots, block_size) & (slots < committed[:, None])[:, None, :]
+        last = jnp.maximum(committed - 1, 0)[:, None]
+        return model.forward(prompts.tokens, positions, state.cache, mask, write_slots=write, output_indices=last)
+
+    def run(self, model, state, slots, block_size, rows):
+        block_start = state.committed
+        tokens = jnp.take_along_axis(state.canvas, jnp.minimum(slots, state.canvas.shape[1] - 1), axis=1)
+        write = jnp.where(rows[:, None], slots, state.cache.capacity)
+        visibility = jnp.ones((slots.shape[1], block_size), bool)  # every fed token reads the whole block
+        mask = masks.prefix_and_block_mask(block_start, visibility, block_start, state.cache.capacity)
+        return model.forward(tokens, slots, state.cache, mask, write_slots=write)
+
+
+@dataclasses.dataclass(frozen=True)
+class SubBlockCache(BlockCache):
+    """As `BlockCache`, and at a sub-block's first iteration the whole block runs once and keeps its own entries;
+    later iterations run only the sub-block (and the token before it) over those (Fast-dLLM v2's
+    `use_block_cache`: an approximation, exact for one-layer models)."""
+
+    def whole_block_rows(self, state, current_sub_block, running):
+        return running & (state.needs_commit | (current_sub_block != state.sub_block_started))
+
+
+BLOCK_CACHES = {"none": NoBlockCache, "block": BlockCache, "sub_block": SubBlockCache}
+
+
+def block_diffusion_cache(cache: str | BlockDiffusionCache) -> BlockDiffusionCache:
+    """The cache mode a user option names, or the mode object itself."""
+    return unmasking.choose_policy("cache", cache, BLOCK_CACHES, BlockDiffusionCache)
+
+
+def canvas_logits(
+    model: Any,
+    canvas: jax.Array,  # [B, S] int32
+    block_size: int,
+    visible_end: jax.Array,  # [B] int32: keys at slots >= visible_end are not read
+    indices: jax.Array,  # [B, T] int32: slots whose logits are returned
+) -> jax.Array:  # [B, T, V]
+    """One uncached forward of the canvas under the block-causal mask."""
+    batch, width = canvas.shape
+    positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32)[None, :], (batch, width))
+    mask = masks.block_causal_mask(positions, positions, block_size) & (positions < visible_end[:, None])[:, None, :]
+    logits, _ = model.forward(canvas, positions, None, mask, output_indices=jnp.clip(indices, 0, width - 1))
+    return logits
+
+
+# --- the decoder ---------------------------------------------------------------------------------------
 
 
 @struct.dataclass
@@ -44,8 +157,8 @@ class BlockDiffusionState:
     committed: jax.Array  # [B] int32: committed length (a multiple of block_size); the current block starts here
     gen_start: jax.Array  # [B] int32: first generated position (= prompt length)
     needs_commit: jax.Array  # [B] bool: the current block is complete and emitted; commit it next
-    sub_block_started: jax.Array  # [B] int32: the sub-block whose whole-block run is kept ("sub_block"), -1: none
-    cache: KVCache
+    sub_block_started: jax.Array  # [B] int32: the sub-block whose whole-block run is kept (SubBlockCache), -1: none
+    cache: Cache
     decided: jax.Array  # [B] int32: generated positions decided so far (sampling noise index)
     output: OutputBuffer
     stop_tokens: jax.Array  # [B, K]
@@ -63,14 +176,15 @@ class BlockDiffusion:
     """Fast-dLLM v2 inference; see the module docstring.
 
     block_size (static, None: the model's training block size), sub_block_size (static, divides block_size),
-    cache (static): "none" | "block" | "sub_block". threshold in (0, 1] and temperature >= 0: traced, scalar or
-    one per row. threshold 1 decides one token per forward.
+    cache (static): a `BlockDiffusionCache` (the factory `block_diffusion` takes the names "none" | "block" |
+    "sub_block"). threshold in (0, 1] and temperature >= 0: traced, scalar or one per row. threshold 1 decides
+    one token per forward.
     """
 
     name: ClassVar[str] = "block_diffusion"
     block_size: int | None = static_field(default=None)
     sub_block_size: int = static_field(default=8)
-    cache: str = static_field(default="block")
+    cache: BlockDiffusionCache = static_field(default=BlockCache())
     threshold: Any = 0.9
     temperature: Any = 0.0
 
@@ -80,8 +194,7 @@ class BlockDiffusion:
         unmasking.check_diffusion_model(model, "block", "block_diffusion")
         if not model.config.shifted_logits:
             raise ValueError("model: block_diffusion needs a token-shift model (config.shifted_logits=True), as Fast-dLLM v2 trains")
-        if self.cache not in CACHE_MODES:
-            raise ValueError(f"cache: expected one of {CACHE_MODES}, got {self.cache!r}")
+        unmasking.choose_policy("cache", self.cache, {}, BlockDiffusionCache)
         if self.block_size is not None:
             unmasking.check_positive_int("block_size", self.block_size)
         unmasking.check_positive_int("sub_block_size", self.sub_block_size)
@@ -110,7 +223,7 @@ class BlockDiffusion:
             gen_start=prompts.lengths,
             needs_commit=jnp.zeros((batch,), bool),
             sub_block_started=jnp.full((batch,), -1, jnp.int32),
-            cache=model.new_cache(batch, width if self.cache != "none" else 1),
+            cache=model.new_cache(batch, self.cache.capacity(width)),
             decided=jnp.zeros((batch,), jnp.int32),
             output=OutputBuffer.create(batch, new),
             stop_tokens=prompts.stop_tokens,
@@ -124,29 +237,19 @@ class BlockDiffusion:
         )
         # Prefill: commit the prompt's complete blocks; where the prompt ends on a block boundary its last
         # logit gives the first generated token.
-        if self.cache == "none":
-            cache = state.cache
-            logits = self._canvas_logits(model, state, committed, (committed - 1)[:, None])
-        else:
-            positions = jnp.broadcast_to(jnp.arange(prompt_width, dtype=jnp.int32)[None, :], (batch, prompt_width))
-            write = jnp.where(positions < committed[:, None], positions, width)
-            mask = masks.block_causal_mask(positions, jnp.broadcast_to(slots, (batch, width)), bs) & (slots < committed[:, None])[:, None, :]
-            logits, cache = model.forward(
-                prompts.tokens, positions, state.cache, mask, write_slots=write, output_indices=jnp.maximum(committed - 1, 0)[:, None]
-            )
+        logits, cache = self.cache.prefill(model, state, prompts, committed, bs)
         on_boundary = (committed == prompts.lengths) & (prompts.max_new_tokens > 0)
         state = state.replace(cache=cache.with_lengths(committed), committed=committed, model_calls=jnp.int32(1))
         return self._place_first_token(model, state, logits[:, 0], on_boundary)
 
     def step(self, model: Any, state: BlockDiffusionState) -> BlockDiffusionState:
         running = ~state.output.finished
-        if self.cache == "sub_block":
-            full = running & (state.needs_commit | (self._current_sub_block(model, state) != state.sub_block_started))
-            state = jax.lax.cond(
-                jnp.any(full), lambda s: self._block_step(model, s, full), lambda s: self._sub_block_step(model, s, running), state
-            )
-        else:
+        whole = self.cache.whole_block_rows(state, self._current_sub_block(model, state), running)
+        if whole is None:
             state = self._block_step(model, state, running)
+        else:
+            block_step = lambda s: self._block_step(model, s, whole)  # noqa: E731
+            state = jax.lax.cond(jnp.any(whole), block_step, lambda s: self._sub_block_step(model, s, running), state)
         return state.replace(step=state.step + 1)
 
     def done(self, state: BlockDiffusionState) -> jax.Array:
@@ -180,28 +283,11 @@ class BlockDiffusion:
 
     # --- forwards ---------------------------------------------------------------------------------------
 
-    def _canvas_logits(self, model: Any, state: BlockDiffusionState, visible_end: jax.Array, indices: jax.Array) -> jax.Array:
-        """"none": run the canvas up to visible_end [B] under the block-causal mask; logits at indices [B, T]."""
-        batch, width = state.canvas.shape
-        positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32)[None, :], (batch, width))
-        mask = masks.block_causal_mask(positions, positions, self._block_size(model)) & (positions < visible_end[:, None])[:, None, :]
-        logits, _ = model.forward(state.canvas, positions, None, mask, output_indices=jnp.clip(indices, 0, width - 1))
-        return logits
-
-    def _run(self, model: Any, state: BlockDiffusionState, start: jax.Array, length: int, rows: jax.Array) -> tuple[jax.Array, KVCache]:
+    def _run(self, model: Any, state: BlockDiffusionState, start: jax.Array, length: int, rows: jax.Array) -> tuple[jax.Array, Cache]:
         """Run `length` tokens of the current block from block offset start [B] over the committed prefix and
         the block; logits [B, length, V] (unshifted), and the cache with those entries written for `rows`."""
-        bs = self._block_size(model)
-        block_start = state.committed
-        offsets = start[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
-        slots = block_start[:, None] + offsets  # [B, length]
-        if self.cache == "none":
-            return self._canvas_logits(model, state, block_start + bs, slots), state.cache
-        tokens = jnp.take_along_axis(state.canvas, jnp.minimum(slots, state.canvas.shape[1] - 1), axis=1)
-        write = jnp.where(rows[:, None], slots, state.cache.capacity)
-        visibility = jnp.ones((length, bs), bool)  # every fed token reads the whole block (bidirectional)
-        mask = masks.prefix_and_block_mask(block_start, visibility, block_start, state.cache.capacity)
-        return model.forward(tokens, slots, state.cache, mask, write_slots=write)
+        slots = state.committed[:, None] + start[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]  # [B, length]
+        return self.cache.run(model, state, slots, self._block_size(model), rows)
 
     def _block_step(self, model: Any, state: BlockDiffusionState, rows: jax.Array) -> BlockDiffusionState:
         """Run the whole current block for `rows`: commit the complete ones, decide in the others."""
@@ -286,9 +372,15 @@ class BlockDiffusion:
 
 
 def block_diffusion(
-    *, block_size: int | None = None, sub_block_size: int = 8, cache: str = "block", threshold: Any = 0.9, temperature: Any = 0.0
+    *,
+    block_size: int | None = None,
+    sub_block_size: int = 8,
+    cache: str | BlockDiffusionCache = "block",
+    threshold: Any = 0.9,
+    temperature: Any = 0.0,
 ) -> BlockDiffusion:
     """Fast-dLLM v2 block-diffusion decoding (see the module docstring)."""
+    cache = block_diffusion_cache(cache)
     return BlockDiffusion(block_size=block_size, sub_block_size=sub_block_size, cache=cache, threshold=threshold, temperature=temperature)
 
 

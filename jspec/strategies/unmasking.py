@@ -1,5 +1,7 @@
 """What every diffusion-LM decoder shares: turning logits into (token, confidence) predictions at masked
-positions, ranking them, choosing which to unmask, and checking the model and options.
+positions, ranking them, choosing which to unmask, and checking the model and options; and the unmasking
+rules of masked-diffusion decoding as small policy objects (`StaticUnmasking`, `ThresholdUnmasking`,
+`FreeDaveUnmasking`).
 
 Predictions follow LLaDA / Fast-dLLM: the predicted token x0 is the argmax (temperature 0) or a sample from
 softmax(logits / temperature) (Gumbel-max); its confidence is its probability under softmax(logits). The mask
@@ -12,13 +14,16 @@ states therefore draw the same samples, which is what lets FreeDave reproduce st
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, ClassVar, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
-from jspec.strategies.base import DecodeOutput, Prompts
+from jspec.strategies.base import DecodeOutput, Prompts, static_field
+
+Policy = TypeVar("Policy")
 
 
 def predict(
@@ -75,6 +80,168 @@ def above_threshold(confidence: jax.Array, masked: jax.Array, threshold: jax.Arr
     return (masked & (confidence > threshold)) | most_confident(confidence, masked)
 
 
+class Acceptance(NamedTuple):
+    """What one step of an unmasking rule keeps, per row."""
+
+    branch: jax.Array  # [B] int32: the branch whose state continues (its predictions describe the next state)
+    block: jax.Array  # [B, bs] int32: the current block after the step
+    committed: jax.Array  # [B] int32: generated positions the step decided
+
+
+@struct.dataclass
+class UnmaskingRule:
+    """Which masked positions of the current block a masked-diffusion step decides.
+
+    A step runs `num_branches` states of the block in one forward (packed, each reading the shared context and
+    only itself) and `accept`s one of them. This base class is the one-branch case: the branch is the current
+    state, and `select` picks positions from its fresh predictions. Rules are pytrees: fields that users tune
+    per call (a threshold) are traced, the rest static.
+    """
+
+    strategy_name: ClassVar[str] = "masked_diffusion"  # the registered name errors refer to
+    drafts_from_kept_predictions: ClassVar[bool] = False  # True: a step needs predictions of the current state
+    # before its forward (a whole-canvas forward that only records them comes first where they are missing)
+
+    @property
+    def num_branches(self) -> int:
+        return 1
+
+    def validate(self, prompts: Prompts) -> None:
+        """Concrete checks of the rule's options, before tracing."""
+
+    def branches(
+        self,
+        block: jax.Array,  # [B, bs] int32: the current block
+        masked: jax.Array,  # [B, bs] bool: its positions still to decide
+        kept_predicted: jax.Array,  # [B, bs] int32: kept predictions of the current state (valid when drafting)
+        kept_confidence: jax.Array,  # [B, bs] float32
+    ) -> tuple[jax.Array, jax.Array]:  # blocks [B, K, bs], ahead [K] int32: decisions each branch is ahead
+        """The block states one forward runs."""
+        return block[:, None, :], jnp.zeros((1,), jnp.int32)
+
+    def accept(
+        self,
+        block: jax.Array,  # [B, bs] int32
+        masked: jax.Array,  # [B, bs] bool
+        blocks: jax.Array,  # [B, K, bs] int32: the branches that ran (from `branches`)
+        kept_predicted: jax.Array,  # [B, bs] int32
+        kept_confidence: jax.Array,  # [B, bs] float32
+        predicted: jax.Array,  # [B, K, bs] int32: each branch's fresh predictions
+        confidence: jax.Array,  # [B, K, bs] float32
+    ) -> Acceptance:
+        """Unmask the positions `select` picks, with their fresh predictions."""
+        chosen = self.select(confidence[:, 0], masked)
+        zeros = jnp.zeros(block.shape[:1], jnp.int32)
+        return Acceptance(zeros, jnp.where(chosen, predicted[:, 0], block), jnp.sum(chosen, axis=1, dtype=jnp.int32))
+
+    def select(self, confidence: jax.Array, masked: jax.Array) -> jax.Array:  # [B, bs] -> [B, bs] bool
+        raise NotImplementedError
+
+    def stats(self, committed_histogram: jax.Array) -> dict[str, jax.Array]:
+        """Rule-specific entries of DecodeOutput.stats."""
+        return {}
+
+
+@struct.dataclass
+class StaticUnmasking(UnmaskingRule):
+    """LLaDA low-confidence remasking: one position per forward, the most confident masked one of the block."""
+
+    strategy_name: ClassVar[str] = "dllm_static"
+
+    def select(self, confidence: jax.Array, masked: jax.Array) -> jax.Array:
+        return most_confident(confidence, masked)
+
+
+@struct.dataclass
+class ThresholdUnmasking(UnmaskingRule):
+    """Fast-dLLM v1 parallel decoding: every masked position with confidence > threshold, and at least the most
+    confident one. threshold in (0, 1], traced (scalar or one per row); 1 is `StaticUnmasking`."""
+
+    strategy_name: ClassVar[str] = "dllm_threshold"
+    threshold: Any = 0.9
+
+    def validate(self, prompts: Prompts) -> None:
+        check_threshold(self.threshold, prompts)
+
+    def select(self, confidence: jax.Array, masked: jax.Array) -> jax.Array:
+        return above_threshold(confidence, masked, per_row(self.threshold, confidence.shape[0]))
+
+
+@struct.dataclass
+class FreeDaveUnmasking(UnmaskingRule):
+    """FreeDave (arXiv 2510.00294), lossless: from the kept predictions of the current state, draft the next
+    `draft_steps` static states (draft k fills the k + 1 most confident masked positions), run them in one
+    forward, and accept the longest chain in which each draft is exactly the static step from the one before
+    (at least one token). The accepted states are the static trajectory, so the output equals
+    `StaticUnmasking`'s token for token; the accepted draft's predictions are the next step's kept ones."""
+
+    strategy_name: ClassVar[str] = "freedave"
+    drafts_from_kept_predictions: ClassVar[bool] = True
+    draft_steps: int = static_field(default=8)
+
+    @property
+    def num_branches(self) -> int:
+        return self.draft_steps
+
+    def validate(self, prompts: Prompts) -> None:
+        check_positive_int("draft_steps", self.draft_steps)
+
+    def _drafted(self, masked: jax.Array, kept_confidence: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The static order [B, bs] of the masked positions and the positions each draft fills [B, K, bs]."""
+        order = confidence_order(kept_confidence, masked)
+        rank = jnp.argsort(order, axis=1).astype(jnp.int32)  # [B, bs]: each position's place in the order
+        draft_index = jnp.arange(self.draft_steps, dtype=jnp.int32)[None, :, None]
+        return order, masked[:, None, :] & (rank[:, None, :] <= draft_index)
+
+    def branches(self, block, masked, kept_predicted, kept_confidence):
+        _, filled = self._drafted(masked, kept_confidence)
+        drafts = jnp.where(filled, kept_predicted[:, None, :], block[:, None, :])
+        return drafts, 1 + jnp.arange(self.draft_steps, dtype=jnp.int32)
+
+    def accept(self, block, masked, blocks, kept_predicted, kept_confidence, predicted, confidence):
+        # draft k+1 is the static step from draft k iff draft k's most confident masked position is the
+        # (k+2)-th of the original order and its predicted token there is the original prediction
+        order, filled = self._drafted(masked, kept_confidence)
+        batch, block_size = block.shape
+        remaining = jnp.sum(masked, axis=1, dtype=jnp.int32)  # [B]
+        next_position = confidence_order(confidence, masked[:, None, :] & ~filled)[:, :, 0]  # [B, K]
+        next_token = jnp.take_along_axis(predicted, next_position[:, :, None], axis=2)[:, :, 0]
+        k = jnp.arange(self.draft_steps, dtype=jnp.int32)[None, :]
+        next_in_order = jnp.broadcast_to(jnp.minimum(k + 1, block_size - 1), (batch, self.draft_steps))  # [B, K]
+        expected_position = jnp.take_along_axis(order, next_in_order, axis=1)
+        expected_token = jnp.take_along_axis(kept_predicted, expected_position, axis=1)
+        is_static_step = (k + 1 < remaining[:, None]) & (next_position == expected_position)
+        is_static_step &= next_token == expected_token
+        best = jnp.sum(jnp.cumprod(is_static_step[:, :-1], axis=1), axis=1, dtype=jnp.int32)  # [B] in [0, K-1]
+        return Acceptance(best, jnp.take_along_axis(blocks, best[:, None, None], axis=1)[:, 0], best + 1)
+
+    def stats(self, committed_histogram: jax.Array) -> dict[str, jax.Array]:
+        return {"committed_histogram": committed_histogram}
+
+
+def unmasking_rule(unmasking: str | UnmaskingRule, *, threshold: Any = 0.9, draft_steps: int = 8) -> UnmaskingRule:
+    """The rule a user option names ("threshold" takes `threshold`, "freedave" `draft_steps`), or the rule
+    object itself."""
+    named = {
+        "static": StaticUnmasking,
+        "threshold": lambda: ThresholdUnmasking(threshold=threshold),
+        "freedave": lambda: FreeDaveUnmasking(draft_steps=draft_steps),
+    }
+    return choose_policy("unmasking", unmasking, named, UnmaskingRule)
+
+
+def choose_policy(argument: str, value: Any, named: dict[str, Callable[[], Policy]], kind: type) -> Policy:
+    """`value` when it is a `kind` object, else the policy `named[value]()`; any other value raises a
+    ValueError naming `argument` and the accepted names (no names: only `kind` objects are accepted)."""
+    if isinstance(value, kind):
+        return value
+    if isinstance(value, str) and value in named:
+        return named[value]()
+    if named:
+        raise ValueError(f"{argument}: expected one of {tuple(named)} or an object of type {kind.__name__}, got {value!r}")
+    raise ValueError(f"{argument}: expected an object of type {kind.__name__} (the factories take names), got {value!r}")
+
+
 def check_diffusion_model(model: Any, kind: str, strategy: str) -> None:
     config = model.config
     if config.mask_token_id is None:
@@ -108,7 +275,11 @@ def check_per_row(name: str, value: Any, prompts: Prompts, ok, expected: str) ->
 def check_options(prompts: Prompts, temperature: Any, threshold: Any | None = None) -> None:
     check_per_row("temperature", temperature, prompts, lambda x: x >= 0, "a float >= 0 (0 is greedy)")
     if threshold is not None:
-        check_per_row("threshold", threshold, prompts, lambda x: (x > 0) & (x <= 1), "a float in (0, 1]")
+        check_threshold(threshold, prompts)
+
+
+def check_threshold(threshold: Any, prompts: Prompts) -> None:
+    check_per_row("threshold", threshold, prompts, lambda x: (x > 0) & (x <= 1), "a float in (0, 1]")
 
 
 def per_row(value: Any, batch_size: int) -> jax.Array:  # [B] float32
