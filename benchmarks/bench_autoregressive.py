@@ -17,7 +17,6 @@ import numpy as np
 
 import jspec
 from jspec import bench
-from jspec.cache import KVCache
 
 
 @functools.partial(jax.jit, donate_argnums=3)
@@ -29,7 +28,7 @@ def _naive_step(model, tokens, positions, cache):
 def naive_greedy(model, prompts: np.ndarray, new_tokens: int) -> np.ndarray:
     """Greedy decode with a Python loop over a jitted single-step forward (equal-length prompts)."""
     batch, length = prompts.shape
-    cache = KVCache.create(model.config, batch, length + new_tokens)
+    cache = model.new_cache(batch, length + new_tokens)
     positions = jnp.broadcast_to(jnp.arange(length)[None], (batch, length))
     token, cache = _naive_step(model, jnp.asarray(prompts), positions, cache)
     emitted = [token]

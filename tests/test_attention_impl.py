@@ -188,6 +188,36 @@ def test_self_speculative_tree_with_sparse_target_equals_xla():
     assert run(**sparse, sparse_top_k=4, sparse_dense_len=8) == run()
 
 
+def test_speculative_chains_verify_through_the_dense_kernel(monkeypatch):
+    """A chain passes no mask (its tree mask is the causal mask by slot), so its verification chunk, the draft
+    model's [last committed, pending] chunk and each drafting level run through the decode kernel; rows that
+    stop early write to slot = capacity. Same tokens and acceptance histograms as XLA."""
+    chunk_sizes = set()
+    kernel_attend = kernel_attention.kernel_attend
+
+    def counting(config, queries, *args):
+        chunk_sizes.add(queries.shape[1])
+        return kernel_attend(config, queries, *args)
+
+    def run(**impl_options):
+        target = tiny_model("llama", **impl_options)
+        draft = tiny_model("llama", seed=1, num_layers=1, **impl_options)
+        results = []
+        for strategy, options in [("speculative", dict(draft=draft)), ("self_speculative", dict(skip_layers=(1,)))]:
+            out = jspec.decode(target, PROMPTS, strategy, num_draft_tokens=3, max_new_tokens=20, cache_size=64,
+                               stop_tokens=[38], **options)
+            results.append((out.sequences(), np.asarray(out.stats["accepted_histogram"]).tolist()))
+        return results
+
+    monkeypatch.setattr(kernel_attention, "kernel_attend", counting)
+    jax.clear_caches()
+    try:
+        assert run(**DENSE) == run(head_dim=16)
+    finally:
+        jax.clear_caches()
+    assert chunk_sizes == {1, 2, 4}  # drafting levels and decode, the draft's re-feed, verification of 1 + 3
+
+
 @pytest.mark.parametrize(
     "field, value",
     [

@@ -234,6 +234,23 @@ def test_tree_template_structure():
     assert TreeTemplate.chain(3).is_chain and not template.is_chain
 
 
+@pytest.mark.parametrize("num_nodes", [1, 2, 5, 8])
+def test_a_chain_tree_mask_is_the_causal_mask_by_slot(num_nodes):
+    """Why chains verify and draft with mask=None: over the committed prefix and a chain written at lengths + t,
+    the tree (ancestor) mask equals the default causal-by-slot mask, for verification and every drafting level."""
+    from jspec import masks
+
+    template, capacity = TreeTemplate.chain(num_nodes), 24
+    lengths = jnp.asarray([1, 5, 9, capacity - num_nodes - 1])
+    tree_mask = masks.prefix_and_block_mask(lengths, jnp.asarray(template.ancestors), lengths, capacity)
+    causal = masks.causal_mask(lengths[:, None] + jnp.arange(num_nodes + 1), capacity)
+    np.testing.assert_array_equal(tree_mask, causal)
+    for start, end in template.levels[:-1]:
+        visibility = jnp.asarray(template.ancestors[start + 1 : end + 1, 1:])
+        level_mask = masks.prefix_and_block_mask(lengths + 1, visibility, lengths + 1, capacity)
+        np.testing.assert_array_equal(level_mask, masks.causal_mask(lengths[:, None] + 1 + jnp.arange(start, end), capacity))
+
+
 @pytest.mark.parametrize(
     "strategy, options, message",
     [

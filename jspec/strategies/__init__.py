@@ -3,6 +3,7 @@
 from jspec.strategies.autoregressive import Autoregressive, AutoregressiveState
 from jspec.strategies.block_diffusion import BlockDiffusion, BlockDiffusionState
 from jspec.strategies.diffusion import MaskedDiffusion, MaskedDiffusionState
+from jspec.strategies.drafters import Drafter, DraftModelDrafter, LayerSkipDrafter, PromptLookupDrafter
 from jspec.strategies.speculative import Speculative, SpeculativeState
 from jspec.strategies.tree import TreeTemplate
 from jspec.strategies.base import (
@@ -22,10 +23,14 @@ __all__ = [
     "BlockDiffusion",
     "BlockDiffusionState",
     "DecodeOutput",
+    "DraftModelDrafter",
+    "Drafter",
     "FinishReason",
+    "LayerSkipDrafter",
     "MaskedDiffusion",
     "MaskedDiffusionState",
     "OutputBuffer",
+    "PromptLookupDrafter",
     "Prompts",
     "Speculative",
     "SpeculativeState",

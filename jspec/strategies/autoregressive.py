@@ -56,7 +56,7 @@ class Autoregressive:
         return sampling.SamplingParams.broadcast(batch_size, self.temperature, self.top_k, self.top_p, self.min_p)
 
     def init(self, model: Any, prompts: Prompts, key: jax.Array) -> AutoregressiveState:
-        cache = model.new_cache(prompts.batch_size, prompts.cache_size, max_chunk=1)
+        cache = model.new_cache(prompts.batch_size, prompts.cache_size, max_chunk=1)  # one token per step
         logits, cache = prefill(model, prompts, cache)
         params = self.sampling_params(prompts.batch_size)
         first = sampling.sample(jax.random.fold_in(key, 0), logits, params)

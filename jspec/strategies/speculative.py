@@ -13,13 +13,9 @@ ALGORITHMS.md section 1) makes every emitted token an exact sample of the target
 At temperature 0 p and q are one-hot, so acceptance is exact match with the target's argmax, and the output is
 token for token the output of autoregressive greedy decoding.
 
-Drafters (all share the tree machinery):
-- `model`: a separate draft model with its own KV cache (its cache may lag the target's by one token; each
-  step re-feeds the last committed token and the pending one);
-- `layer_skip`: the target itself with a static subset of layers skipped, drafting over the target's own
-  cache (draft writes are overwritten by the verification);
-- `prompt_lookup`: no model; the continuation of the earliest earlier match of the last n tokens
-  (n = max_ngram .. 1) in the prompt and output so far (chains only).
+Drafters are objects behind one protocol (`jspec.strategies.drafters`): a draft model with its own KV cache,
+the target with layers skipped, or prompt lookup. The acceptance walk, the verification and the compaction
+of the accepted path are the same for all of them.
 
 With `adaptive=True` a row's draft depth moves within [1, depth of the template]: one deeper after a step
 that accepted every draft, one shallower otherwise. Nodes below a row's depth are not proposed (they are
@@ -27,11 +23,14 @@ rejected without being tried), so the output distribution is unchanged; draft mo
 deepest row's depth. The verification chunk keeps its static size.
 
 Batches are ragged: every row has its own cache length, positions and accepted length; only the accepted
-path's KV entries are kept (compacted in place), in target and draft caches; no realignment copies.
+path's KV entries are kept (compacted in place), in target and draft caches; no realignment copies. A chain
+verifies under the default causal-by-slot mask (for a chain it equals the tree mask), so it can run through the
+Pallas decode kernels; trees pass their ancestor mask.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar
 
 import jax
@@ -39,7 +38,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jspec import masks, sampling
-from jspec.cache import KVCache, scatter_rows
+from jspec.cache import Cache, scatter_rows
 from jspec.models.model import Model
 from jspec.strategies.base import (
     DecodeOutput,
@@ -50,15 +49,25 @@ from jspec.strategies.base import (
     register_strategy,
     static_field,
 )
+from jspec.strategies.drafters import (
+    Drafter,
+    DraftModelDrafter,
+    LayerSkipDrafter,
+    PromptLookupDrafter,
+    Proposal,
+    all_greedy,
+    drafter_from_options,
+    keep_accepted_path,
+    prompt_lookup,  # noqa: F401  (re-exported: the n-gram matcher lived here)
+    warped_probabilities,
+)
 from jspec.strategies.tree import TreeTemplate
-
-DRAFTERS = ("model", "layer_skip", "prompt_lookup")
 
 
 @struct.dataclass
 class SpeculativeState:
-    cache: KVCache  # target cache; lengths[b] = committed tokens (all but the pending one)
-    draft_cache: KVCache | None  # the draft model's own cache (drafter "model" only)
+    cache: Cache  # target cache; lengths[b] = committed tokens (all but the pending one)
+    drafter_state: Any  # the drafter's own state (the draft model's cache; None for layer skip / prompt lookup)
     history: jax.Array  # [B, H] int32: prompt and emitted tokens; history[b, cache.lengths[b]] is pending
     output: OutputBuffer
     sampling: sampling.SamplingParams
@@ -73,39 +82,40 @@ class SpeculativeState:
 class Speculative:
     """Speculative decoding with a pluggable drafter (see the module docstring for the guarantees).
 
-    draft: the draft model (drafter "model"); must share the target's vocabulary.
+    drafter: a drafter object (`DraftModelDrafter`, `LayerSkipDrafter`, `PromptLookupDrafter`), or the name of
+        one built from the shorthands below: "model", "layer_skip" or "prompt_lookup" (default: "model" with a
+        draft, else "layer_skip" when skip_layers is given). After construction it is always an object.
     num_draft_tokens: the chain length (ignored when `tree` is given).
     tree: branching factor per depth, e.g. (3, 2, 1, 1): a static tree of top-k children.
     tree_parents: an explicit template instead (parent of each node, -1 = root, breadth-first).
-    drafter: "model", "layer_skip" or "prompt_lookup" (default: "model" with a draft, else "layer_skip"
-        when skip_layers is given).
-    skip_layers: layers the self-speculative draft leaves out.
-    max_ngram: the longest n-gram prompt lookup matches.
     adaptive: adapt each row's draft depth (see the module docstring).
     temperature, top_k, top_p, min_p: sampling (traced; 0 temperature = greedy).
+    Shorthands (constructor only): draft, the draft model ("model"; must share the target's vocabulary);
+    skip_layers, the layers the self-speculative draft leaves out; max_ngram, the longest n-gram prompt
+    lookup matches.
     """
 
     name: ClassVar[str] = "speculative"
-    draft: Model | None = None
+    drafter: Drafter | str | None = None  # a pytree: a draft model's parameters are traced leaves
     num_draft_tokens: int = static_field(default=4)
     tree: tuple[int, ...] | None = static_field(default=None)
     tree_parents: tuple[int, ...] | None = static_field(default=None)
-    drafter: str | None = static_field(default=None)
-    skip_layers: tuple[int, ...] = static_field(default=())
-    max_ngram: int = static_field(default=3)
     adaptive: bool = static_field(default=False)
     temperature: Any = 0.0
     top_k: Any = 0
     top_p: Any = 1.0
     min_p: Any = 0.0
+    draft: dataclasses.InitVar[Model | None] = None
+    skip_layers: dataclasses.InitVar[tuple[int, ...]] = ()
+    max_ngram: dataclasses.InitVar[int] = 3
+
+    def __post_init__(self, draft: Model | None, skip_layers: tuple[int, ...], max_ngram: int) -> None:
+        if self.drafter is None or isinstance(self.drafter, str):
+            object.__setattr__(self, "drafter", drafter_from_options(self.drafter, draft, tuple(skip_layers), max_ngram))
+        elif draft is not None or tuple(skip_layers) or max_ngram != 3:
+            raise ValueError("drafter: give a drafter object or the draft / skip_layers / max_ngram shorthands, not both")
 
     # --- configuration -----------------------------------------------------------------------------
-
-    @property
-    def kind(self) -> str:
-        if self.drafter is not None:
-            return self.drafter
-        return "model" if self.draft is not None else "layer_skip" if self.skip_layers else "model"
 
     @property
     def template(self) -> TreeTemplate:
@@ -118,28 +128,8 @@ class Speculative:
     def validate(self, model: Model, prompts: Prompts) -> None:
         if isinstance(self.num_draft_tokens, bool) or not isinstance(self.num_draft_tokens, int) or self.num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens: expected an int >= 1, got {self.num_draft_tokens!r}")
-        if self.kind not in DRAFTERS:
-            raise ValueError(f"drafter: expected one of {DRAFTERS}, got {self.kind!r}")
         template = self.template  # raises for a template that is not a tree
-        if self.kind == "model":
-            if not isinstance(self.draft, Model):
-                raise ValueError("draft: the 'model' drafter needs a draft model (draft=jspec.load(...))")
-            if self.draft.config.vocab_size != model.config.vocab_size:
-                raise ValueError(
-                    f"draft: vocabulary size {self.draft.config.vocab_size} differs from the target's "
-                    f"{model.config.vocab_size}; the draft must share the target's tokenizer"
-                )
-        if self.kind == "layer_skip":
-            layers = model.config.num_layers
-            if not self.skip_layers or any(not 0 <= i < layers for i in self.skip_layers) or len(set(self.skip_layers)) >= layers:
-                raise ValueError(
-                    f"skip_layers: expected distinct layer indices in [0, {layers}) leaving at least one layer, got {self.skip_layers!r}"
-                )
-        if self.kind == "prompt_lookup":
-            if not template.is_chain:
-                raise ValueError("tree: prompt lookup drafts one continuation; use a chain (num_draft_tokens)")
-            if not isinstance(self.max_ngram, int) or self.max_ngram < 1:
-                raise ValueError(f"max_ngram: expected an int >= 1, got {self.max_ngram!r}")
+        self.drafter.validate(model, template, prompts)
         sampling.validate_sampling_options(
             prompts.batch_size, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p
         )
@@ -156,11 +146,6 @@ class Speculative:
         logits, cache = prefill(model, prompts, cache)
         params = sampling.SamplingParams.broadcast(batch, self.temperature, self.top_k, self.top_p, self.min_p)
         first = sampling.sample(jax.random.fold_in(key, 0), logits, params)
-        draft_cache, draft_calls = None, 0
-        if self.kind == "model":
-            draft_cache = self.draft.new_cache(batch, prompts.cache_size, max_chunk=template.num_nodes + 2)
-            _, draft_cache = prefill(self.draft, prompts, draft_cache)
-            draft_calls = 1
         history = jnp.full((batch, prompts.cache_size + template.num_nodes + 2), -1, jnp.int32)
         history = history.at[:, : prompts.tokens.shape[1]].set(prompts.tokens)
         history = scatter_rows(history, first[:, None], prompts.lengths[:, None])
@@ -168,7 +153,7 @@ class Speculative:
         depth = template.max_depth
         return SpeculativeState(
             cache=cache,
-            draft_cache=draft_cache,
+            drafter_state=self.drafter.init(model, prompts, template),
             history=history,
             output=mark_cache_full(output, cache.lengths, cache.capacity, template.num_nodes + 1),
             sampling=params,
@@ -178,7 +163,7 @@ class Speculative:
             draft_depth=jnp.full((batch,), depth, jnp.int32),
             stats={
                 "model_calls": jnp.int32(1),
-                "draft_calls": jnp.int32(draft_calls),
+                "draft_calls": jnp.int32(self.drafter.prefill_calls),
                 "active_steps": jnp.zeros((batch,), jnp.int32),
                 "emitted_drafts": jnp.zeros((batch,), jnp.int32),  # accepted draft tokens in the output
                 "emitted_corrections": jnp.zeros((batch,), jnp.int32),  # correction / bonus tokens in the output
@@ -197,32 +182,19 @@ class Speculative:
         draft_key, walk_key = jax.random.split(step_key)
         depth_limit = jnp.where(running, state.draft_depth, 0)
 
-        proposal = self._propose(model, state, pending, depth_limit, draft_key)
-        cache = proposal.target_cache
-
-        # verify: one target forward over [pending, nodes] with the tree mask
-        width = template.num_nodes + 1
-        tokens = jnp.concatenate([pending[:, None], proposal.tokens], axis=1)
-        offsets = jnp.asarray([0, *template.depths.tolist()], jnp.int32)
-        slots = jnp.where(running[:, None], lengths[:, None] + jnp.arange(width, dtype=jnp.int32), cache.capacity)
-        mask = masks.prefix_and_block_mask(lengths, jnp.asarray(template.ancestors), lengths, cache.capacity)
-        logits, cache = model.forward(tokens, lengths[:, None] + offsets, cache, mask, write_slots=slots)
+        proposal = self.drafter.propose(model, state, pending, depth_limit, draft_key, template)
+        logits, cache = verify(model, template, proposal.target_cache, lengths, pending, proposal.tokens, running)
         walk = jax.lax.cond(
-            _all_greedy(state.sampling),
+            all_greedy(state.sampling),
             lambda: _accept_greedy(template, logits, proposal),
-            lambda: _accept(template, _probabilities(logits, state.sampling), proposal, state.sampling, walk_key),
+            lambda: _accept(template, warped_probabilities(logits, state.sampling), proposal, state.sampling, walk_key),
         )
         num_accepted = jnp.where(running, walk.num_accepted, 0)
 
         # commit: keep the accepted path's entries, emit path + correction/bonus
-        if not template.is_chain:
-            sources = jnp.where(walk.path >= 0, lengths[:, None] + 1 + walk.path, -1)
-            cache = cache.compact(sources, lengths + 1)
         new_lengths = jnp.where(running, lengths + num_accepted + 1, lengths)
-        cache = cache.with_lengths(new_lengths)
-        draft_cache = proposal.draft_cache
-        if draft_cache is not None and not template.is_chain:
-            draft_cache = draft_cache.compact(jnp.where(walk.path >= 0, lengths[:, None] + 1 + walk.path, -1), lengths + 1)
+        cache = keep_accepted_path(cache, template, walk.path, lengths).with_lengths(new_lengths)
+        drafter_state = self.drafter.commit(proposal.drafter_state, template, walk.path, lengths)
 
         emitted = walk.emitted  # [B, D + 1]
         history_slots = jnp.where(
@@ -256,7 +228,7 @@ class Speculative:
         stats["tried_by_depth"] = stats["tried_by_depth"] + jnp.sum(walk.tried_at_depth & running[:, None], axis=0)
         return state.replace(
             cache=cache,
-            draft_cache=draft_cache,
+            drafter_state=drafter_state,
             history=history,
             output=output,
             step=state.step + 1,
@@ -278,101 +250,30 @@ class Speculative:
             tokens=state.output.tokens, lengths=state.output.lengths, finish_reason=state.output.finish_reason, stats=stats
         )
 
-    # --- drafting ------------------------------------------------------------------------------------
 
-    def _propose(self, model: Model, state: SpeculativeState, pending: jax.Array, depth_limit: jax.Array, key: jax.Array) -> "Proposal":
-        template = self.template
-        depths = jnp.asarray(template.depths)
-        if self.kind == "prompt_lookup":
-            tokens, found = prompt_lookup(state.history, state.cache.lengths, self.max_ngram, template.num_nodes)
-            valid = found & (depths[None, :] <= depth_limit[:, None])
-            return Proposal(tokens, None, valid, jnp.sum(valid, axis=1), state.cache, None, jnp.int32(0), sampled_from_parent=())
-        valid = depths[None, :] <= depth_limit[:, None]
-        tokens, parent_logits, target_cache, draft_cache, calls = self._draft_tree(model, state, pending, depth_limit, key)
-        valid_depth = jnp.minimum(depth_limit, template.max_depth)
-        sampled = tuple(bool(x) for x in _single_child_nodes(template))
-        return Proposal(tokens, parent_logits, valid, valid_depth, target_cache, draft_cache, calls, sampled_from_parent=sampled)
+def verify(
+    model: Model,
+    template: TreeTemplate,
+    cache: Cache,  # target cache; slots past lengths may hold drafts (overwritten here)
+    lengths: jax.Array,  # [B] int32: committed lengths, the pending token's slot
+    pending: jax.Array,  # [B] int32
+    tokens: jax.Array,  # [B, N] int32: the drafted nodes
+    running: jax.Array,  # [B] bool: finished rows write nowhere (slot = capacity, dropped)
+) -> tuple[jax.Array, Cache]:  # logits [B, N + 1, V] at (pending, nodes), cache with them written
+    """One target forward over [pending, nodes], each node at position lengths + depth and slot lengths + 1 + i.
 
-    def _draft_tree(self, model: Model, state: SpeculativeState, pending: jax.Array, depth_limit: jax.Array, key: jax.Array):
-        """Expand the template level by level with the draft network: one draft forward per level."""
-        template = self.template
-        lengths = state.cache.lengths
-        batch = pending.shape[0]
-        if self.kind == "model":
-            draft_model, cache = self.draft, state.draft_cache
-            previous = jnp.take_along_axis(state.history, jnp.maximum(lengths - 1, 0)[:, None], axis=1)[:, 0]
-            first_tokens = jnp.stack([previous, pending], axis=1)
-            first_positions = lengths[:, None] + jnp.asarray([[-1, 0]], jnp.int32)
-            root_logits, cache = draft_model.forward(first_tokens, first_positions, cache, write_slots=first_positions, output_indices=jnp.ones((batch, 1), jnp.int32))
-            skip: tuple[int, ...] = ()
-        else:
-            draft_model, cache, skip = model, state.cache, tuple(self.skip_layers)
-            root_logits, cache = model.forward(pending[:, None], lengths[:, None], cache, write_slots=lengths[:, None], skip_layers=skip)
-
-        num_nodes = template.num_nodes
-        vocab = root_logits.shape[-1]
-        node_logits = jnp.zeros((batch, num_nodes + 1, vocab), jnp.float32).at[:, 0].set(root_logits[:, 0])
-        tokens = jnp.zeros((batch, num_nodes), jnp.int32)
-        parent_logits_all = jnp.zeros((batch, num_nodes, vocab), jnp.float32)
-        single_child = _single_child_nodes(template)
-        greedy = _all_greedy(state.sampling)
-        calls = jnp.int32(1)
-        deepest = jnp.max(depth_limit)
-        for depth, (start, end) in enumerate(template.levels, start=1):
-            parent_rows = jnp.asarray([template.parents[n] + 1 for n in range(start, end)])
-            parent_logits = node_logits[:, parent_rows]  # [B, W, V]
-            max_rank = int(template.sibling_rank[start:end].max()) + 1
-            top = jax.lax.top_k(parent_logits, max_rank)[1].astype(jnp.int32)  # [B, W, max_rank]
-            ranks = jnp.asarray(template.sibling_rank[start:end])
-            ranked = jnp.take_along_axis(top, ranks[None, :, None], axis=2)[:, :, 0]
-            level_key = jax.random.fold_in(key, depth)
-            sampled = jax.lax.cond(
-                greedy,
-                lambda: ranked,
-                lambda: jax.random.categorical(level_key, jnp.log(_probabilities(parent_logits, state.sampling)), axis=-1).astype(jnp.int32),
-            )
-            level_tokens = jnp.where(jnp.asarray(single_child[start:end])[None, :], sampled, ranked)
-            tokens = tokens.at[:, start:end].set(level_tokens)
-            parent_logits_all = parent_logits_all.at[:, start:end].set(parent_logits)
-            if depth == template.max_depth:
-                break
-            # run this level through the draft to get its children's distributions
-            visibility = jnp.asarray(template.ancestors[start + 1 : end + 1, 1:])  # [W, N]
-            mask = masks.prefix_and_block_mask(lengths + 1, visibility, lengths + 1, cache.capacity)
-            slots = lengths[:, None] + 1 + jnp.arange(start, end, dtype=jnp.int32)
-            positions = jnp.broadcast_to(lengths[:, None] + depth, slots.shape)
-
-            def run_level(operands, level_tokens=level_tokens, mask=mask, slots=slots, positions=positions):
-                cache, node_logits = operands
-                level_logits, cache = draft_model.forward(level_tokens, positions, cache, mask, write_slots=slots, skip_layers=skip)
-                return cache, node_logits.at[:, start + 1 : end + 1].set(level_logits)
-
-            cache, node_logits = jax.lax.cond(depth < deepest, run_level, lambda operands: operands, (cache, node_logits))
-            calls = calls + (depth < deepest)
-        if self.kind == "model":
-            return tokens, parent_logits_all, state.cache, cache, calls
-        return tokens, parent_logits_all, cache, None, calls
-
-
-@struct.dataclass
-class Proposal:
-    tokens: jax.Array  # [B, N] int32
-    parent_logits: jax.Array | None  # [B, N, V] the draft's logits at each node's parent (None: no draft model)
-    valid: jax.Array  # [B, N] bool: node proposed (rejected untried otherwise)
-    valid_depth: jax.Array  # [B] int32: the depth a row drafted to
-    target_cache: KVCache
-    draft_cache: KVCache | None
-    draft_calls: jax.Array  # [] int32
-    sampled_from_parent: tuple[bool, ...] = static_field()  # per node: drawn from the draft distribution (else top-k)
-
-    def proposal_probs(self, node: jax.Array, params: sampling.SamplingParams, vocab_size: int) -> jax.Array:
-        """q [B, V] of node [B]: the draft distribution where the node was sampled from it, else one-hot."""
-        rows = jnp.arange(self.tokens.shape[0])
-        one_hot = jax.nn.one_hot(self.tokens[rows, node], vocab_size, dtype=jnp.float32)
-        if self.parent_logits is None or not any(self.sampled_from_parent):
-            return one_hot
-        sampled = jnp.asarray(self.sampled_from_parent)[node]
-        return jnp.where(sampled[:, None], sampling.probabilities(self.parent_logits[rows, node], params), one_hot)
+    Every query sees the committed prefix, the root (pending), its ancestors and itself. For a chain that is the
+    causal mask by slot (slot lengths + t sees the slots up to its own), so a chain passes no mask and short
+    chains run through the Pallas decode kernels; a tree passes its ancestor mask.
+    """
+    width = template.num_nodes + 1
+    offsets = jnp.asarray([0, *template.depths.tolist()], jnp.int32)  # [N + 1]
+    slots = jnp.where(running[:, None], lengths[:, None] + jnp.arange(width, dtype=jnp.int32), cache.capacity)
+    mask = None
+    if not template.is_chain:
+        mask = masks.prefix_and_block_mask(lengths, jnp.asarray(template.ancestors), lengths, cache.capacity)
+    chunk = jnp.concatenate([pending[:, None], tokens], axis=1)  # [B, N + 1]
+    return model.forward(chunk, lengths[:, None] + offsets, cache, mask, write_slots=slots)
 
 
 @struct.dataclass
@@ -382,24 +283,6 @@ class Walk:
     emitted: jax.Array  # [B, D + 1] int32: the accepted tokens, then the correction/bonus token
     accepted_at_depth: jax.Array  # [B, D] bool
     tried_at_depth: jax.Array  # [B, D] bool
-
-
-def _probabilities(logits: jax.Array, params: sampling.SamplingParams) -> jax.Array:
-    """`sampling.probabilities` for logits [B, W, V] with per-row parameters."""
-    batch, width, vocab = logits.shape
-    repeat = lambda x: jnp.repeat(x, width, axis=0)  # noqa: E731
-    flat = sampling.SamplingParams(repeat(params.temperature), repeat(params.top_k), repeat(params.top_p), repeat(params.min_p))
-    return sampling.probabilities(logits.reshape(batch * width, vocab), flat).reshape(batch, width, vocab)
-
-
-def _all_greedy(params: sampling.SamplingParams) -> jax.Array:
-    return jnp.all(params.temperature == 0)
-
-
-def _single_child_nodes(template: TreeTemplate):
-    """[N] bool (numpy): nodes that are their parent's only child (drawn from the draft distribution)."""
-    num_children = (template.children >= 0).sum(axis=1)
-    return num_children[[p + 1 for p in template.parents]] == 1
 
 
 def _accept_greedy(template: TreeTemplate, logits: jax.Array, proposal: Proposal) -> Walk:
@@ -486,36 +369,6 @@ def residual_distribution(target: jax.Array, proposal: jax.Array) -> jax.Array:
     return jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), target)
 
 
-def prompt_lookup(
-    history: jax.Array,  # [B, H] int32
-    pending_index: jax.Array,  # [B] int32: index of the last known token
-    max_ngram: int,
-    num_tokens: int,
-) -> tuple[jax.Array, jax.Array]:  # tokens [B, num_tokens], found [B, num_tokens] bool
-    """The `num_tokens` tokens after the earliest earlier occurrence of the last n known tokens, trying
-    n = max_ngram down to 1; `found` marks tokens that exist (a match near the end yields fewer)."""
-    batch, size = history.shape
-    rows = jnp.arange(batch)[:, None]
-    starts = jnp.arange(size)[None, :]
-    best_start = jnp.zeros((batch,), jnp.int32)
-    best_found = jnp.zeros((batch,), bool)
-    for n in range(max_ngram, 0, -1):
-        pattern_index = pending_index[:, None] - n + 1 + jnp.arange(n)[None, :]
-        pattern = history[rows, jnp.clip(pattern_index, 0, size - 1)]  # [B, n]
-        match = (starts + n <= pending_index[:, None]) & (pending_index[:, None] - n + 1 >= 0)
-        for offset in range(n):
-            shifted = jnp.concatenate([history[:, offset:], jnp.full((batch, offset), -1, history.dtype)], axis=1)
-            match &= shifted == pattern[:, offset : offset + 1]
-        found = jnp.any(match, axis=1)
-        start = jnp.argmax(match, axis=1).astype(jnp.int32) + n  # first token after the match
-        take = found & ~best_found
-        best_start = jnp.where(take, start, best_start)
-        best_found |= found
-    index = best_start[:, None] + jnp.arange(num_tokens)[None, :]
-    found = best_found[:, None] & (index <= pending_index[:, None])
-    return jnp.where(found, history[rows, jnp.clip(index, 0, size - 1)], 0), found
-
-
 def speculative(
     *,
     draft: Model | None = None,
@@ -532,12 +385,15 @@ def speculative(
     """Draft-model speculative decoding (or self-speculative when only skip_layers is given)."""
     if draft is None and not skip_layers:
         raise ValueError("draft: strategy 'speculative' needs draft=<jspec.Model> (or skip_layers=... for self-speculative)")
+    if draft is None:
+        drafter = LayerSkipDrafter(tuple(skip_layers))
+    else:
+        drafter = DraftModelDrafter(draft.without_tokenizer() if isinstance(draft, Model) else draft)
     return Speculative(
-        draft=draft.without_tokenizer() if isinstance(draft, Model) else draft,
+        drafter=drafter,
         num_draft_tokens=num_draft_tokens,
         tree=None if tree is None else tuple(tree),
         tree_parents=None if tree_parents is None else tuple(tree_parents),
-        skip_layers=tuple(skip_layers),
         adaptive=adaptive,
         temperature=temperature,
         top_k=top_k,
@@ -551,7 +407,7 @@ def prompt_lookup_strategy(
 ) -> Speculative:
     """Prompt-lookup decoding: drafts copied from earlier n-gram matches (defaults as Hugging Face's)."""
     return Speculative(
-        drafter="prompt_lookup", num_draft_tokens=num_draft_tokens, max_ngram=max_ngram, adaptive=adaptive,
+        drafter=PromptLookupDrafter(max_ngram), num_draft_tokens=num_draft_tokens, adaptive=adaptive,
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
     )
 
@@ -562,7 +418,7 @@ def self_speculative(
 ) -> Speculative:
     """Self-speculative decoding: the target with `skip_layers` left out drafts for itself."""
     return Speculative(
-        drafter="layer_skip", skip_layers=tuple(skip_layers), num_draft_tokens=num_draft_tokens,
+        drafter=LayerSkipDrafter(tuple(skip_layers)), num_draft_tokens=num_draft_tokens,
         tree=None if tree is None else tuple(tree), adaptive=adaptive,
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
     )

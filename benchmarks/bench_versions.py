@@ -1,0 +1,136 @@
+"""Two checkouts of jspec side by side in one run: decode speed, compile time against depth, cache bytes per row.
+
+Each checkout runs in its own long-lived worker process (PYTHONPATH = that checkout); the driver interleaves the
+timed calls (A, B, A, B, ... per case and round) and reports the ratio of total times, so load changes on the
+machine fall on both alike. The workers use only the API both versions share (`jspec.load`, `jspec.decode`,
+`Model.random`, a strategy's `init`).
+
+    git worktree add /tmp/jspec-before <commit>
+    python benchmarks/bench_versions.py --before /tmp/jspec-before --after . [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROMPT = "def fib(n):\n    if n < 2:\n        return n\n"
+
+
+def worker() -> None:
+    import jax
+    import numpy as np
+
+    import jspec
+    from jspec.decode import _decode_loop, build_prompts
+    from jspec.models.config import TransformerConfig
+    from jspec.strategies.base import resolve_strategy
+
+    target, draft = jspec.load("demo-code"), jspec.load("demo-code-draft")
+    cases = {
+        "greedy b1": lambda: jspec.decode(target, [PROMPT], max_new_tokens=128, stop_tokens=[]),
+        "greedy b8": lambda: jspec.decode(target, [PROMPT + "x" * i for i in range(8)], max_new_tokens=64, stop_tokens=[]),
+        "chain k=4 b1": lambda: jspec.decode(target, [PROMPT], "speculative", draft=draft, num_draft_tokens=4,
+                                             max_new_tokens=128, stop_tokens=[]),
+        "tree 2,2,1 b1": lambda: jspec.decode(target, [PROMPT], "speculative", draft=draft, tree=(2, 2, 1),
+                                              max_new_tokens=128, stop_tokens=[]),
+    }
+
+    def random_model(layers: int, **extra):
+        config = TransformerConfig(vocab_size=512, hidden_size=64, num_layers=layers, num_heads=4, num_kv_heads=2,
+                                   intermediate_size=128, **extra)
+        return jspec.Model.random(config)
+
+    def compile_seconds(layers: int, strategy: str) -> float:
+        model = random_model(layers)
+        options = {"draft": random_model(1), "num_draft_tokens": 4} if strategy == "speculative" else {}
+        resolved = resolve_strategy(strategy, options)
+        request = build_prompts(model, [[1, 2, 3]], 16, None, [], None, resolved)
+        start = time.perf_counter()
+        jax.jit(_decode_loop).lower(model, resolved, request, jax.random.key(0)).compile()
+        return time.perf_counter() - start
+
+    def cache_bytes_per_row(window: int, strategy: str) -> int:
+        model = random_model(4, sliding_window=window)
+        options = {"draft": random_model(1, sliding_window=window), "tree": (2, 2, 1)} if strategy == "speculative" else {}
+        resolved = resolve_strategy(strategy, options)
+        request = build_prompts(model, [[1, 2, 3]], 4 * window, None, [], None, resolved)
+        state = jax.eval_shape(lambda: resolved.init(model, request, jax.random.key(0)))
+        return sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state.cache))
+
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request["op"] == "where":
+            answer = jspec.__file__
+        elif request["op"] == "run":
+            start = time.perf_counter()
+            out = cases[request["case"]]()
+            answer = [time.perf_counter() - start, out.sequences()]
+        elif request["op"] == "compile":
+            answer = compile_seconds(request["layers"], request["strategy"])
+        else:
+            answer = int(cache_bytes_per_row(request["window"], request["strategy"]))
+        print(json.dumps(answer), flush=True)
+
+
+class Worker:
+    def __init__(self, checkout: Path):
+        env = dict(os.environ, PYTHONPATH=str(checkout.resolve()))
+        self.process = subprocess.Popen([sys.executable, __file__, "--worker"], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, env=env, cwd=checkout)
+
+    def ask(self, **request):
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        return json.loads(self.process.stdout.readline())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before", type=Path, required=True)
+    parser.add_argument("--after", type=Path, default=Path("."))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 8, 32])
+    args = parser.parse_args()
+    workers = {"before": Worker(args.before), "after": Worker(args.after)}
+    for name, w in workers.items():
+        print(f"{name}: jspec from {w.ask(op='where')}")
+
+    print("\ncase             before s   after s   after/before   same tokens")
+    for case in ("greedy b1", "greedy b8", "chain k=4 b1", "tree 2,2,1 b1"):
+        totals, tokens = {"before": 0.0, "after": 0.0}, {}
+        for name, w in workers.items():
+            tokens[name] = w.ask(op="run", case=case)[1]  # compile run
+        for _ in range(args.rounds):
+            for name, w in workers.items():  # interleaved: before, after, before, after, ...
+                totals[name] += w.ask(op="run", case=case)[0]
+        print(f"{case:15s}  {totals['before']:8.3f}  {totals['after']:8.3f}   {totals['after'] / totals['before']:12.3f}"
+              f"   {tokens['before'] == tokens['after']}")
+
+    print("\ncompile s of decode (lower + compile), random model, 64 hidden")
+    print("layers  strategy       before    after")
+    for layers in args.layers:
+        for strategy in ("greedy", "speculative"):
+            seconds = {name: w.ask(op="compile", layers=layers, strategy=strategy) for name, w in workers.items()}
+            print(f"{layers:6d}  {strategy:12s} {seconds['before']:8.2f} {seconds['after']:8.2f}")
+
+    print("\ncache bytes per row, 4-layer window-w model decoding 4w new tokens (3-token prompt, 16 padded)")
+    print("window  strategy       before     after")
+    for window in (64, 256):
+        for strategy in ("greedy", "speculative"):
+            size = {name: w.ask(op="cache", window=window, strategy=strategy) for name, w in workers.items()}
+            print(f"{window:6d}  {strategy:12s} {size['before']:8d} {size['after']:9d}")
+    for w in workers.values():
+        w.process.stdin.close()
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv:
+        worker()
+    else:
+        main()

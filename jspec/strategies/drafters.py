@@ -1,0 +1,368 @@
+"""Drafters for speculative decoding: what proposes the draft tree that `Speculative` verifies.
+
+A drafter is a small frozen `flax.struct` dataclass (its static fields select the compiled code; a draft model's
+parameters are traced leaves) with four pure functions:
+
+    validate(target, template, prompts) -> None            concrete checks, before tracing
+    init(target, prompts, template) -> drafter state       a pytree kept in `SpeculativeState.drafter_state`
+    propose(target, state, pending, depth_limit, key, template) -> Proposal
+    commit(drafter_state, template, path, lengths) -> drafter state    after the acceptance walk
+
+`propose` may draft into the target cache (layer skip does): whatever it writes past the committed lengths is
+overwritten by the verification, which writes every slot the verification reads. `Proposal.sampled_from_parent`
+tells the acceptance walk which nodes were drawn from the draft distribution (q = the draft's warped
+distribution) and which were taken as top-k (q one-hot): that is what keeps the walk lossless.
+
+- `DraftModelDrafter(draft)`: a separate draft model with its own KV cache, which may lag the target's by one
+  token (each step re-feeds the last committed token and the pending one);
+- `LayerSkipDrafter(skip_layers)`: the target with a static subset of layers left out, over the target's cache;
+- `PromptLookupDrafter(max_ngram)`: no network; the continuation of the earliest earlier match of the last n
+  tokens (n = max_ngram .. 1) in the prompt and output so far (chains only).
+
+The two draft-network drafters share `expand_tree`: one draft forward per level of the template. Caches come only
+from `Model.new_cache`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jspec import masks, sampling
+from jspec.cache import Cache
+from jspec.models.model import Model
+from jspec.strategies.base import Prompts, prefill, static_field
+from jspec.strategies.tree import TreeTemplate
+
+if TYPE_CHECKING:
+    from jspec.strategies.speculative import SpeculativeState
+
+DRAFTER_NAMES = ("model", "layer_skip", "prompt_lookup")
+
+
+@struct.dataclass
+class Proposal:
+    """A drafted tree, with what the acceptance walk needs to stay lossless."""
+
+    tokens: jax.Array  # [B, N] int32
+    parent_logits: jax.Array | None  # [B, N, V] the draft's logits at each node's parent (None: no draft network)
+    valid: jax.Array  # [B, N] bool: node proposed (rejected untried otherwise)
+    valid_depth: jax.Array  # [B] int32: the depth a row drafted to
+    target_cache: Cache  # the target cache after drafting (layer skip drafts into it)
+    drafter_state: Any  # the drafter's state after drafting
+    draft_calls: jax.Array  # [] int32: draft forward calls made
+    sampled_from_parent: tuple[bool, ...] = static_field()  # per node: drawn from the draft distribution (else top-k)
+
+    def proposal_probs(self, node: jax.Array, params: sampling.SamplingParams, vocab_size: int) -> jax.Array:
+        """q [B, V] of node [B]: the draft distribution where the node was sampled from it, else one-hot."""
+        rows = jnp.arange(self.tokens.shape[0])
+        one_hot = jax.nn.one_hot(self.tokens[rows, node], vocab_size, dtype=jnp.float32)
+        if self.parent_logits is None or not any(self.sampled_from_parent):
+            return one_hot
+        sampled = jnp.asarray(self.sampled_from_parent)[node]
+        return jnp.where(sampled[:, None], sampling.probabilities(self.parent_logits[rows, node], params), one_hot)
+
+
+class Drafter(Protocol):
+    """The contract every drafter implements (see the module docstring)."""
+
+    prefill_calls: ClassVar[int]  # draft forward calls `init` makes
+
+    def validate(self, target: Model, template: TreeTemplate, prompts: Prompts) -> None: ...
+
+    def init(self, target: Model, prompts: Prompts, template: TreeTemplate) -> Any: ...
+
+    def propose(
+        self,
+        target: Model,
+        state: SpeculativeState,  # the step's state; its drafter_state is this drafter's
+        pending: jax.Array,  # [B] int32: the token at slot cache.lengths[b], not yet in the target cache
+        depth_limit: jax.Array,  # [B] int32: deepest depth a row may propose (0 for finished rows)
+        key: jax.Array,
+        template: TreeTemplate,
+    ) -> Proposal: ...
+
+    def commit(
+        self,
+        drafter_state: Any,
+        template: TreeTemplate,
+        path: jax.Array,  # [B, D] int32: accepted node per depth, -1 past the end
+        lengths: jax.Array,  # [B] int32: committed lengths before the step (the pending token's slot)
+    ) -> Any: ...
+
+
+# --- the draft model ---------------------------------------------------------------------------------------
+
+
+@struct.dataclass
+class DraftModelDrafter:
+    """A separate draft model sharing the target's vocabulary; its state is its own KV cache."""
+
+    draft: Model | None
+    prefill_calls: ClassVar[int] = 1
+
+    def validate(self, target: Model, template: TreeTemplate, prompts: Prompts) -> None:
+        if not isinstance(self.draft, Model):
+            raise ValueError("draft: the 'model' drafter needs a draft model (draft=jspec.load(...))")
+        if self.draft.config.vocab_size != target.config.vocab_size:
+            raise ValueError(
+                f"draft: vocabulary size {self.draft.config.vocab_size} differs from the target's "
+                f"{target.config.vocab_size}; the draft must share the target's tokenizer"
+            )
+
+    def init(self, target: Model, prompts: Prompts, template: TreeTemplate) -> Cache:
+        _, cache = prefill(self.draft, prompts, self.draft.new_cache(prompts.batch_size, prompts.cache_size, max_chunk=template.num_nodes + 2))
+        return cache
+
+    def propose(self, target, state, pending, depth_limit, key, template) -> Proposal:
+        lengths = state.cache.lengths
+        previous = jnp.take_along_axis(state.history, jnp.maximum(lengths - 1, 0)[:, None], axis=1)[:, 0]
+        slots = lengths[:, None] + jnp.asarray([[-1, 0]], jnp.int32)  # [B, 2]: the last committed token, pending
+        root_logits, cache = self.draft.forward(
+            jnp.stack([previous, pending], axis=1), slots, state.drafter_state,
+            write_slots=slots, output_indices=jnp.ones((pending.shape[0], 1), jnp.int32),
+        )
+        tokens, parent_logits, cache, calls = expand_tree(
+            self.draft, (), cache, root_logits[:, 0], lengths, depth_limit, key, template, state.sampling
+        )
+        return network_proposal(template, tokens, parent_logits, depth_limit, state.cache, cache, calls)
+
+    def commit(self, drafter_state: Cache, template: TreeTemplate, path: jax.Array, lengths: jax.Array) -> Cache:
+        return keep_accepted_path(drafter_state, template, path, lengths)
+
+
+# --- the target with layers skipped ------------------------------------------------------------------------
+
+
+@struct.dataclass
+class LayerSkipDrafter:
+    """Self-speculative drafting: the target without `skip_layers`, over the target's own cache (no state)."""
+
+    skip_layers: tuple[int, ...] = static_field()
+    prefill_calls: ClassVar[int] = 0
+
+    def validate(self, target: Model, template: TreeTemplate, prompts: Prompts) -> None:
+        layers = target.config.num_layers
+        skip = self.skip_layers
+        if not skip or any(not 0 <= i < layers for i in skip) or len(set(skip)) >= layers:
+            raise ValueError(
+                f"skip_layers: expected distinct layer indices in [0, {layers}) leaving at least one layer, got {skip!r}"
+            )
+
+    def init(self, target: Model, prompts: Prompts, template: TreeTemplate) -> None:
+        return None
+
+    def propose(self, target, state, pending, depth_limit, key, template) -> Proposal:
+        lengths = state.cache.lengths
+        root_logits, cache = target.forward(
+            pending[:, None], lengths[:, None], state.cache, write_slots=lengths[:, None], skip_layers=self.skip_layers
+        )
+        tokens, parent_logits, cache, calls = expand_tree(
+            target, self.skip_layers, cache, root_logits[:, 0], lengths, depth_limit, key, template,
+            state.sampling,
+        )
+        return network_proposal(template, tokens, parent_logits, depth_limit, cache, None, calls)
+
+    def commit(self, drafter_state: None, template: TreeTemplate, path: jax.Array, lengths: jax.Array) -> None:
+        return None
+
+
+# --- prompt lookup -----------------------------------------------------------------------------------------
+
+
+@struct.dataclass
+class PromptLookupDrafter:
+    """Drafts copied from the earliest earlier n-gram match in the prompt and output (no network, no state)."""
+
+    max_ngram: int = static_field(default=3)
+    prefill_calls: ClassVar[int] = 0
+
+    def validate(self, target: Model, template: TreeTemplate, prompts: Prompts) -> None:
+        if not template.is_chain:
+            raise ValueError("tree: prompt lookup drafts one continuation; use a chain (num_draft_tokens)")
+        if not isinstance(self.max_ngram, int) or self.max_ngram < 1:
+            raise ValueError(f"max_ngram: expected an int >= 1, got {self.max_ngram!r}")
+
+    def init(self, target: Model, prompts: Prompts, template: TreeTemplate) -> None:
+        return None
+
+    def propose(self, target, state, pending, depth_limit, key, template) -> Proposal:
+        tokens, found = prompt_lookup(state.history, state.cache.lengths, self.max_ngram, template.num_nodes)
+        valid = found & (jnp.asarray(template.depths)[None, :] <= depth_limit[:, None])
+        return Proposal(
+            tokens, None, valid, jnp.sum(valid, axis=1, dtype=jnp.int32), state.cache, None, jnp.int32(0),
+            sampled_from_parent=(),
+        )
+
+    def commit(self, drafter_state: None, template: TreeTemplate, path: jax.Array, lengths: jax.Array) -> None:
+        return None
+
+
+def prompt_lookup(
+    history: jax.Array,  # [B, H] int32
+    pending_index: jax.Array,  # [B] int32: index of the last known token
+    max_ngram: int,
+    num_tokens: int,
+) -> tuple[jax.Array, jax.Array]:  # tokens [B, num_tokens], found [B, num_tokens] bool
+    """The `num_tokens` tokens after the earliest earlier occurrence of the last n known tokens, trying
+    n = max_ngram down to 1; `found` marks tokens that exist (a match near the end yields fewer)."""
+    batch, size = history.shape
+    rows = jnp.arange(batch)[:, None]
+    starts = jnp.arange(size)[None, :]
+    best_start = jnp.zeros((batch,), jnp.int32)
+    best_found = jnp.zeros((batch,), bool)
+    for n in range(max_ngram, 0, -1):
+        pattern_index = pending_index[:, None] - n + 1 + jnp.arange(n)[None, :]
+        pattern = history[rows, jnp.clip(pattern_index, 0, size - 1)]  # [B, n]
+        match = (starts + n <= pending_index[:, None]) & (pending_index[:, None] - n + 1 >= 0)
+        for offset in range(n):
+            shifted = jnp.concatenate([history[:, offset:], jnp.full((batch, offset), -1, history.dtype)], axis=1)
+            match &= shifted == pattern[:, offset : offset + 1]
+        found = jnp.any(match, axis=1)
+        start = jnp.argmax(match, axis=1).astype(jnp.int32) + n  # first token after the match
+        take = found & ~best_found
+        best_start = jnp.where(take, start, best_start)
+        best_found |= found
+    index = best_start[:, None] + jnp.arange(num_tokens)[None, :]
+    found = best_found[:, None] & (index <= pending_index[:, None])
+    return jnp.where(found, history[rows, jnp.clip(index, 0, size - 1)], 0), found
+
+
+# --- shared by the drafters --------------------------------------------------------------------------------
+
+
+def drafter_from_options(
+    drafter: str | None, draft: Model | None, skip_layers: tuple[int, ...], max_ngram: int
+) -> DraftModelDrafter | LayerSkipDrafter | PromptLookupDrafter:
+    """The drafter a name selects: "model", "layer_skip" or "prompt_lookup"; None picks "model" when a draft is
+    given (or nothing is), else "layer_skip" when skip_layers are."""
+    if drafter is None:
+        drafter = "layer_skip" if draft is None and skip_layers else "model"
+    choices = {
+        "model": lambda: DraftModelDrafter(draft),
+        "layer_skip": lambda: LayerSkipDrafter(tuple(skip_layers)),
+        "prompt_lookup": lambda: PromptLookupDrafter(max_ngram),
+    }
+    if drafter not in choices:
+        raise ValueError(f"drafter: expected one of {DRAFTER_NAMES} or a drafter object, got {drafter!r}")
+    return choices[drafter]()
+
+
+def expand_tree(
+    network: Model,
+    skip_layers: tuple[int, ...],
+    cache: Cache,  # the network's cache, with every slot up to the pending token's (lengths[b]) written
+    root_logits: jax.Array,  # [B, V] the network's logits after the pending token
+    lengths: jax.Array,  # [B] int32: the pending token's slot and position
+    depth_limit: jax.Array,  # [B] int32
+    key: jax.Array,
+    template: TreeTemplate,
+    params: sampling.SamplingParams,
+) -> tuple[jax.Array, jax.Array, Cache, jax.Array]:  # tokens [B, N], parent_logits [B, N, V], cache, calls []
+    """Draft the template level by level with `network` (without `skip_layers`): one forward per level.
+
+    A node that is its parent's only child is drawn from the network's warped distribution there (its argmax
+    when every row is greedy); the children of a node with several are its top-k, in rank order. Node i is
+    written at slot lengths + 1 + i with position lengths + depth(i) and sees the committed prefix, the pending
+    token, its ancestors and itself: for a chain this is the causal mask by slot, so chain levels pass no mask
+    (the Pallas decode kernels can serve them). A level at depth >= max(depth_limit) is not run through the
+    network (no row proposes its children). `calls` counts the root forward and the levels run.
+    """
+    batch, vocab = root_logits.shape
+    num_nodes = template.num_nodes
+    node_logits = jnp.zeros((batch, num_nodes + 1, vocab), jnp.float32).at[:, 0].set(root_logits)  # root, nodes
+    tokens = jnp.zeros((batch, num_nodes), jnp.int32)
+    parent_logits_all = jnp.zeros((batch, num_nodes, vocab), jnp.float32)
+    single_child = single_child_nodes(template)
+    greedy = all_greedy(params)
+    calls = jnp.int32(1)
+    deepest = jnp.max(depth_limit)
+    for depth, (start, end) in enumerate(template.levels, start=1):
+        parent_rows = jnp.asarray([template.parents[n] + 1 for n in range(start, end)])
+        parent_logits = node_logits[:, parent_rows]  # [B, W, V]
+        max_rank = int(template.sibling_rank[start:end].max()) + 1
+        top = jax.lax.top_k(parent_logits, max_rank)[1].astype(jnp.int32)  # [B, W, max_rank]
+        ranks = jnp.asarray(template.sibling_rank[start:end])
+        ranked = jnp.take_along_axis(top, ranks[None, :, None], axis=2)[:, :, 0]  # [B, W]
+        level_key = jax.random.fold_in(key, depth)
+        draw = lambda logits=parent_logits, key=level_key: jax.random.categorical(  # noqa: E731
+            key, jnp.log(warped_probabilities(logits, params)), axis=-1
+        ).astype(jnp.int32)
+        sampled = jax.lax.cond(greedy, lambda ranked=ranked: ranked, draw)  # [B, W]
+        level_tokens = jnp.where(jnp.asarray(single_child[start:end])[None, :], sampled, ranked)  # [B, W]
+        tokens = tokens.at[:, start:end].set(level_tokens)
+        parent_logits_all = parent_logits_all.at[:, start:end].set(parent_logits)
+        if depth == template.max_depth:
+            break
+        # run this level through the network to get its children's distributions
+        slots = lengths[:, None] + 1 + jnp.arange(start, end, dtype=jnp.int32)  # [B, W]
+        positions = jnp.broadcast_to(lengths[:, None] + depth, slots.shape)
+        mask = None
+        if not template.is_chain:
+            visibility = jnp.asarray(template.ancestors[start + 1 : end + 1, 1:])  # [W, N]
+            mask = masks.prefix_and_block_mask(lengths + 1, visibility, lengths + 1, cache.capacity)
+
+        def run_level(
+            operands, level_tokens=level_tokens, mask=mask, slots=slots, positions=positions, start=start, end=end
+        ):
+            cache, node_logits = operands
+            level_logits, cache = network.forward(
+                level_tokens, positions, cache, mask, write_slots=slots, skip_layers=skip_layers
+            )
+            return cache, node_logits.at[:, start + 1 : end + 1].set(level_logits)
+
+        cache, node_logits = jax.lax.cond(depth < deepest, run_level, lambda operands: operands, (cache, node_logits))
+        calls = calls + (depth < deepest)
+    return tokens, parent_logits_all, cache, calls
+
+
+def network_proposal(
+    template: TreeTemplate,
+    tokens: jax.Array,  # [B, N] int32
+    parent_logits: jax.Array,  # [B, N, V]
+    depth_limit: jax.Array,  # [B] int32
+    target_cache: Cache,
+    drafter_state: Any,
+    calls: jax.Array,
+) -> Proposal:
+    """The proposal of a draft network that expanded the whole template: every node within a row's depth."""
+    valid = jnp.asarray(template.depths)[None, :] <= depth_limit[:, None]
+    sampled = tuple(bool(x) for x in single_child_nodes(template))
+    valid_depth = jnp.minimum(depth_limit, template.max_depth)
+    return Proposal(
+        tokens, parent_logits, valid, valid_depth, target_cache, drafter_state, calls, sampled_from_parent=sampled
+    )
+
+
+def keep_accepted_path(
+    cache: Cache,
+    template: TreeTemplate,
+    path: jax.Array,  # [B, D] int32: accepted node per depth, -1 past the end
+    lengths: jax.Array,  # [B] int32: the pending token's slot; node i was written at lengths + 1 + i
+) -> Cache:
+    """Move the accepted nodes' entries to slots lengths + 1 + depth - 1 (lengths unchanged). A chain's accepted
+    path already sits there, so chains move nothing."""
+    if template.is_chain:
+        return cache
+    return cache.compact(jnp.where(path >= 0, lengths[:, None] + 1 + path, -1), lengths + 1)
+
+
+def warped_probabilities(logits: jax.Array, params: sampling.SamplingParams) -> jax.Array:
+    """`sampling.probabilities` for logits [B, W, V] with per-row parameters."""
+    batch, width, vocab = logits.shape
+    repeat = lambda x: jnp.repeat(x, width, axis=0)  # noqa: E731
+    flat = sampling.SamplingParams(*map(repeat, (params.temperature, params.top_k, params.top_p, params.min_p)))
+    return sampling.probabilities(logits.reshape(batch * width, vocab), flat).reshape(batch, width, vocab)
+
+
+def all_greedy(params: sampling.SamplingParams) -> jax.Array:  # [] bool
+    return jnp.all(params.temperature == 0)
+
+
+def single_child_nodes(template: TreeTemplate):
+    """[N] bool (numpy): nodes that are their parent's only child (drawn from the draft distribution)."""
+    num_children = (template.children >= 0).sum(axis=1)
+    return num_children[[p + 1 for p in template.parents]] == 1
