@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 PROMPT = "def fib(n):\n    if n < 2:\n        return n\n"
+CASES = ["greedy b1", "greedy b8", "chain k=4 b1", "tree 2,2,1 b1"]
 
 
 def worker() -> None:
@@ -95,14 +96,16 @@ def main() -> None:
     parser.add_argument("--before", type=Path, required=True)
     parser.add_argument("--after", type=Path, default=Path("."))
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--layers", type=int, nargs="+", default=[2, 8, 32])
+    parser.add_argument("--layers", type=int, nargs="*", default=[2, 8, 32], help="compile-time depths (none: skip)")
+    parser.add_argument("--cases", nargs="*", default=CASES, help=f"timed cases, from {CASES}")
+    parser.add_argument("--windows", type=int, nargs="*", default=[64, 256], help="cache-size windows (none: skip)")
     args = parser.parse_args()
     workers = {"before": Worker(args.before), "after": Worker(args.after)}
     for name, w in workers.items():
         print(f"{name}: jspec from {w.ask(op='where')}")
 
     print("\ncase             before s   after s   after/before   same tokens")
-    for case in ("greedy b1", "greedy b8", "chain k=4 b1", "tree 2,2,1 b1"):
+    for case in args.cases:
         totals, tokens = {"before": 0.0, "after": 0.0}, {}
         for name, w in workers.items():
             tokens[name] = w.ask(op="run", case=case)[1]  # compile run
@@ -121,7 +124,7 @@ def main() -> None:
 
     print("\ncache bytes per row, 4-layer window-w model decoding 4w new tokens (3-token prompt, 16 padded)")
     print("window  strategy       before     after")
-    for window in (64, 256):
+    for window in args.windows:
         for strategy in ("greedy", "speculative"):
             size = {name: w.ask(op="cache", window=window, strategy=strategy) for name, w in workers.items()}
             print(f"{window:6d}  {strategy:12s} {size['before']:8d} {size['after']:9d}")

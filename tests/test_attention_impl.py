@@ -192,12 +192,14 @@ def test_speculative_chains_verify_through_the_dense_kernel(monkeypatch):
     """A chain passes no mask (its tree mask is the causal mask by slot), so its verification chunk, the draft
     model's [last committed, pending] chunk and each drafting level run through the decode kernel; rows that
     stop early write to slot = capacity. Same tokens and acceptance histograms as XLA."""
-    chunk_sizes = set()
-    kernel_attend = kernel_attention.kernel_attend
+    from jspec.models.attention.full import FullAttention
 
-    def counting(config, queries, *args):
+    chunk_sizes = set()
+    kernel_attend = FullAttention.kernel_attend
+
+    def counting(self, config, queries, *args):
         chunk_sizes.add(queries.shape[1])
-        return kernel_attend(config, queries, *args)
+        return kernel_attend(self, config, queries, *args)
 
     def run(**impl_options):
         target = tiny_model("llama", **impl_options)
@@ -209,7 +211,7 @@ def test_speculative_chains_verify_through_the_dense_kernel(monkeypatch):
             results.append((out.sequences(), np.asarray(out.stats["accepted_histogram"]).tolist()))
         return results
 
-    monkeypatch.setattr(kernel_attention, "kernel_attend", counting)
+    monkeypatch.setattr(FullAttention, "kernel_attend", counting)
     jax.clear_caches()
     try:
         assert run(**DENSE) == run(head_dim=16)
