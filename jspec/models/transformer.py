@@ -14,7 +14,8 @@ layers in a group):
     groups     tuple, one per layer group, of {attn_norm [L, D], the kind's parameters stacked over L (for GQA:
                q [L, D, H*Dh], k [L, D, Hkv*Dh], v [L, D, Hkv*Dh], o [L, H*Dh, D], (q_bias, k_bias, v_bias if
                qkv_bias), (q_norm, k_norm [L, Dh] if qk_norm)), mlp_norm [L, D], gate [L, D, F], up [L, D, F],
-               down [L, F, D]}
+               down [L, F, D]}; a group of fewer than SCAN_MIN_LAYERS layers is instead a tuple of per-layer
+               dicts (the same leaves without the L axis), run unrolled
     final_norm [D]
     lm_head    [D, V]   (absent when embeddings are tied)
 `layer_params` / `stack_layers` convert between that and one flat dict per layer (checkpoint formats).
@@ -36,6 +37,15 @@ from jspec.models.layers import rms_norm
 
 Params = dict[str, Any]
 DEFAULT_KERNELS = KernelOptions()
+# Groups of at least this many layers are stacked and scanned (compile time flat in depth); shorter ones keep one
+# dict per layer and run unrolled: XLA on CPU slices each scanned layer's weights out of the stack, measured at
+# 1.17x the time per token of separate arrays on the 3-layer demo-code at batch 1.
+SCAN_MIN_LAYERS = 5
+
+
+def is_scanned(start: int, end: int) -> bool:
+    """Whether the layer group [start, end) is stacked and run with lax.scan (else per-layer and unrolled)."""
+    return end - start >= SCAN_MIN_LAYERS
 
 
 def group_kinds(config: TransformerConfig, kernels: KernelOptions = DEFAULT_KERNELS) -> tuple[tuple[AttentionKind, int, int], ...]:
@@ -70,14 +80,17 @@ def stack_layers(config: TransformerConfig, layers: Sequence[Params]) -> tuple[P
     """One flat dict per layer -> the stacked groups of `config.layer_groups`."""
     if len(layers) != config.num_layers:
         raise ValueError(f"layers: expected {config.num_layers} per-layer parameter dicts, got {len(layers)}")
-    return tuple(jax.tree.map(lambda *xs: jnp.stack(xs), *layers[start:end]) for _, start, end in config.layer_groups)
+    return tuple(
+        jax.tree.map(lambda *xs: jnp.stack(xs), *layers[start:end]) if is_scanned(start, end) else tuple(layers[start:end])
+        for _, start, end in config.layer_groups
+    )
 
 
 def layer_params(config: TransformerConfig, params: Params, layer: int) -> Params:
     """The flat parameter dict of one layer (a view into its group's stacked arrays)."""
     for group, (_, start, end) in zip(params["groups"], config.layer_groups):
         if start <= layer < end:
-            return jax.tree.map(lambda x: x[layer - start], group)
+            return jax.tree.map(lambda x: x[layer - start], group) if is_scanned(start, end) else group[layer - start]
     raise ValueError(f"layer: expected an index in [0, {config.num_layers}), got {layer}")
 
 
@@ -85,10 +98,11 @@ def param_logical_axes(config: TransformerConfig) -> Params:
     """The parameter pytree's structure with a tuple of logical axis names per leaf (for sharding rules); stacked
     group leaves lead with "layers"."""
     groups = []
-    for kind, _, _ in group_kinds(config):
+    for kind, start, end in group_kinds(config):
         layer = {"attn_norm": ("embed",), **kind.param_axes(config), "mlp_norm": ("embed",),
                  "gate": ("embed", "mlp"), "up": ("embed", "mlp"), "down": ("mlp", "embed")}
-        groups.append({name: ("layers", *axes) for name, axes in layer.items()})
+        stacked = {name: ("layers", *axes) for name, axes in layer.items()}
+        groups.append(stacked if is_scanned(start, end) else tuple(dict(layer) for _ in range(start, end)))
     axes: Params = {"embed": ("vocab", "embed"), "groups": tuple(groups), "final_norm": ("embed",)}
     if not config.tie_embeddings:
         axes["lm_head"] = ("embed", "vocab")
@@ -179,13 +193,14 @@ def forward(
 def _run_group(
     kind: AttentionKind,
     config: TransformerConfig,
-    group: Params,  # leaves [L, ...]
+    group: Params | tuple[Params, ...],  # stacked leaves [L, ...], or one dict per layer
     hidden: jax.Array,  # [B, T, D]
     entry: Any,  # the group's cache entry (None without a cache)
     context: Any,
     active: tuple[bool, ...],  # static: layers of the group that run (False: skipped)
 ) -> tuple[jax.Array, Any]:
-    """The group's layers in order: one `lax.scan` (a `lax.cond` per layer when some are skipped)."""
+    """The group's layers in order: one `lax.scan` over a stacked group (a `lax.cond` per layer when some are
+    skipped), or a Python loop over a tuple of per-layer dicts."""
 
     def block(operands, layer_params, layer):
         hidden, entry = operands
@@ -196,10 +211,13 @@ def _run_group(
         mlp = (jax.nn.silu(normed @ layer_params["gate"]) * (normed @ layer_params["up"])) @ layer_params["down"]
         return hidden + mlp, entry
 
+    if isinstance(group, tuple):
+        for layer, (layer_params, is_active) in enumerate(zip(group, active)):
+            if is_active:
+                hidden, entry = block((hidden, entry), layer_params, layer)
+        return hidden, entry
     if not any(active):
         return hidden, entry
-    if len(active) == 1:
-        return block((hidden, entry), jax.tree.map(lambda x: x[0], group), 0)
 
     def body(operands, xs):
         layer_params, layer, is_active = xs
