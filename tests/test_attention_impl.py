@@ -121,14 +121,15 @@ def small_top_k_session():
 
 def test_compressed_keys_after_incremental_decoding_equal_recomputed(small_top_k_session):
     model, (_, cache, lengths) = small_top_k_session
-    config, entry = model.kernels, cache.entries[0]
+    config = model.kernels
     expected_count = num_full_kernels(jnp.asarray(lengths), config.sparse_kernel_size, config.sparse_kernel_stride)
-    for layer in range(model.config.num_layers):
+    assert len(cache.entries) == model.config.num_layers  # a short stack: one entry per layer
+    for entry in cache.entries:
         reference, count = compress_keys(
-            entry.keys[layer], jnp.asarray(lengths), config.sparse_kernel_size, config.sparse_kernel_stride)
-        np.testing.assert_array_equal(entry.num_compressed[layer], expected_count)
+            entry.keys[0], jnp.asarray(lengths), config.sparse_kernel_size, config.sparse_kernel_stride)
+        np.testing.assert_array_equal(entry.num_compressed[0], expected_count)
         for b, n in enumerate(np.asarray(count)):
-            np.testing.assert_allclose(entry.compressed_keys[layer][b, :n], reference[b, :n], rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(entry.compressed_keys[0][b, :n], reference[b, :n], rtol=1e-6, atol=1e-6)
 
 
 def test_small_top_k_changes_logits_of_long_rows(small_top_k_session):
@@ -143,16 +144,16 @@ def test_sparse_attention_reads_exactly_the_selected_blocks(small_top_k_session)
     """kernel_attend on a 2-token chain equals XLA `attend` masked to the blocks that `select_blocks` picks
     from compressed keys recomputed from scratch (every block below sparse_dense_len)."""
     model, (_, cache, lengths) = small_top_k_session
-    config, kernels, entry = model.config, model.kernels, cache.entries[0]
+    config, kernels = model.config, model.kernels
     (kind, _, _), = transformer.group_kinds(config, kernels)
     batch, chain = len(lengths), 2
     group = config.queries_per_kv_head
     queries = jax.random.normal(jax.random.key(3), (batch, chain, config.num_heads, config.head_size))
     slots = jnp.asarray(lengths[:, None] - chain + np.arange(chain), jnp.int32)  # the last two committed tokens
     num_blocks = cache.capacity // kernels.sparse_block_size
-    for layer in range(config.num_layers):
-        got = kind.kernel_attend(config, queries, entry, layer, slots)
-        keys, values = entry.keys[layer], entry.values[layer]
+    for entry in cache.entries:
+        got = kind.kernel_attend(config, queries, entry, 0, slots)
+        keys, values = entry.keys[0], entry.values[0]
         for t in range(chain):
             seq = jnp.asarray(lengths - (chain - 1 - t), jnp.int32)
             compressed, _ = compress_keys(keys, seq, kernels.sparse_kernel_size, kernels.sparse_kernel_stride)

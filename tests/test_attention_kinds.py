@@ -54,10 +54,14 @@ def test_ring_buffer_decodes_4w_tokens_bounded_by_the_window(window_model):
     for prompt, row in zip(RAGGED, out.sequences()):
         assert row == reference_greedy(window_model, prompt, new_tokens)
     cache = init_cache_shape(window_model, "greedy", RAGGED, new_tokens)
-    (ring,) = cache.entries
     assert cache.capacity == 16 + new_tokens  # logical slots: the padded prompt and the new tokens
-    assert ring.keys.shape == (3, len(RAGGED), WINDOW + 1, 2, 8)  # physical slots: the window + one decode token
-    assert ring.slots.shape == (len(RAGGED), WINDOW + 1)
+    assert len(cache.entries) == 3  # one ring per layer (a short stack is unrolled)
+    for ring in cache.entries:
+        assert ring.keys.shape == (1, len(RAGGED), WINDOW + 1, 2, 8)  # physical slots: the window + one decode token
+        assert ring.slots.shape == (len(RAGGED), WINDOW + 1)
+    deep = tiny_model("mistral_window", num_layers=6)
+    (stacked,) = init_cache_shape(deep, "greedy", RAGGED, new_tokens).entries  # a deep stack: one scanned entry
+    assert stacked.keys.shape == (6, len(RAGGED), WINDOW + 1, 2, 8)
 
 
 def test_ring_buffer_equals_a_full_size_ring(window_model):
@@ -98,7 +102,7 @@ def test_speculative_with_rollback_over_the_ring_equals_greedy(window_model, nam
     assert got.sequences() == want.sequences()
     cache = init_cache_shape(window_model, strategy, RAGGED, new_tokens, **options)
     chunk = resolve_strategy(strategy, options).cache_headroom()  # the draft tree + the pending token
-    assert cache.entries[0].keys.shape[2] == WINDOW + chunk < cache.capacity
+    assert all(entry.keys.shape[2] == WINDOW + chunk < cache.capacity for entry in cache.entries)
 
 
 def test_window_changes_logits_of_long_sequences():

@@ -104,7 +104,7 @@ def test_out_of_range_slots_are_dropped():
     model = tiny_model("llama")
     cache = model.new_cache(2, 4)
     _, written = model.forward(jnp.asarray([[1, 2], [3, 4]]), jnp.zeros((2, 2), jnp.int32), cache, write_slots=jnp.asarray([[0, 4], [-1, 9]]))
-    keys = np.asarray(written.entries[0].keys)  # [layers, B, S, Hkv, Dh]
+    keys = np.concatenate([np.asarray(entry.keys) for entry in written.entries])  # [layers, B, S, Hkv, Dh]
     assert np.all(np.any(keys[:, 0, 0] != 0, axis=(1, 2)))
     np.testing.assert_array_equal(keys[:, 0, 1:], 0)
     np.testing.assert_array_equal(keys[:, 1], 0)
@@ -112,13 +112,12 @@ def test_out_of_range_slots_are_dropped():
 
 def test_compact_moves_only_accepted_entries():
     cache = tiny_model("llama").new_cache(2, 8)
-    entry = cache.entries[0]
-    marked = jnp.broadcast_to(jnp.arange(8, dtype=jnp.float32)[None, None, :, None, None], entry.keys.shape)
-    cache = cache.replace(entries=(entry.replace(keys=marked, values=marked),))
+    marked = jnp.broadcast_to(jnp.arange(8, dtype=jnp.float32)[None, None, :, None, None], cache.entries[0].keys.shape)
+    cache = cache.replace(entries=tuple(entry.replace(keys=marked, values=marked) for entry in cache.entries))
     # row 0 keeps slots 5 and 7 at 3, 4; row 1 keeps slot 6 at 2 (second entry is padding)
-    compacted = cache.compact(jnp.asarray([[5, 7], [6, -1]]), jnp.asarray([3, 2])).entries[0]
-    np.testing.assert_array_equal(np.asarray(compacted.keys[1, 0, :, 0, 0]), [0, 1, 2, 5, 7, 5, 6, 7])
-    np.testing.assert_array_equal(np.asarray(compacted.values[0, 1, :, 0, 0]), [0, 1, 6, 3, 4, 5, 6, 7])
+    compacted = cache.compact(jnp.asarray([[5, 7], [6, -1]]), jnp.asarray([3, 2])).entries
+    np.testing.assert_array_equal(np.asarray(compacted[1].keys[0, 0, :, 0, 0]), [0, 1, 2, 5, 7, 5, 6, 7])
+    np.testing.assert_array_equal(np.asarray(compacted[0].values[0, 1, :, 0, 0]), [0, 1, 6, 3, 4, 5, 6, 7])
 
 
 def test_causal_mask_hand_built():

@@ -121,7 +121,7 @@ def new_cache(
     multiple = cache_size_multiple(config, kernels)
     capacity = -(-int(capacity) // multiple) * multiple
     chunk = capacity if max_chunk is None else int(max_chunk)
-    entries = tuple(kind.new_entry(config, end - start, batch_size, capacity, chunk) for kind, start, end in kinds)
+    entries = tuple(kind.new_entry(config, size, batch_size, capacity, chunk) for kind, size in _entry_layers(kinds))
     return Cache(entries=entries, lengths=jnp.zeros((batch_size,), jnp.int32), capacity=capacity)
 
 
@@ -132,8 +132,15 @@ def cache_size_multiple(config: TransformerConfig, kernels: KernelOptions = DEFA
 
 def cache_logical_axes(config: TransformerConfig, kernels: KernelOptions = DEFAULT_KERNELS) -> Cache:
     """The cache's structure with a tuple of logical axis names per array leaf (entries lead with "layers")."""
-    entries = tuple(kind.entry_axes(config) for kind, _, _ in group_kinds(config, kernels))
+    entries = tuple(kind.entry_axes(config) for kind, _ in _entry_layers(group_kinds(config, kernels)))
     return Cache(entries=entries, lengths=("batch",), capacity=0)
+
+
+def _entry_layers(kinds) -> list[tuple[AttentionKind, int]]:
+    """(kind, layers stacked in the entry) of each cache entry: one per scanned group, one per layer of an unrolled
+    group (so an unrolled layer reads and writes its own buffers, never a slice of a stacked one)."""
+    return [entry for kind, start, end in kinds
+            for entry in ([(kind, end - start)] if is_scanned(start, end) else [(kind, 1)] * (end - start))]
 
 
 def forward(
@@ -168,17 +175,20 @@ def forward(
     if cache is not None and write_slots is None:
         write_slots = cache.lengths[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
     hidden = params["embed"][tokens]
-    entries = []
     kinds = group_kinds(config, kernels)
-    if cache is not None and len(cache.entries) != len(kinds):
-        raise ValueError(f"cache: {len(cache.entries)} layer-group entries for a model with {len(kinds)} layer groups; "
-                         "create caches with model.new_cache(...)")
-    for index, ((kind, start, end), group) in enumerate(zip(kinds, params["groups"])):
-        entry = None if cache is None else cache.entries[index]
-        context = kind.prepare(config, entry, positions, write_slots, mask, capacity)
+    sizes = [size for _, size in _entry_layers(kinds)]
+    if cache is not None and [entry_layers(entry) for entry in cache.entries] != sizes:
+        raise ValueError(f"cache: entries for {[entry_layers(entry) for entry in cache.entries]} layers, the model needs "
+                         f"{sizes}; create caches with model.new_cache(...)")
+    entries = list(cache.entries) if cache is not None else [None] * len(sizes)
+    first = 0  # index of the group's first entry
+    for (kind, start, end), group in zip(kinds, params["groups"]):
+        count = 1 if is_scanned(start, end) else end - start
+        context = kind.prepare(config, entries[first], positions, write_slots, mask, capacity)
         active = tuple(layer not in skip_layers for layer in range(start, end))
-        hidden, entry = _run_group(kind, config, group, hidden, entry, context, active)
-        entries.append(kind.finish(entry, context))
+        hidden, group_entries = _run_group(kind, config, group, hidden, entries[first:first + count], context, active)
+        entries[first:first + count] = [kind.finish(entry, context) for entry in group_entries]
+        first += count
     if cache is not None:
         cache = cache.replace(entries=tuple(entries))
 
@@ -190,17 +200,22 @@ def forward(
     return logits, cache
 
 
+def entry_layers(entry: Any) -> int:
+    """Layers stacked in a cache entry (the leading axis of its first leaf)."""
+    return jax.tree.leaves(entry)[0].shape[0]
+
+
 def _run_group(
     kind: AttentionKind,
     config: TransformerConfig,
     group: Params | tuple[Params, ...],  # stacked leaves [L, ...], or one dict per layer
     hidden: jax.Array,  # [B, T, D]
-    entry: Any,  # the group's cache entry (None without a cache)
+    entries: list[Any],  # the group's cache entries: one stacked entry, or one per layer (None without a cache)
     context: Any,
     active: tuple[bool, ...],  # static: layers of the group that run (False: skipped)
-) -> tuple[jax.Array, Any]:
+) -> tuple[jax.Array, list[Any]]:
     """The group's layers in order: one `lax.scan` over a stacked group (a `lax.cond` per layer when some are
-    skipped), or a Python loop over a tuple of per-layer dicts."""
+    skipped), or a Python loop over a tuple of per-layer dicts, each with its own cache entry."""
 
     def block(operands, layer_params, layer):
         hidden, entry = operands
@@ -212,12 +227,14 @@ def _run_group(
         return hidden + mlp, entry
 
     if isinstance(group, tuple):
+        entries = list(entries)
         for layer, (layer_params, is_active) in enumerate(zip(group, active)):
             if is_active:
-                hidden, entry = block((hidden, entry), layer_params, layer)
-        return hidden, entry
+                hidden, entries[layer] = block((hidden, entries[layer]), layer_params, 0)
+        return hidden, entries
+    (entry,) = entries
     if not any(active):
-        return hidden, entry
+        return hidden, [entry]
 
     def body(operands, xs):
         layer_params, layer, is_active = xs
@@ -228,7 +245,7 @@ def _run_group(
 
     layers = jnp.arange(len(active), dtype=jnp.int32)
     (hidden, entry), _ = jax.lax.scan(body, (hidden, entry), (group, layers, jnp.asarray(active)))
-    return hidden, entry
+    return hidden, [entry]
 
 
 def position_logits(logits: jax.Array, shifted: bool) -> jax.Array:  # [B, T, V] -> [B, T, V]
