@@ -262,6 +262,9 @@ def test_diffusion_strategies_decode_a_toy_kind_model():
         if cache == "none":
             assert freedave.sequences() == static.sequences()
         assert all(len(row) == 8 for row in freedave.sequences())
+    threshold_one = jspec.decode(masked, RAGGED, "dllm_threshold", threshold=1.0, block_size=4, max_new_tokens=8,
+                                 stop_tokens=[])
+    assert threshold_one.sequences() == static.sequences()
     block = toy_model(vocab_size=98, mask_token_id=97, diffusion="block", diffusion_block_size=4, shifted_logits=True)
     reference = jspec.decode(block, RAGGED, "block_diffusion", cache="none", sub_block_size=2, max_new_tokens=8, stop_tokens=[])
     cached = jspec.decode(block, RAGGED, "block_diffusion", cache="block", sub_block_size=2, max_new_tokens=8, stop_tokens=[])
