@@ -8,14 +8,17 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jspec import validation
 from jspec.models.model import Model
 from jspec.strategies.base import DecodeOutput, FinishReason, Prompts, Strategy, resolve_strategy
+from jspec.validation import ArgumentError
 
 PROMPT_PAD_MULTIPLE = 16  # prompts are right-padded to a multiple of this, so nearby lengths share a compile
 
@@ -150,21 +153,32 @@ def build_prompts(
     cache_size: int | None = None,
     strategy: Strategy | None = None,
 ) -> Prompts:
-    """Validate user input and build the `Prompts` pytree. Raises ValueError naming the bad argument."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
+    """Validate user input and build the `Prompts` pytree. Raises `ArgumentError` (a ValueError) naming the bad
+    argument; nothing is truncated. Bounds: the longest prompt plus max_new_tokens must fit the model's position
+    limit, and the cache must fit the device's memory (checked before anything is allocated)."""
+    validation.check_int("max_new_tokens", max_new_tokens, minimum=0)
     max_new_tokens = int(max_new_tokens)
     rows = _token_rows(model, prompts, prompt_lengths)
     vocab = model.config.vocab_size
     for index, row in enumerate(rows):
         if len(row) == 0:
-            raise ValueError(f"prompts: row {index} is empty; every prompt needs at least one token")
+            raise ArgumentError(f"prompts: row {index} is empty; every prompt needs at least one token")
         bad = np.flatnonzero((row < 0) | (row >= vocab))
         if bad.size:
-            raise ValueError(
+            raise ArgumentError(
                 f"prompts: row {index}, position {bad[0]} has token id {row[bad[0]]}, outside the vocabulary [0, {vocab})"
             )
     lengths = np.array([len(r) for r in rows], np.int32)
+    limit = model.config.max_position_embeddings
+    room = limit - int(lengths.max())
+    if room < 0:
+        raise validation.ArgumentError(
+            f"prompts: row {int(np.argmax(lengths))} has {int(lengths.max())} tokens, more than the model's position "
+            f"limit max_position_embeddings={limit}"
+        )
+    validation.check_int("max_new_tokens", max_new_tokens, minimum=0, maximum=room,
+                         why=f" (the longest prompt has {int(lengths.max())} tokens; the model's position limit is "
+                             f"max_position_embeddings={limit})")
     width = int(-(-lengths.max() // PROMPT_PAD_MULTIPLE) * PROMPT_PAD_MULTIPLE)
     tokens = np.zeros((len(rows), width), np.int32)
     for index, row in enumerate(rows):
@@ -174,19 +188,25 @@ def build_prompts(
     multiple = model.cache_size_multiple  # attention kernels read the cache in whole blocks
     if cache_size is None:
         cache_size = -(-(width + max_new_tokens + headroom) // multiple) * multiple
-    elif isinstance(cache_size, bool) or not isinstance(cache_size, (int, np.integer)) or cache_size < 1:
-        raise ValueError(f"cache_size: expected a positive int, got {cache_size!r}")
-    elif cache_size % multiple:
-        raise ValueError(
-            f"cache_size: {cache_size} is not a multiple of the attention kernel block size {multiple} "
-            f"(attention_impl={model.kernels.attention_impl!r}); use cache_size={-(-cache_size // multiple) * multiple}"
-        )
-    elif int(lengths.max()) > cache_size:
-        longest = int(np.argmax(lengths))
-        raise ValueError(
-            f"cache_size: prompt row {longest} has {lengths[longest]} tokens, more than cache_size={cache_size}; "
-            "raise cache_size or shorten the prompt (prompts are never truncated)"
-        )
+    else:
+        validation.check_int("cache_size", cache_size, minimum=1)
+        if strategy is not None and not getattr(strategy, "takes_cache_size", True):
+            raise validation.ArgumentError(
+                f"cache_size: strategy {getattr(strategy, 'name', strategy)!r} sizes its own cache from the prompts and "
+                "max_new_tokens (its canvas); leave cache_size unset"
+            )
+        if cache_size % multiple:
+            raise validation.ArgumentError(
+                f"cache_size: {cache_size} is not a multiple of the attention kernel block size {multiple} "
+                f"(attention_impl={model.kernels.attention_impl!r}); use cache_size={-(-cache_size // multiple) * multiple}"
+            )
+        if int(lengths.max()) > cache_size:
+            longest = int(np.argmax(lengths))
+            raise validation.ArgumentError(
+                f"cache_size: prompt row {longest} has {lengths[longest]} tokens, more than cache_size={cache_size}; "
+                "raise cache_size or shorten the prompt (prompts are never truncated)"
+            )
+    _check_memory(model, len(rows), int(cache_size))
     return Prompts(
         tokens=jnp.asarray(tokens),
         lengths=jnp.asarray(lengths),
@@ -196,46 +216,68 @@ def build_prompts(
     )
 
 
+def _check_memory(model: Model, batch_size: int, cache_size: int) -> None:
+    """Raise before allocating when the cache alone would not fit in the device's memory (shapes only)."""
+    cache = jax.eval_shape(lambda: model.new_cache(batch_size, cache_size))
+    needed = sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize for leaf in jax.tree.leaves(cache))
+    available = _device_memory_bytes()
+    if available is not None and needed > 0.9 * available:
+        raise validation.ArgumentError(
+            f"cache_size: a cache of {cache_size} slots for {batch_size} rows needs {needed / 2**30:.1f} GiB, more than "
+            f"90% of the device's {available / 2**30:.1f} GiB; lower max_new_tokens, cache_size or the batch size"
+        )
+
+
+def _device_memory_bytes() -> int | None:
+    device = jax.devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu" and hasattr(os, "sysconf"):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
 def _token_rows(model: Model, prompts: Any, prompt_lengths: Any) -> list[np.ndarray]:
     if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, str) for p in prompts)):
         if prompt_lengths is not None:
-            raise ValueError("prompt_lengths: only valid with an int array of prompts, not with text")
+            raise ArgumentError("prompt_lengths: only valid with an int array of prompts, not with text")
         if model.tokenizer is None:
-            raise ValueError("prompts: text prompts need a model with a tokenizer; pass token ids instead")
+            raise ArgumentError("prompts: text prompts need a model with a tokenizer; pass token ids instead")
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
         return [np.asarray(_with_bos(model, model.tokenizer.encode(t)), np.int64) for t in texts]
     if isinstance(prompts, (np.ndarray, jax.Array)):
         array = np.asarray(prompts)
         if not np.issubdtype(array.dtype, np.integer):
-            raise ValueError(f"prompts: expected integer token ids, got an array of dtype {array.dtype}")
+            raise ArgumentError(f"prompts: expected integer token ids, got an array of dtype {array.dtype}")
         if array.ndim != 2:
-            raise ValueError(f"prompts: expected an int array of shape [B, T], got shape {array.shape}")
+            raise ArgumentError(f"prompts: expected an int array of shape [B, T], got shape {array.shape}")
         if prompt_lengths is None:
             lengths = np.full(array.shape[0], array.shape[1])
         else:
             lengths = np.asarray(prompt_lengths)
             if lengths.shape != (array.shape[0],) or not np.issubdtype(lengths.dtype, np.integer):
-                raise ValueError(f"prompt_lengths: expected {array.shape[0]} ints (one per row), got {prompt_lengths!r}")
+                raise ArgumentError(f"prompt_lengths: expected {array.shape[0]} ints (one per row), got {prompt_lengths!r}")
             if np.any(lengths > array.shape[1]) or np.any(lengths < 0):
-                raise ValueError(f"prompt_lengths: expected values in [1, {array.shape[1]}], got {lengths.tolist()}")
+                raise ArgumentError(f"prompt_lengths: expected values in [1, {array.shape[1]}], got {lengths.tolist()}")
         return [array[i, : lengths[i]].astype(np.int64) for i in range(array.shape[0])]
     if prompt_lengths is not None:
-        raise ValueError("prompt_lengths: only valid with an int array of prompts [B, T]")
+        raise ArgumentError("prompt_lengths: only valid with an int array of prompts [B, T]")
     if isinstance(prompts, (list, tuple)):
         if not prompts:
-            raise ValueError("prompts: expected at least one prompt, got an empty list")
+            raise ArgumentError("prompts: expected at least one prompt, got an empty list")
         if all(_is_int(t) for t in prompts):
             return [np.asarray(prompts, np.int64)]
         rows = []
         for index, row in enumerate(prompts):
             if not isinstance(row, (list, tuple, np.ndarray)) or not all(_is_int(t) for t in row):
-                raise ValueError(
+                raise ArgumentError(
                     f"prompts: row {index} is not a list of int token ids ({row!r}); expected str, list of str, "
                     "list of token-id lists, or an int array [B, T]"
                 )
             rows.append(np.asarray(row, np.int64).reshape(-1))
         return rows
-    raise ValueError(
+    raise ArgumentError(
         f"prompts: expected str, list of str, list of token-id lists, or an int array [B, T]; got {type(prompts).__name__}"
     )
 
@@ -255,15 +297,18 @@ def _stop_token_rows(model: Model, stop_tokens: Any, batch_size: int) -> np.ndar
         stop_tokens = list(model.config.eos_token_ids) or list(getattr(model.tokenizer, "eos_token_ids", ()) or ())
     if _is_int(stop_tokens):
         stop_tokens = [stop_tokens]
+    if isinstance(stop_tokens, (str, bytes)) or not isinstance(stop_tokens, (list, tuple, np.ndarray)):
+        validation.fail("stop_tokens", f"token ids in [0, {model.config.vocab_size}) (a list, or a list per row)",
+                        stop_tokens)
     stop_tokens = list(stop_tokens)
     per_row = bool(stop_tokens) and all(isinstance(s, (list, tuple, np.ndarray)) for s in stop_tokens)
     if per_row and len(stop_tokens) != batch_size:
-        raise ValueError(f"stop_tokens: expected one list per row ({batch_size}), got {len(stop_tokens)}")
+        raise ArgumentError(f"stop_tokens: expected one list per row ({batch_size}), got {len(stop_tokens)}")
     rows = [list(s) for s in stop_tokens] if per_row else [stop_tokens] * batch_size
     for row in rows:
         for token in row:
             if not _is_int(token) or not 0 <= token < model.config.vocab_size:
-                raise ValueError(
+                raise ArgumentError(
                     f"stop_tokens: expected token ids in [0, {model.config.vocab_size}) (a list, or a list per row), got {token!r}"
                 )
     width = max(len(r) for r in rows)
@@ -282,7 +327,7 @@ def _as_key(key: Any) -> jax.Array:
         return key
     if isinstance(key, jax.Array) and key.shape == (2,) and key.dtype == jnp.uint32:
         return jax.random.wrap_key_data(key)
-    raise ValueError(f"key: expected an int seed or a jax.random.key, got {key!r}")
+    raise ArgumentError(f"key: expected an int seed or a jax.random.key, got {key!r}")
 
 
 # --- outputs ------------------------------------------------------------------------------------------

@@ -38,8 +38,10 @@ class SamplingParams:
 
 
 def validate_sampling_options(batch_size: int, **values: Any) -> None:
-    """Raise ValueError naming the option when a (concrete) sampling option is out of range."""
+    """Raise `ArgumentError` naming the option when a sampling option is not a number in range (scalar or per row)."""
     import numpy as np
+
+    from jspec.validation import check_per_row
 
     rules = {
         "temperature": (lambda x: x >= 0, "a float >= 0 (0 is greedy)"),
@@ -48,15 +50,7 @@ def validate_sampling_options(batch_size: int, **values: Any) -> None:
         "min_p": (lambda x: (x >= 0) & (x < 1), "a float in [0, 1) (0 turns it off)"),
     }
     for name, value in values.items():
-        check, expected = rules[name]
-        try:
-            array = np.asarray(value, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name}: expected {expected} or one per row, got {value!r}") from None
-        if array.ndim > 1 or (array.ndim == 1 and array.shape[0] != batch_size):
-            raise ValueError(f"{name}: expected a scalar or {batch_size} values (one per row), got shape {array.shape}")
-        if not np.all(check(array)) or not np.all(np.isfinite(array)):
-            raise ValueError(f"{name}: expected {expected}, got {value!r}")
+        check_per_row(name, value, batch_size, *rules[name])
 
 
 def warp_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:

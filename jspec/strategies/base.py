@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jspec.validation import ArgumentError
 
 static_field = lambda **kwargs: struct.field(pytree_node=False, **kwargs)  # noqa: E731
 
@@ -130,6 +131,8 @@ class Strategy(Protocol):
     """The contract every decoding strategy implements (see the module docstring)."""
 
     name: ClassVar[str]
+    # Optional: `takes_cache_size: ClassVar[bool] = False` for strategies that size their cache themselves (an
+    # explicit cache_size is then refused with an error saying why).
 
     def validate(self, model: Any, prompts: Prompts) -> None: ...  # concrete checks, before tracing
 
@@ -160,21 +163,21 @@ def resolve_strategy(strategy: Any, options: dict[str, Any]) -> Strategy:
     """A strategy object from a registered name and its options, or the object itself (then no options)."""
     if isinstance(strategy, str):
         if strategy not in _REGISTRY:
-            raise ValueError(f"strategy: unknown strategy {strategy!r}; known strategies are {strategy_names()}")
+            raise ArgumentError(f"strategy: unknown strategy {strategy!r}; known strategies are {strategy_names()}")
         factory = _REGISTRY[strategy]
         allowed = _option_names(factory)
         unknown = sorted(set(options) - set(allowed))
         if unknown:
-            raise ValueError(
+            raise ArgumentError(
                 f"strategy {strategy!r}: unknown option(s) {unknown}; its options are {sorted(allowed) or 'none'}"
             )
         return factory(**options)
     if options:
-        raise ValueError(
+        raise ArgumentError(
             f"strategy: options {sorted(options)} were given with a strategy object; set them on the object instead"
         )
     if not all(hasattr(strategy, attr) for attr in ("init", "step", "done", "output")):
-        raise ValueError(f"strategy: expected a registered name or a strategy object, got {strategy!r}")
+        raise ArgumentError(f"strategy: expected a registered name or a strategy object, got {strategy!r}")
     return strategy
 
 

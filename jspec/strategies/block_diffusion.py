@@ -35,6 +35,7 @@ from jspec import masks
 from jspec.cache import Cache
 from jspec.strategies import unmasking
 from jspec.strategies.base import DecodeOutput, OutputBuffer, Prompts, register_strategy, static_field
+from jspec.validation import ArgumentError
 
 # --- caches --------------------------------------------------------------------------------------------
 
@@ -182,6 +183,7 @@ class BlockDiffusion:
     """
 
     name: ClassVar[str] = "block_diffusion"
+    takes_cache_size: ClassVar[bool] = False  # the cache is sized from the canvas (prompts + max_new_tokens)
     block_size: int | None = static_field(default=None)
     sub_block_size: int = static_field(default=8)
     cache: BlockDiffusionCache = static_field(default=BlockCache())
@@ -193,14 +195,14 @@ class BlockDiffusion:
     def validate(self, model: Any, prompts: Prompts) -> None:
         unmasking.check_diffusion_model(model, "block", "block_diffusion")
         if not model.config.shifted_logits:
-            raise ValueError("model: block_diffusion needs a token-shift model (config.shifted_logits=True), as Fast-dLLM v2 trains")
+            raise ArgumentError("model: block_diffusion needs a token-shift model (config.shifted_logits=True), as Fast-dLLM v2 trains")
         unmasking.choose_policy("cache", self.cache, {}, BlockDiffusionCache)
         if self.block_size is not None:
             unmasking.check_positive_int("block_size", self.block_size)
         unmasking.check_positive_int("sub_block_size", self.sub_block_size)
         block_size = self._block_size(model)
         if block_size % self.sub_block_size:
-            raise ValueError(f"sub_block_size: {self.sub_block_size} does not divide block_size={block_size}")
+            raise ArgumentError(f"sub_block_size: {self.sub_block_size} does not divide block_size={block_size}")
         unmasking.check_options(prompts, self.temperature, self.threshold)
 
     def cache_headroom(self) -> int:

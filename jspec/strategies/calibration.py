@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jspec.models.model import Model
+from jspec.validation import ArgumentError
 
 
 @functools.partial(jax.jit, static_argnames="skip_layers")
@@ -37,10 +38,10 @@ def calibrate_skip_layers(model: Model, tokens, num_skip: int) -> tuple[tuple[in
     """
     tokens = jnp.asarray(np.asarray(tokens, np.int32))
     if tokens.ndim != 2 or tokens.shape[1] < 2:
-        raise ValueError(f"tokens: expected held-out token ids of shape [B, T] with T >= 2, got shape {tokens.shape}")
+        raise ArgumentError(f"tokens: expected held-out token ids of shape [B, T] with T >= 2, got shape {tokens.shape}")
     layers = model.config.num_layers
     if not isinstance(num_skip, int) or not 1 <= num_skip < layers:
-        raise ValueError(f"num_skip: expected an int in [1, {layers - 1}], got {num_skip!r}")
+        raise ArgumentError(f"num_skip: expected an int in [1, {layers - 1}], got {num_skip!r}")
     chosen: list[int] = []
     agreement = 1.0
     for _ in range(num_skip):

@@ -44,6 +44,7 @@ from jspec.cache import Cache
 from jspec.strategies import unmasking
 from jspec.strategies.base import DecodeOutput, OutputBuffer, Prompts, register_strategy, static_field
 from jspec.strategies.unmasking import StaticUnmasking, UnmaskingRule, unmasking_rule
+from jspec.validation import ArgumentError
 
 # --- attention context ---------------------------------------------------------------------------------
 
@@ -177,6 +178,7 @@ class MaskedDiffusion:
     """
 
     name: ClassVar[str] = "masked_diffusion"
+    takes_cache_size: ClassVar[bool] = False  # the cache is sized from the canvas (prompts + max_new_tokens)
     unmasking: UnmaskingRule = StaticUnmasking()
     block_size: int = static_field(default=32)
     cache: ContextCache = static_field(default=NoContextCache())
@@ -189,7 +191,7 @@ class MaskedDiffusion:
         unmasking.choose_policy("cache", self.cache, {}, ContextCache)
         unmasking.check_positive_int("block_size", self.block_size)
         if prompts.max_new_tokens % self.block_size:
-            raise ValueError(
+            raise ArgumentError(
                 f"block_size: {self.block_size} does not divide max_new_tokens={prompts.max_new_tokens}; masked-diffusion "
                 "decoding fills whole blocks (choose max_new_tokens as a multiple of block_size)"
             )

@@ -31,16 +31,18 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jspec import masks, sampling
+from jspec import masks, sampling, validation
 from jspec.cache import Cache
 from jspec.models.model import Model
 from jspec.strategies.base import Prompts, prefill, static_field
 from jspec.strategies.tree import TreeTemplate
+from jspec.validation import ArgumentError
 
 if TYPE_CHECKING:
     from jspec.strategies.speculative import SpeculativeState
 
 DRAFTER_NAMES = ("model", "layer_skip", "prompt_lookup")
+MAX_NGRAM = 16  # prompt lookup compares every n-gram length up to this (work grows as max_ngram^2)
 
 
 @struct.dataclass
@@ -106,9 +108,9 @@ class DraftModelDrafter:
 
     def validate(self, target: Model, template: TreeTemplate, prompts: Prompts) -> None:
         if not isinstance(self.draft, Model):
-            raise ValueError("draft: the 'model' drafter needs a draft model (draft=jspec.load(...))")
+            raise ArgumentError("draft: the 'model' drafter needs a draft model (draft=jspec.load(...))")
         if self.draft.config.vocab_size != target.config.vocab_size:
-            raise ValueError(
+            raise ArgumentError(
                 f"draft: vocabulary size {self.draft.config.vocab_size} differs from the target's "
                 f"{target.config.vocab_size}; the draft must share the target's tokenizer"
             )
@@ -148,7 +150,7 @@ class LayerSkipDrafter:
         layers = target.config.num_layers
         skip = self.skip_layers
         if not skip or any(not 0 <= i < layers for i in skip) or len(set(skip)) >= layers:
-            raise ValueError(
+            raise ArgumentError(
                 f"skip_layers: expected distinct layer indices in [0, {layers}) leaving at least one layer, got {skip!r}"
             )
 
@@ -182,9 +184,8 @@ class PromptLookupDrafter:
 
     def validate(self, target: Model, template: TreeTemplate, prompts: Prompts) -> None:
         if not template.is_chain:
-            raise ValueError("tree: prompt lookup drafts one continuation; use a chain (num_draft_tokens)")
-        if not isinstance(self.max_ngram, int) or self.max_ngram < 1:
-            raise ValueError(f"max_ngram: expected an int >= 1, got {self.max_ngram!r}")
+            raise ArgumentError("tree: prompt lookup drafts one continuation; use a chain (num_draft_tokens)")
+        validation.check_int("max_ngram", self.max_ngram, minimum=1, maximum=MAX_NGRAM)
 
     def init(self, target: Model, prompts: Prompts, template: TreeTemplate) -> None:
         return None
@@ -239,6 +240,7 @@ def drafter_from_options(
 ) -> DraftModelDrafter | LayerSkipDrafter | PromptLookupDrafter:
     """The drafter a name selects: "model", "layer_skip" or "prompt_lookup"; None picks "model" when a draft is
     given (or nothing is), else "layer_skip" when skip_layers are."""
+    skip_layers = validation.check_int_sequence("skip_layers", skip_layers, minimum=0, allow_empty=True)
     if drafter is None:
         drafter = "layer_skip" if draft is None and skip_layers else "model"
     choices = {
@@ -247,7 +249,7 @@ def drafter_from_options(
         "prompt_lookup": lambda: PromptLookupDrafter(max_ngram),
     }
     if drafter not in choices:
-        raise ValueError(f"drafter: expected one of {DRAFTER_NAMES} or a drafter object, got {drafter!r}")
+        raise ArgumentError(f"drafter: expected one of {DRAFTER_NAMES} or a drafter object, got {drafter!r}")
     return choices[drafter]()
 
 

@@ -35,9 +35,10 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
-from jspec import masks, sampling
+from jspec import masks, sampling, validation
 from jspec.cache import Cache, scatter_rows
 from jspec.models.model import Model
 from jspec.strategies.base import (
@@ -62,6 +63,7 @@ from jspec.strategies.drafters import (
     warped_probabilities,
 )
 from jspec.strategies.tree import TreeTemplate
+from jspec.validation import ArgumentError
 
 
 @struct.dataclass
@@ -111,9 +113,9 @@ class Speculative:
 
     def __post_init__(self, draft: Model | None, skip_layers: tuple[int, ...], max_ngram: int) -> None:
         if self.drafter is None or isinstance(self.drafter, str):
-            object.__setattr__(self, "drafter", drafter_from_options(self.drafter, draft, tuple(skip_layers), max_ngram))
-        elif draft is not None or tuple(skip_layers) or max_ngram != 3:
-            raise ValueError("drafter: give a drafter object or the draft / skip_layers / max_ngram shorthands, not both")
+            object.__setattr__(self, "drafter", drafter_from_options(self.drafter, draft, skip_layers, max_ngram))
+        elif draft is not None or skip_layers != () or max_ngram != 3:
+            raise ArgumentError("drafter: give a drafter object or the draft / skip_layers / max_ngram shorthands, not both")
 
     # --- configuration -----------------------------------------------------------------------------
 
@@ -126,8 +128,8 @@ class Speculative:
         return TreeTemplate.chain(self.num_draft_tokens)
 
     def validate(self, model: Model, prompts: Prompts) -> None:
-        if isinstance(self.num_draft_tokens, bool) or not isinstance(self.num_draft_tokens, int) or self.num_draft_tokens < 1:
-            raise ValueError(f"num_draft_tokens: expected an int >= 1, got {self.num_draft_tokens!r}")
+        check_draft_shape(self.num_draft_tokens, self.tree, self.tree_parents)
+        validation.check_bool("adaptive", self.adaptive)
         template = self.template  # raises for a template that is not a tree
         self.drafter.validate(model, template, prompts)
         sampling.validate_sampling_options(
@@ -146,7 +148,8 @@ class Speculative:
         logits, cache = prefill(model, prompts, cache)
         params = sampling.SamplingParams.broadcast(batch, self.temperature, self.top_k, self.top_p, self.min_p)
         first = sampling.sample(jax.random.fold_in(key, 0), logits, params)
-        history = jnp.full((batch, prompts.cache_size + template.num_nodes + 2), -1, jnp.int32)
+        width = max(prompts.cache_size, prompts.tokens.shape[1])  # a cache smaller than the padded prompts is legal
+        history = jnp.full((batch, width + template.num_nodes + 2), -1, jnp.int32)
         history = history.at[:, : prompts.tokens.shape[1]].set(prompts.tokens)
         history = scatter_rows(history, first[:, None], prompts.lengths[:, None])
         output = OutputBuffer.create(batch, prompts.max_new_tokens).append(first[:, None], jnp.ones_like(first), prompts.stop_tokens)
@@ -369,6 +372,30 @@ def residual_distribution(target: jax.Array, proposal: jax.Array) -> jax.Array:
     return jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), target)
 
 
+MAX_DRAFT_DEPTH = 16  # drafting unrolls one forward per depth: compile time and memory grow with it
+MAX_DRAFT_NODES = 128  # verification runs every node as a token of one forward
+
+
+def check_draft_shape(num_draft_tokens: Any, tree: Any, tree_parents: Any) -> None:
+    """Raise `ArgumentError` unless the draft is a chain or tree jspec can compile in bounded time and memory:
+    depth <= MAX_DRAFT_DEPTH and nodes <= MAX_DRAFT_NODES."""
+    limit = f" (at most {MAX_DRAFT_DEPTH} draft levels)"
+    validation.check_int("num_draft_tokens", num_draft_tokens, minimum=1, maximum=MAX_DRAFT_DEPTH, why=limit)
+    if tree is not None:
+        branching = validation.check_int_sequence("tree", tree, minimum=1)
+        if len(branching) > MAX_DRAFT_DEPTH:
+            validation.fail("tree", f"at most {MAX_DRAFT_DEPTH} branching factors (draft levels)", tree)
+        nodes = int(np.sum(np.cumprod(branching)))
+        if nodes > MAX_DRAFT_NODES:
+            validation.fail("tree", f"a tree of at most {MAX_DRAFT_NODES} nodes (this one has {nodes})", tree)
+    if tree_parents is not None:
+        parents = validation.check_int_sequence("tree_parents", tree_parents, minimum=-1, maximum=MAX_DRAFT_NODES)
+        if len(parents) > MAX_DRAFT_NODES:
+            validation.fail("tree_parents", f"at most {MAX_DRAFT_NODES} nodes", tree_parents)
+        if TreeTemplate(parents).max_depth > MAX_DRAFT_DEPTH:
+            validation.fail("tree_parents", f"a tree at most {MAX_DRAFT_DEPTH} levels deep", tree_parents)
+
+
 def speculative(
     *,
     draft: Model | None = None,
@@ -383,8 +410,12 @@ def speculative(
     min_p: Any = 0.0,
 ) -> Speculative:
     """Draft-model speculative decoding (or self-speculative when only skip_layers is given)."""
+    check_draft_shape(num_draft_tokens, tree, tree_parents)
+    skip_layers = validation.check_int_sequence("skip_layers", skip_layers, minimum=0, allow_empty=True)
+    if draft is not None and not isinstance(draft, Model):
+        validation.fail("draft", "a jspec.Model (e.g. jspec.load('demo-code-draft'))", draft)
     if draft is None and not skip_layers:
-        raise ValueError("draft: strategy 'speculative' needs draft=<jspec.Model> (or skip_layers=... for self-speculative)")
+        raise ArgumentError("draft: strategy 'speculative' needs draft=<jspec.Model> (or skip_layers=... for self-speculative)")
     if draft is None:
         drafter = LayerSkipDrafter(tuple(skip_layers))
     else:
@@ -406,6 +437,7 @@ def prompt_lookup_strategy(
     *, num_draft_tokens: int = 10, max_ngram: int = 3, adaptive: bool = False, temperature: Any = 0.0, top_k: Any = 0, top_p: Any = 1.0, min_p: Any = 0.0
 ) -> Speculative:
     """Prompt-lookup decoding: drafts copied from earlier n-gram matches (defaults as Hugging Face's)."""
+    check_draft_shape(num_draft_tokens, None, None)
     return Speculative(
         drafter=PromptLookupDrafter(max_ngram), num_draft_tokens=num_draft_tokens, adaptive=adaptive,
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -417,6 +449,8 @@ def self_speculative(
     temperature: Any = 0.0, top_k: Any = 0, top_p: Any = 1.0, min_p: Any = 0.0,
 ) -> Speculative:
     """Self-speculative decoding: the target with `skip_layers` left out drafts for itself."""
+    check_draft_shape(num_draft_tokens, tree, None)
+    skip_layers = validation.check_int_sequence("skip_layers", skip_layers, minimum=0)
     return Speculative(
         drafter=LayerSkipDrafter(tuple(skip_layers)), num_draft_tokens=num_draft_tokens,
         tree=None if tree is None else tuple(tree), adaptive=adaptive,

@@ -16,6 +16,7 @@ import functools
 from typing import Sequence
 
 import numpy as np
+from jspec.validation import ArgumentError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,30 +27,30 @@ class TreeTemplate:
         parents = tuple(int(p) for p in self.parents)
         object.__setattr__(self, "parents", parents)
         if not parents:
-            raise ValueError("tree: expected at least one draft node, got an empty template")
+            raise ArgumentError("tree: expected at least one draft node, got an empty template")
         depths: list[int] = []
         for node, parent in enumerate(parents):
             if not -1 <= parent < node:
-                raise ValueError(
+                raise ArgumentError(
                     f"tree: node {node} has parent {parent}; a tree template lists parents before children "
                     "(each parent is -1 for the root or an earlier node)"
                 )
             depths.append(1 if parent < 0 else depths[parent] + 1)
             if node and depths[node] < depths[node - 1]:
-                raise ValueError(f"tree: nodes must be numbered breadth-first (node {node} is shallower than node {node - 1})")
+                raise ArgumentError(f"tree: nodes must be numbered breadth-first (node {node} is shallower than node {node - 1})")
 
     @classmethod
     def chain(cls, length: int) -> "TreeTemplate":
         """A chain of `length` drafts."""
         if length < 1:
-            raise ValueError(f"num_draft_tokens: expected an int >= 1, got {length}")
+            raise ArgumentError(f"num_draft_tokens: expected an int >= 1, got {length}")
         return cls(tuple(range(-1, length - 1)))
 
     @classmethod
     def from_branching(cls, branching: Sequence[int]) -> "TreeTemplate":
         """Every node at depth d has branching[d] children (the top-k at that node): e.g. (3, 2, 1)."""
         if not branching or any(int(b) < 1 for b in branching):
-            raise ValueError(f"tree: expected branching factors >= 1 per depth, e.g. (3, 2, 1); got {tuple(branching)}")
+            raise ArgumentError(f"tree: expected branching factors >= 1 per depth, e.g. (3, 2, 1); got {tuple(branching)}")
         parents: list[int] = []
         level = [-1]
         for factor in branching:

@@ -18,10 +18,11 @@ from typing import Any, Callable, ClassVar, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
+from jspec import validation
 from jspec.strategies.base import DecodeOutput, Prompts, static_field
+from jspec.validation import ArgumentError
 
 Policy = TypeVar("Policy")
 
@@ -238,38 +239,30 @@ def choose_policy(argument: str, value: Any, named: dict[str, Callable[[], Polic
     if isinstance(value, str) and value in named:
         return named[value]()
     if named:
-        raise ValueError(f"{argument}: expected one of {tuple(named)} or an object of type {kind.__name__}, got {value!r}")
-    raise ValueError(f"{argument}: expected an object of type {kind.__name__} (the factories take names), got {value!r}")
+        raise ArgumentError(f"{argument}: expected one of {tuple(named)} or an object of type {kind.__name__}, got {value!r}")
+    raise ArgumentError(f"{argument}: expected an object of type {kind.__name__} (the factories take names), got {value!r}")
 
 
 def check_diffusion_model(model: Any, kind: str, strategy: str) -> None:
     config = model.config
     if config.mask_token_id is None:
-        raise ValueError(
+        raise ArgumentError(
             f"model: {config.name!r} has no mask token (config.mask_token_id is None); strategy {strategy!r} needs a "
             f"diffusion LM, e.g. jspec.load('demo-code-dllm') or jspec.load('demo-code-bd')"
         )
     if config.diffusion != kind:
         other = {"masked": "dllm_static / dllm_threshold / freedave", "block": "block_diffusion"}.get(config.diffusion)
         hint = f"; a diffusion={config.diffusion!r} model decodes with {other}" if other else ""
-        raise ValueError(f"model: strategy {strategy!r} needs a diffusion={kind!r} model, got diffusion={config.diffusion!r}{hint}")
+        raise ArgumentError(f"model: strategy {strategy!r} needs a diffusion={kind!r} model, got diffusion={config.diffusion!r}{hint}")
 
 
 def check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    validation.check_int(name, value, minimum=1)
 
 
 def check_per_row(name: str, value: Any, prompts: Prompts, ok, expected: str) -> None:
     """A traced option given as a scalar or one value per row; concrete values are range-checked."""
-    try:
-        array = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected {expected} or one per row, got {value!r}") from None
-    if array.ndim > 1 or (array.ndim == 1 and array.shape[0] != prompts.batch_size):
-        raise ValueError(f"{name}: expected a scalar or {prompts.batch_size} values (one per row), got shape {array.shape}")
-    if not np.all(np.isfinite(array)) or not np.all(ok(array)):
-        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+    validation.check_per_row(name, value, prompts.batch_size, ok, expected)
 
 
 def check_options(prompts: Prompts, temperature: Any, threshold: Any | None = None) -> None:
