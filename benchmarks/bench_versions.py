@@ -64,10 +64,25 @@ def worker() -> None:
         state = jax.eval_shape(lambda: resolved.init(model, request, jax.random.key(0)))
         return sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state.cache))
 
+    def session() -> list:
+        """20 decode calls of mixed prompt lengths and batch sizes, greedy and speculative: (compiles, seconds)."""
+        rng = np.random.default_rng(0)
+        before, start = jspec.trace_count(), time.perf_counter()
+        for call in range(20):
+            batch, length = int(rng.integers(1, 7)), int(rng.integers(3, 70))
+            prompts = [list(map(int, rng.integers(5, 4000, length))) for _ in range(batch)]
+            new_tokens = int(rng.integers(8, 40))
+            options = {"draft": draft, "num_draft_tokens": 4} if call % 2 else {}
+            jspec.decode(target, prompts, "speculative" if call % 2 else "greedy", max_new_tokens=new_tokens,
+                         stop_tokens=[], **options)
+        return [jspec.trace_count() - before, time.perf_counter() - start]
+
     for line in sys.stdin:
         request = json.loads(line)
         if request["op"] == "where":
             answer = jspec.__file__
+        elif request["op"] == "session":
+            answer = session()
         elif request["op"] == "run":
             start = time.perf_counter()
             out = cases[request["case"]]()
@@ -98,11 +113,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--layers", type=int, nargs="*", default=[2, 8, 32], help="compile-time depths (none: skip)")
     parser.add_argument("--cases", nargs="*", default=CASES, help=f"timed cases, from {CASES}")
+    parser.add_argument("--session", action="store_true", help="first: a 20-call session's compiles and seconds")
     parser.add_argument("--windows", type=int, nargs="*", default=[64, 256], help="cache-size windows (none: skip)")
     args = parser.parse_args()
     workers = {"before": Worker(args.before), "after": Worker(args.after)}
     for name, w in workers.items():
         print(f"{name}: jspec from {w.ask(op='where')}")
+
+    if args.session:
+        print("\nsession of 20 decode calls (mixed prompt lengths 3-69, batches 1-6, max_new_tokens 8-39; greedy and "
+              "speculative alternating), fresh process each")
+        for name, w in workers.items():
+            compiles, seconds = w.ask(op="session")
+            print(f"{name:7s} compiles {compiles:3d}   total seconds {seconds:7.1f}")
 
     print("\ncase             before s   after s   after/before   same tokens")
     for case in args.cases:

@@ -3,15 +3,17 @@ explicit KV/state pytrees, behind one call: `jspec.decode(model, prompts, strate
 
 from jspec import sampling, strategies
 from jspec.cache import KVCache
-from jspec.decode import Stream, decode, stream, trace_count
+from jspec.decode import Stream, decode, enable_compilation_cache, stream, trace_count
 from jspec.loading import load, save
 from jspec.models import Model, RopeScaling, TransformerConfig
 from jspec.strategies import Autoregressive, DecodeOutput, FinishReason, register_strategy, strategy_names
 from jspec.tokenizer import ByteTokenizer
+from jspec.validation import ArgumentError
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentError",
     "Autoregressive",
     "ByteTokenizer",
     "DecodeOutput",
@@ -22,6 +24,7 @@ __all__ = [
     "Stream",
     "TransformerConfig",
     "decode",
+    "enable_compilation_cache",
     "load",
     "register_strategy",
     "sampling",

@@ -17,32 +17,71 @@ import numpy as np
 
 from jspec import validation
 from jspec.models.model import Model
-from jspec.strategies.base import DecodeOutput, FinishReason, Prompts, Strategy, resolve_strategy
+from jspec.strategies.base import ROW_STATS, DecodeOutput, FinishReason, Prompts, Strategy, resolve_strategy
 from jspec.validation import ArgumentError
 
-PROMPT_PAD_MULTIPLE = 16  # prompts are right-padded to a multiple of this, so nearby lengths share a compile
+# Shape buckets: nearby calls share one compiled program. Prompts are right-padded to the next power of two
+# (at least PROMPT_PAD_MULTIPLE); strategies with `shape_buckets` also pad the batch to the next power of two
+# (padding rows finish before the first step) and size the output for the next power of two of max_new_tokens
+# (at least OUTPUT_BUCKET_MINIMUM), with each row's limit a traced value; the default cache size follows.
+PROMPT_PAD_MULTIPLE = 16
+OUTPUT_BUCKET_MINIMUM = 16
 
 _trace_count = 0
 
 
 def trace_count() -> int:
-    """How many times the decode loop has been traced (compiled) in this process."""
+    """How many programs `decode` and `stream` have traced (compiled) in this process: one per decode loop, and
+    init, step, done and output for a stream."""
     return _trace_count
 
 
-def _decode_loop(model: Model, strategy: Strategy, prompts: Prompts, key: jax.Array) -> DecodeOutput:
-    global _trace_count
-    _trace_count += 1
+def _counted(function):
+    def traced(*args):
+        global _trace_count
+        _trace_count += 1
+        return function(*args)
+
+    return traced
+
+
+def _start(model: Model, strategy: Strategy, prompts: Prompts, key: jax.Array) -> Any:
+    """The strategy's initial state, with the padding rows of a batch bucket already finished."""
     state = strategy.init(model, prompts, key)
+    if prompts.active is not None:
+        state = state.replace(output=state.output.finish(~prompts.active, FinishReason.LENGTH))
+    return state
+
+
+def _decode_loop(model: Model, strategy: Strategy, prompts: Prompts, key: jax.Array) -> DecodeOutput:
+    state = _start(model, strategy, prompts, key)
     state = jax.lax.while_loop(lambda s: ~jnp.all(strategy.done(s)), lambda s: strategy.step(model, s), state)
     return strategy.output(state)
 
 
-_decode_jit = jax.jit(_decode_loop)
-_init_jit = jax.jit(lambda model, strategy, prompts, key: strategy.init(model, prompts, key))
-_step_jit = jax.jit(lambda model, strategy, state: strategy.step(model, state), donate_argnums=2)
-_done_jit = jax.jit(lambda strategy, state: strategy.done(state))
-_output_jit = jax.jit(lambda strategy, state: strategy.output(state))
+_decode_jit = jax.jit(_counted(_decode_loop))
+_init_jit = jax.jit(_counted(_start))
+_step_jit = jax.jit(_counted(lambda model, strategy, state: strategy.step(model, state)), donate_argnums=2)
+_done_jit = jax.jit(_counted(lambda strategy, state: strategy.done(state)))
+_output_jit = jax.jit(_counted(lambda strategy, state: strategy.output(state)))
+
+
+def enable_compilation_cache(directory: str | os.PathLike | None = None) -> str:
+    """Keep compiled programs on disk (JAX's persistent compilation cache): a later process decoding the same
+    shapes with the same model config and strategy loads them instead of compiling. Call it before the first
+    decode of the process. directory: default $JSPEC_CACHE_DIR, else ~/.cache/jspec/xla. Returns the directory."""
+    path = os.fspath(directory or os.environ.get("JSPEC_CACHE_DIR") or os.path.expanduser("~/.cache/jspec/xla"))
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
+def bucket(size: int, minimum: int = 1) -> int:
+    """The shape bucket of `size`: the next power of two, at least `minimum`. Calls whose sizes share buckets
+    share one compiled program."""
+    return max(minimum, 1 << max(int(size) - 1, 0).bit_length())
 
 
 def decode(
@@ -78,7 +117,7 @@ def decode(
         return _empty_output(model, request)
     strategy.validate(model, request)
     result = _decode_jit(model.without_tokenizer(), strategy, request, _as_key(key))
-    return _to_host(model, jax.device_get(result), request.stop_tokens)
+    return _to_host(model, jax.device_get(result), request, max_new_tokens)
 
 
 class Stream:
@@ -86,22 +125,24 @@ class Stream:
     of the token ids that step emitted, and `.text` deltas where the model has a tokenizer. After the
     iteration, `.output` holds the same `DecodeOutput` that `jspec.decode` returns."""
 
-    def __init__(self, model: Model, strategy: Strategy, request: Prompts, key: jax.Array):
+    def __init__(self, model: Model, strategy: Strategy, request: Prompts, key: jax.Array, max_new_tokens: int):
         self._model, self._strategy, self._request, self._key = model, strategy, request, key
+        self._max_new_tokens = max_new_tokens
         self.output: DecodeOutput | None = None
         self.text_deltas: list[str] | None = None
 
     def __iter__(self) -> Iterator[list[list[int]]]:
         model = self._model.without_tokenizer()
         tokenizer = self._model.tokenizer
-        if self._request.max_new_tokens == 0:
+        if self._max_new_tokens == 0:
             self.output = _empty_output(self._model, self._request)
             return
         state = _init_jit(model, self._strategy, self._request, self._key)
-        emitted = np.zeros(self._request.batch_size, np.int64)
-        texts = [""] * self._request.batch_size
+        batch = _real_batch_size(self._request)
+        emitted = np.zeros(batch, np.int64)
+        texts = [""] * batch
         while True:
-            partial = jax.device_get(_output_jit(self._strategy, state))
+            partial = _trimmed(jax.device_get(_output_jit(self._strategy, state)), batch, self._max_new_tokens)
             new = [list(map(int, row[start:end])) for row, start, end in zip(partial.tokens, emitted, partial.lengths)]
             emitted = np.asarray(partial.lengths, np.int64)
             if tokenizer is not None:
@@ -115,7 +156,7 @@ class Stream:
             if bool(np.all(jax.device_get(_done_jit(self._strategy, state)))):
                 break
             state = _step_jit(model, self._strategy, state)
-        self.output = _to_host(self._model, partial, self._request.stop_tokens)
+        self.output = _to_host(self._model, partial, self._request, self._max_new_tokens)
 
 
 def stream(
@@ -138,7 +179,7 @@ def stream(
     request = build_prompts(model, prompts, max_new_tokens, prompt_lengths, stop_tokens, cache_size, strategy)
     if max_new_tokens > 0:
         strategy.validate(model, request)
-    return Stream(model, strategy, request, _as_key(key))
+    return Stream(model, strategy, request, _as_key(key), int(max_new_tokens))
 
 
 # --- inputs -------------------------------------------------------------------------------------------
@@ -179,15 +220,19 @@ def build_prompts(
     validation.check_int("max_new_tokens", max_new_tokens, minimum=0, maximum=room,
                          why=f" (the longest prompt has {int(lengths.max())} tokens; the model's position limit is "
                              f"max_position_embeddings={limit})")
-    width = int(-(-lengths.max() // PROMPT_PAD_MULTIPLE) * PROMPT_PAD_MULTIPLE)
-    tokens = np.zeros((len(rows), width), np.int32)
+    buckets = bool(getattr(strategy, "shape_buckets", False))
+    width = bucket(int(lengths.max()), PROMPT_PAD_MULTIPLE)
+    batch = bucket(len(rows)) if buckets else len(rows)
+    capacity = bucket(max_new_tokens, OUTPUT_BUCKET_MINIMUM) if buckets and max_new_tokens else max_new_tokens
+    tokens = np.full((batch, width), model.config.pad_token_id, np.int32)
     for index, row in enumerate(rows):
         tokens[index, : len(row)] = row
+    lengths = np.concatenate([lengths, np.ones(batch - len(rows), np.int32)])  # padding rows: one pad token
 
     headroom = strategy.cache_headroom() if strategy is not None else 0
     multiple = model.cache_size_multiple  # attention kernels read the cache in whole blocks
     if cache_size is None:
-        cache_size = -(-(width + max_new_tokens + headroom) // multiple) * multiple
+        cache_size = -(-(width + capacity + headroom) // multiple) * multiple
     else:
         validation.check_int("cache_size", cache_size, minimum=1)
         if strategy is not None and not getattr(strategy, "takes_cache_size", True):
@@ -206,13 +251,18 @@ def build_prompts(
                 f"cache_size: prompt row {longest} has {lengths[longest]} tokens, more than cache_size={cache_size}; "
                 "raise cache_size or shorten the prompt (prompts are never truncated)"
             )
-    _check_memory(model, len(rows), int(cache_size))
+    _check_memory(model, batch, int(cache_size))
+    stops = _stop_token_rows(model, stop_tokens, len(rows))
+    stops = np.pad(stops, ((0, batch - len(rows)), (0, bucket(stops.shape[1]) - stops.shape[1])), constant_values=-1)
+    active = np.arange(batch) < len(rows)
     return Prompts(
         tokens=jnp.asarray(tokens),
         lengths=jnp.asarray(lengths),
-        stop_tokens=jnp.asarray(_stop_token_rows(model, stop_tokens, len(rows))),
-        max_new_tokens=max_new_tokens,
+        stop_tokens=jnp.asarray(stops),
+        max_new_tokens=capacity,
         cache_size=int(cache_size),
+        limits=jnp.full((batch,), max_new_tokens, jnp.int32) if buckets else None,
+        active=jnp.asarray(active) if buckets else None,
     )
 
 
@@ -333,16 +383,30 @@ def _as_key(key: Any) -> jax.Array:
 # --- outputs ------------------------------------------------------------------------------------------
 
 
-def _to_host(model: Model, result: DecodeOutput, stop_tokens: Any) -> DecodeOutput:
-    stats = {name: (value.tolist() if np.ndim(value) else value.item()) if hasattr(value, "tolist") else value for name, value in result.stats.items()}
-    output = DecodeOutput(
-        tokens=np.asarray(result.tokens),
-        lengths=np.asarray(result.lengths),
-        finish_reason=np.asarray(result.finish_reason),
+def _real_batch_size(request: Prompts) -> int:
+    """Rows the caller asked for (the rest are padding rows of the batch bucket, always last)."""
+    return request.batch_size if request.active is None else int(np.sum(np.asarray(request.active)))
+
+
+def _trimmed(result: DecodeOutput, batch_size: int, max_new_tokens: int) -> DecodeOutput:
+    """A host-side output without the bucket's padding: the first batch_size rows and max_new_tokens columns."""
+    stats = {
+        name: np.asarray(value)[:batch_size] if name in ROW_STATS else value for name, value in result.stats.items()
+    }
+    return DecodeOutput(
+        tokens=np.asarray(result.tokens)[:batch_size, :max_new_tokens],
+        lengths=np.asarray(result.lengths)[:batch_size],
+        finish_reason=np.asarray(result.finish_reason)[:batch_size],
         stats=stats,
     )
+
+
+def _to_host(model: Model, result: DecodeOutput, request: Prompts, max_new_tokens: int) -> DecodeOutput:
+    output = _trimmed(result, _real_batch_size(request), max_new_tokens)
+    stats = {name: (value.tolist() if np.ndim(value) else value.item()) if hasattr(value, "tolist") else value for name, value in output.stats.items()}
+    output = dataclasses.replace(output, stats=stats)
     if model.tokenizer is not None:
-        stops = np.asarray(stop_tokens)
+        stops = np.asarray(request.stop_tokens)
         texts = [_visible_text(model.tokenizer, seq, stops[row]) for row, seq in enumerate(output.sequences())]
         output = dataclasses.replace(output, text=texts)
     return output
@@ -356,7 +420,7 @@ def _visible_text(tokenizer: Any, sequence: Sequence[int], stop_tokens: Any) -> 
 
 
 def _empty_output(model: Model, request: Prompts) -> DecodeOutput:
-    batch = request.batch_size
+    batch = _real_batch_size(request)
     return _to_host(
         model,
         DecodeOutput(
@@ -365,5 +429,6 @@ def _empty_output(model: Model, request: Prompts) -> DecodeOutput:
             finish_reason=np.full(batch, int(FinishReason.LENGTH), np.int32),
             stats={"model_calls": 0, "steps": 0, "tokens_generated": np.zeros(batch, np.int32)},
         ),
-        request.stop_tokens,
+        request,
+        0,
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 
 import jspec
@@ -167,3 +168,57 @@ def test_argument_error_is_both_value_and_type_error():
     with pytest.raises(TypeError, match="max_new_tokens"):
         jspec.decode(tiny_model("llama"), PROMPTS, max_new_tokens="8")
     assert issubclass(ArgumentError, ValueError)
+
+
+def test_shape_buckets_bound_the_number_of_compiles():
+    """Prompt lengths 5, 17, 30, 60 fall in width buckets 16, 32, 32, 64; batches 1, 3, 5 in 1, 4, 8; max_new_tokens
+    9 and 16 share the output bucket 16. decode and stream (its init, step, done and output) compile as predicted,
+    and bucketing changes no token."""
+    from jspec.decode import trace_count
+
+    model = tiny_model("llama", seed=3)
+    rng = np.random.default_rng(0)
+    jspec.decode(model, [[1, 2]], max_new_tokens=16, stop_tokens=[])  # warm: width 16, batch 1, output 16
+    before = trace_count()
+    for length in (5, 17, 30, 60):
+        jspec.decode(model, [list(rng.integers(0, 97, length))], max_new_tokens=9, stop_tokens=[])
+    assert trace_count() - before == 2  # widths 32 and 64 are new; 16 (and output 16 for 9 tokens) is cached
+    before = trace_count()
+    for batch in (1, 3, 5, 4, 8, 6):
+        out = jspec.decode(model, [[1, 2, 3]] * batch, max_new_tokens=12, stop_tokens=[])
+        assert len(out.sequences()) == batch and all(len(row) == 12 for row in out.sequences())
+    assert trace_count() - before == 2  # batch buckets 4 and 8 are new
+    before = trace_count()
+    for _ in jspec.stream(model, [[1, 2, 3]] * 3, max_new_tokens=5, stop_tokens=[]):
+        pass
+    for _ in jspec.stream(model, [[4, 5]] * 4, max_new_tokens=7, stop_tokens=[]):
+        pass
+    assert trace_count() - before == 4  # one stream program each of init, step, done, output; the second reuses
+
+    prompts = [list(rng.integers(0, 97, n)) for n in (3, 9, 20)]
+    bucketed = jspec.decode(model, prompts, max_new_tokens=11, stop_tokens=[38])
+    for prompt, row, reason in zip(prompts, bucketed.sequences(), bucketed.finish_reasons()):
+        alone = jspec.decode(model, [prompt], max_new_tokens=11, stop_tokens=[38])
+        assert row == alone.sequences()[0] and reason == alone.finish_reasons()[0]
+        assert len(row) <= 11
+
+
+def test_persistent_compilation_cache_serves_a_second_process(tmp_path):
+    """With jspec.enable_compilation_cache(dir), a second process running the same decode writes no new entry."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import jspec; jspec.enable_compilation_cache({!r}); "
+        "m = jspec.load('random:random-tiny'); "
+        "print(jspec.decode(m, [[1, 2, 3]], max_new_tokens=4, stop_tokens=[]).sequences())"
+    ).format(str(tmp_path / "cache"))
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    outputs, entries = [], []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs.append(done.stdout)
+        entries.append(sorted(p.name for p in (tmp_path / "cache").iterdir()))
+    assert entries[0] and entries[1] == entries[0] and outputs[1] == outputs[0]

@@ -39,6 +39,7 @@ class Autoregressive:
     changing them does not recompile. Each may be a scalar or one value per row."""
 
     name: ClassVar[str] = "autoregressive"
+    shape_buckets: ClassVar[bool] = True  # batch and max_new_tokens may be bucketed (padding rows, traced limits)
     temperature: Any = 0.0
     top_k: Any = 0
     top_p: Any = 1.0
@@ -60,7 +61,7 @@ class Autoregressive:
         logits, cache = prefill(model, prompts, cache)
         params = self.sampling_params(prompts.batch_size)
         first = sampling.sample(jax.random.fold_in(key, 0), logits, params)
-        output = OutputBuffer.create(prompts.batch_size, prompts.max_new_tokens)
+        output = OutputBuffer.create(prompts.batch_size, prompts.max_new_tokens, prompts.limits)
         output = output.append(first[:, None], jnp.ones_like(first), prompts.stop_tokens)
         return AutoregressiveState(
             cache=cache,

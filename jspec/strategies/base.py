@@ -36,13 +36,26 @@ class FinishReason(enum.IntEnum):
 
 @struct.dataclass
 class Prompts:
-    """A batch of requests: right-padded prompts with per-row lengths, stop tokens and static limits."""
+    """A batch of requests: right-padded prompts with per-row lengths, stop tokens and limits.
+
+    Shapes may be bucketed (see `jspec.decode`): `max_new_tokens` is then the output capacity (static) and
+    `limits` each row's own limit (traced), and rows with `active` False are padding rows of a batch bucket,
+    finished before the first step.
+    """
 
     tokens: jax.Array  # [B, T] int32, right-padded
     lengths: jax.Array  # [B] int32, >= 1
     stop_tokens: jax.Array  # [B, K] int32, padded with -1 (K may be 0)
     max_new_tokens: int = static_field()
     cache_size: int = static_field()
+    limits: jax.Array | None = None  # [B] int32, new tokens each row may emit (None: max_new_tokens)
+    active: jax.Array | None = None  # [B] bool, real rows (None: all)
+
+    @property
+    def row_limits(self) -> jax.Array:  # [B] int32
+        if self.limits is None:
+            return jnp.full((self.batch_size,), self.max_new_tokens, jnp.int32)
+        return self.limits
 
     @property
     def batch_size(self) -> int:
@@ -56,13 +69,16 @@ class OutputBuffer:
     tokens: jax.Array  # [B, N] int32, -1 past each row's length
     lengths: jax.Array  # [B] int32
     finish_reason: jax.Array  # [B] int32 FinishReason
+    limits: jax.Array  # [B] int32 <= N: tokens each row may emit (LENGTH when reached)
 
     @classmethod
-    def create(cls, batch_size: int, max_new_tokens: int) -> "OutputBuffer":
+    def create(cls, batch_size: int, max_new_tokens: int, limits: jax.Array | None = None) -> "OutputBuffer":
+        full = jnp.full((batch_size,), max_new_tokens, jnp.int32)
         return cls(
             tokens=jnp.full((batch_size, max_new_tokens), -1, jnp.int32),
             lengths=jnp.zeros((batch_size,), jnp.int32),
             finish_reason=jnp.zeros((batch_size,), jnp.int32),
+            limits=full if limits is None else jnp.minimum(jnp.asarray(limits, jnp.int32), full),
         )
 
     @property
@@ -76,19 +92,19 @@ class OutputBuffer:
         stop_tokens: jax.Array,  # [B, K] int32, -1 padded
     ) -> "OutputBuffer":
         """Emit up to num_new[b] tokens per running row, stopping after the first stop token (kept) and at
-        the buffer's length. Finished rows are unchanged."""
+        the row's limit. Finished rows are unchanged."""
         capacity = self.tokens.shape[1]
         offsets = jnp.arange(new_tokens.shape[1], dtype=jnp.int32)[None, :]
         offered = (offsets < num_new[:, None]) & ~self.finished[:, None]
         is_stop = offered & jnp.any(new_tokens[:, :, None] == stop_tokens[:, None, :], axis=-1)
         first_stop = jnp.where(jnp.any(is_stop, axis=1), jnp.argmax(is_stop, axis=1), new_tokens.shape[1])
-        kept = offered & (offsets <= first_stop[:, None]) & (offsets < (capacity - self.lengths)[:, None])
+        kept = offered & (offsets <= first_stop[:, None]) & (offsets < (self.limits - self.lengths)[:, None])
         slots = jnp.where(kept, self.lengths[:, None] + offsets, capacity)
         rows = jnp.arange(new_tokens.shape[0])[:, None]
         tokens = self.tokens.at[rows, slots].set(new_tokens, mode="drop")
         lengths = self.lengths + jnp.sum(kept, axis=1, dtype=jnp.int32)
         stopped = jnp.any(kept & is_stop, axis=1)
-        reason = jnp.where(stopped, FinishReason.EOS, jnp.where(lengths >= capacity, FinishReason.LENGTH, FinishReason.RUNNING))
+        reason = jnp.where(stopped, FinishReason.EOS, jnp.where(lengths >= self.limits, FinishReason.LENGTH, FinishReason.RUNNING))
         reason = jnp.where(self.finished, self.finish_reason, reason)
         return self.replace(tokens=tokens, lengths=lengths, finish_reason=reason.astype(jnp.int32))
 
@@ -96,6 +112,11 @@ class OutputBuffer:
         """Mark running rows [B] bool as finished with `reason`."""
         mark = rows & ~self.finished
         return self.replace(finish_reason=jnp.where(mark, int(reason), self.finish_reason).astype(jnp.int32))
+
+
+# Stats with one entry per row (the others are per call: counts, histograms, per-depth rates).
+ROW_STATS = frozenset({"tokens_generated", "active_steps", "emitted_drafts", "emitted_corrections",
+                       "mean_accepted_length", "block_forwards"})
 
 
 @dataclasses.dataclass

@@ -98,6 +98,7 @@ class Speculative:
     """
 
     name: ClassVar[str] = "speculative"
+    shape_buckets: ClassVar[bool] = True  # batch and max_new_tokens may be bucketed (padding rows, traced limits)
     drafter: Drafter | str | None = None  # a pytree: a draft model's parameters are traced leaves
     num_draft_tokens: int = static_field(default=4)
     tree: tuple[int, ...] | None = static_field(default=None)
@@ -152,7 +153,7 @@ class Speculative:
         history = jnp.full((batch, width + template.num_nodes + 2), -1, jnp.int32)
         history = history.at[:, : prompts.tokens.shape[1]].set(prompts.tokens)
         history = scatter_rows(history, first[:, None], prompts.lengths[:, None])
-        output = OutputBuffer.create(batch, prompts.max_new_tokens).append(first[:, None], jnp.ones_like(first), prompts.stop_tokens)
+        output = OutputBuffer.create(batch, prompts.max_new_tokens, prompts.limits).append(first[:, None], jnp.ones_like(first), prompts.stop_tokens)
         depth = template.max_depth
         return SpeculativeState(
             cache=cache,
