@@ -389,9 +389,11 @@ def test_demo_models_load_by_name_and_reach_the_model_card_heldout_loss():
 
 
 def test_build_demo_writes_outside_the_package_by_default(tmp_path):
+    from jspec.cli import build_parser
     from jspec.train import demo
 
-    assert demo.resolve_assets("runs") == Path("runs").absolute() / "assets"
+    args = build_parser().parse_args(["build-demo"])  # the CLI's defaults
+    assert demo.resolve_assets(args.out_root, args.assets, args.into_package) == Path("runs").absolute() / "assets"
     assert demo.resolve_assets(tmp_path) == tmp_path / "assets"
     assert demo.ASSETS_DIR not in demo.resolve_assets(tmp_path).parents
     assert demo.resolve_assets(tmp_path, into_package=True) == demo.ASSETS_DIR
