@@ -1,68 +1,137 @@
 """The `jspec` command line.
 
     jspec generate --prompt "def fib(n):" --strategy sample --temperature 0.8          # the shipped demo-code model
-    jspec strategies
+    jspec strategies                                                                  # name, guarantee, options
     jspec train --recipe demo-code --out runs/demo-code [--steps N] [--resume]
-    jspec build-demo --out-root runs --assets jspec/assets
+    jspec build-demo --out-root runs                      # exports to runs/assets (--into-package: jspec/assets)
+
+Guarantee: a user error (a bad flag or value, a missing or unreadable model, an option of another strategy, a
+destination that would be overwritten) prints ONE line on stderr, `jspec ...: error: ...`, and exits with status 2,
+never a traceback. Set JSPEC_TRACEBACK=1 to see the traceback of an error raised past argument parsing.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import inspect
 import json
+import os
 import sys
 import time
 from typing import Any, Sequence
 
 import jspec
+from jspec.strategies.base import _REGISTRY, _option_names
 
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p")
 SPECULATIVE_FLAGS = ("num_draft_tokens", "tree", "skip_layers", "max_ngram", "adaptive")
 DIFFUSION_FLAGS = ("block_size", "sub_block_size", "threshold", "draft_steps", "cache")
+FLAG_NAMES = {"cache": "--diffusion-cache"}  # option name -> its flag, where they differ
+REQUIRED = inspect.Parameter.empty  # the default of an option a strategy needs
+USER_ERRORS = (ValueError, TypeError, OSError)  # what a user's input can cause; anything else is a bug, shown in full
+
+# A few words on what each built-in strategy guarantees (`jspec strategies`); others show their docstring's first line.
+GUARANTEES = {
+    "greedy": "argmax decoding",
+    "sample": "samples the warped distribution",
+    "autoregressive": "argmax at temperature 0, else samples the warped distribution",
+    "speculative": "lossless: greedy token-identical, sampling distribution-identical",
+    "prompt_lookup": "lossless, drafts copied from earlier n-grams",
+    "self_speculative": "lossless, the target without skip_layers drafts",
+    "dllm_static": "masked diffusion, one token per forward",
+    "dllm_threshold": "masked diffusion, Fast-dLLM v1 parallel; threshold=1 is dllm_static",
+    "freedave": "lossless: dllm_static's tokens in fewer forwards",
+    "masked_diffusion": "masked diffusion with a named unmasking rule",
+    "block_diffusion": "Fast-dLLM v2 block diffusion; the block cache is exact",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (2 for a user error, reported in one line on stderr)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # bad flags: one line and exit 2 (OneLineErrorParser)
     try:
         return args.run(args)
-    except ValueError as error:
-        print(f"jspec: error: {error}", file=sys.stderr)
+    except USER_ERRORS as error:
+        if os.environ.get("JSPEC_TRACEBACK"):
+            raise
+        print(f"jspec {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jspec", description="Fast LLM decoding in JAX.")
-    commands = parser.add_subparsers(dest="command", required=True)
+def one_line(error: BaseException | str) -> str:
+    """The error's message on one line (whitespace runs, newlines included, become one space)."""
+    return " ".join(str(error).split()) or type(error).__name__
 
-    generate = commands.add_parser("generate", help="decode prompts with a strategy, streaming the text")
-    generate.add_argument("--model", default="demo-code", help="model name or path (default: %(default)s, shipped with jspec)")
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (with a pointer to --help) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows `(default: ...)` after a flag's help where the default says something (not None, False or [])."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default == []:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def strategies_taking(option: str) -> list[str]:
+    """The registered strategies that take `option`."""
+    return [name for name in jspec.strategy_names() if option in _option_names(_REGISTRY[name])]
+
+
+def _takers(option: str) -> str:
+    return f"strategies: {', '.join(strategies_taking(option)) or 'none'}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from jspec.train import demo
+
+    parser = OneLineErrorParser(prog="jspec", description="Fast LLM decoding in JAX.", formatter_class=HelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+
+    generate = command("generate", "decode prompts with a strategy, streaming the text")
+    generate.add_argument("--model", default="demo-code", help="a shipped model's name, a directory, or random:<preset>")
     generate.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
-    generate.add_argument("--strategy", default="greedy", help=f"one of {jspec.strategy_names()} (default: greedy)")
-    generate.add_argument("--max-new-tokens", type=int, default=64)
+    strategies = ", ".join(jspec.strategy_names())
+    generate.add_argument("--strategy", default="greedy", help=f"one of {strategies} (see: jspec strategies)")
+    generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt at most")
     generate.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling strategies")
-    generate.add_argument("--temperature", type=float)
-    generate.add_argument("--top-k", type=int)
-    generate.add_argument("--top-p", type=float)
-    generate.add_argument("--min-p", type=float)
-    generate.add_argument("--stop-token", type=int, action="append", help="token id that ends a row (repeatable)")
-    generate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    speculative = generate.add_argument_group("speculative decoding (strategies speculative, prompt_lookup, self_speculative)")
-    speculative.add_argument("--draft", help="draft model name or path (strategy speculative)")
-    speculative.add_argument("--num-draft-tokens", type=int, help="chain length / maximum draft depth")
-    speculative.add_argument("--tree", type=_int_tuple, help="draft tree branching per depth, e.g. 3,2,1")
-    speculative.add_argument("--skip-layers", type=_int_tuple, help="layers the self-speculative draft skips, e.g. 2,3")
-    speculative.add_argument("--max-ngram", type=int, help="longest n-gram prompt lookup matches")
-    speculative.add_argument("--adaptive", action="store_true", default=None, help="adapt the draft depth per row")
+    generate.add_argument("--stop-token", type=int, action="append", help="token id that ends a row (repeatable; default: EOS)")
+    generate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast the parameters (default: stored)")
+
+    def option(group: Any, name: str, help: str, **kwargs: Any) -> None:  # a strategy option's flag, naming its takers
+        group.add_argument(flag_of(name), dest=name, help=f"{help} ({_takers(name)})", **kwargs)
+
+    sampling = generate.add_argument_group("sampling (default: each strategy's own, see `jspec strategies`)")
+    option(sampling, "temperature", "sampling temperature, 0 is argmax", type=float)
+    option(sampling, "top_k", "keep the k most likely tokens, 0 keeps all", type=int)
+    option(sampling, "top_p", "nucleus sampling mass in (0, 1]", type=float)
+    option(sampling, "min_p", "drop tokens below min_p x the top probability", type=float)
+    speculative = generate.add_argument_group("speculative decoding (speculative, prompt_lookup, self_speculative)")
+    option(speculative, "draft", "draft model name or path")
+    option(speculative, "num_draft_tokens", "chain length / maximum draft depth", type=int)
+    option(speculative, "tree", "draft tree branching per depth, e.g. 3,2,1", type=_int_tuple)
+    option(speculative, "skip_layers", "layers the draft skips, e.g. 2,3", type=_int_tuple)
+    option(speculative, "max_ngram", "longest n-gram prompt lookup matches", type=int)
+    option(speculative, "adaptive", "adapt the draft depth per row", action="store_true", default=None)
     diffusion = generate.add_argument_group(
-        "diffusion LMs (strategies dllm_static, dllm_threshold, freedave with demo-code-dllm; block_diffusion with demo-code-bd)"
+        "diffusion LMs (dllm_static, dllm_threshold, freedave with demo-code-dllm; block_diffusion with demo-code-bd)"
     )
-    diffusion.add_argument("--block-size", type=int, help="tokens per block (dllm default 32; block_diffusion: the model's)")
-    diffusion.add_argument("--sub-block-size", type=int, help="block_diffusion sub-block size (default 8)")
-    diffusion.add_argument("--threshold", type=float, help="confidence threshold in (0, 1] (dllm_threshold, block_diffusion)")
-    diffusion.add_argument("--draft-steps", type=int, help="FreeDave drafts verified per forward (default 8)")
-    diffusion.add_argument("--diffusion-cache", dest="cache", help="none | prefix | dual (dllm) ; none | block | sub_block (block_diffusion)")
+    option(diffusion, "block_size", "tokens per block; dllm 32, block_diffusion the model's", type=int)
+    option(diffusion, "sub_block_size", "block_diffusion sub-block size, 8", type=int)
+    option(diffusion, "threshold", "confidence threshold in (0, 1], 0.9", type=float)
+    option(diffusion, "draft_steps", "FreeDave drafts verified per forward, 8", type=int)
+    option(diffusion, "cache", "none | prefix | dual (dllm); none | block | sub_block (block_diffusion)")
     generate.add_argument(
         "--set", action="append", default=[], metavar="NAME=VALUE", help="any other strategy option, e.g. --set num_draft_tokens=4"
     )
@@ -70,17 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--json", action="store_true", help="print the result (tokens, text, stats) as JSON")
     generate.set_defaults(run=run_generate)
 
-    listing = commands.add_parser("strategies", help="list the registered strategies")
-    listing.set_defaults(run=lambda args: print("\n".join(jspec.strategy_names())) or 0)
+    listing = command("strategies", "list the registered strategies: name, guarantee, options with defaults")
+    listing.set_defaults(run=run_strategies)
 
-    train = commands.add_parser("train", help="train a model from a recipe (configs/train/<name>.json or a path)")
+    train = command("train", "train a model from a recipe (configs/train/<name>.json or a path)")
     train.add_argument("--recipe", required=True, help="recipe name in configs/train/ or a path to a recipe JSON")
     train.add_argument("--out", help="output directory (default: runs/<recipe name>)")
     train.add_argument("--steps", type=int, help="override the recipe's total steps (changes the LR schedule)")
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--seq-len", type=int)
-    train.add_argument("--learning-rate", type=float)
-    train.add_argument("--compute-dtype", choices=["float32", "bfloat16"])
+    train.add_argument("--batch-size", type=int, help="override the recipe's batch size")
+    train.add_argument("--seq-len", type=int, help="override the recipe's sequence length")
+    train.add_argument("--learning-rate", type=float, help="override the recipe's peak learning rate")
+    train.add_argument("--compute-dtype", choices=["float32", "bfloat16"], help="override the recipe's compute dtype")
     train.add_argument("--tokenizer", help="a tokenizer.json to use instead of training one")
     train.add_argument("--corpus-manifest", help="a corpus manifest to verify and use instead of building one")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
@@ -90,10 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(run=run_train)
 
-    build = commands.add_parser("build-demo", help="train the demo models and export them to Hugging Face directories")
-    build.add_argument("--out-root", default="runs", help="training directories go under here (default: %(default)s)")
-    build.add_argument("--assets", default=None, help="where to export (default: the package's jspec/assets)")
-    build.add_argument("--only", choices=["demo-code", "demo-code-draft"], action="append", help="build only these")
+    build = command("build-demo", "train the demo models and export them to Hugging Face directories")
+    demo.add_output_arguments(build)
+    build.add_argument("--only", choices=list(demo.NAMES), action="append", help="train only these (repeatable)")
     build.add_argument("--resume", action="store_true", help="resume interrupted training runs")
     build.set_defaults(run=run_build_demo)
     return parser
@@ -107,16 +175,48 @@ def _int_tuple(text: str) -> tuple[int, ...]:
 
 
 def strategy_options(args: argparse.Namespace) -> dict[str, Any]:
-    flags = SAMPLING_FLAGS + SPECULATIVE_FLAGS + DIFFUSION_FLAGS
-    options = {name: getattr(args, name) for name in flags if getattr(args, name, None) is not None}
+    """The strategy options the flags and `--set` give, checked against `--strategy` (ValueError naming the flag,
+    and for an option of other strategies, which ones take it); `--draft` is loaded only after the check."""
+    sources = {name: flag_of(name) for name in SAMPLING_FLAGS + SPECULATIVE_FLAGS + DIFFUSION_FLAGS}
+    options = {name: getattr(args, name) for name in sources if getattr(args, name, None) is not None}
     if getattr(args, "draft", None):
-        options["draft"] = jspec.load(args.draft, dtype=args.dtype)
+        options["draft"], sources["draft"] = args.draft, "--draft"
     for item in args.set:
         name, sep, value = item.partition("=")
-        if not sep or not name:
+        if not sep or not name.strip():
             raise ValueError(f"--set: expected NAME=VALUE, got {item!r}")
-        options[name.strip()] = _parse_value(value.strip())
+        options[name.strip()], sources[name.strip()] = _parse_value(value.strip()), f"--set {name.strip()}"
+    check_strategy_options(args.strategy, options, sources)
+    if "draft" in options and isinstance(options["draft"], str):
+        options["draft"] = jspec.load(options["draft"], dtype=args.dtype)
     return options
+
+
+def flag_of(option: str) -> str:
+    """The flag that sets a strategy option: its own (`--top-k`), else `--set NAME=...`."""
+    if option in SAMPLING_FLAGS + SPECULATIVE_FLAGS + DIFFUSION_FLAGS + ("draft",):
+        return FLAG_NAMES.get(option, "--" + option.replace("_", "-"))
+    return f"--set {option}"
+
+
+def check_strategy_options(strategy: str, options: dict[str, Any], sources: dict[str, str]) -> None:
+    """ValueError naming the flag (`sources[option]`) of the first option `strategy` does not take, and the
+    strategies that do; ValueError naming --strategy for an unknown strategy."""
+    if strategy not in _REGISTRY:
+        raise ValueError(f"--strategy: unknown strategy {strategy!r}; known: {', '.join(jspec.strategy_names())}")
+    defaults = option_defaults(strategy)
+    allowed = list(defaults)
+    for name, default in defaults.items():
+        if default is REQUIRED and name not in options:
+            raise ValueError(f"{flag_of(name)}: strategy {strategy!r} needs option {name!r}")
+    for name in options:
+        if name not in allowed:
+            takers = strategies_taking(name)
+            where = f"it is an option of {', '.join(takers)}" if takers else "no registered strategy takes it"
+            raise ValueError(
+                f"{sources.get(name, name)}: strategy {strategy!r} has no option {name!r} ({where}); "
+                f"{strategy}'s options: {', '.join(allowed) or 'none'}"
+            )
 
 
 def _parse_value(text: str) -> Any:
@@ -127,19 +227,21 @@ def _parse_value(text: str) -> Any:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens: expected an int >= 0, got {args.max_new_tokens}")
+    options = strategy_options(args)  # checked before the model loads
     model = jspec.load(args.model, dtype=args.dtype)
-    if args.model.startswith("random:"):
-        print(f"[{args.model}: random weights, the text below is noise]", file=sys.stderr)
-    options = strategy_options(args)
     common = dict(max_new_tokens=args.max_new_tokens, key=args.seed, stop_tokens=args.stop_token, **options)
     started = time.perf_counter()
     if args.no_stream or args.json or len(args.prompt) > 1:
         output = jspec.decode(model, args.prompt, args.strategy, **common)
+        _warn_if_random(args.model)
         if not args.json:
             for index, text in enumerate(output.text or [str(s) for s in output.sequences()]):
                 print(f"--- row {index} ---\n{args.prompt[index]}{text}")
     else:
-        stream = jspec.stream(model, args.prompt, args.strategy, **common)
+        stream = jspec.stream(model, args.prompt, args.strategy, **common)  # validates the request
+        _warn_if_random(args.model)
         print(args.prompt[0], end="", flush=True)
         for step in stream:
             print(stream.text_deltas[0] if stream.text_deltas is not None else " ".join(map(str, step[0])), end="", flush=True)
@@ -152,6 +254,12 @@ def run_generate(args: argparse.Namespace) -> int:
         stats = ", ".join(f"{k}={v}" for k, v in output.stats.items())
         print(f"[{args.strategy}] finish={output.finish_reasons()} {stats} seconds={elapsed:.2f} (compile included)", file=sys.stderr)
     return 0
+
+
+def _warn_if_random(model: str) -> None:
+    """Say on stderr that a `random:` model's text is noise (after the request is validated: an error stays one line)."""
+    if model.startswith("random:"):
+        print(f"[{model}: random weights, the text below is noise]", file=sys.stderr)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -190,10 +298,39 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def option_defaults(strategy: str) -> dict[str, Any]:
+    """A registered strategy's options (from its factory's signature) and their defaults; REQUIRED where none."""
+    factory = _REGISTRY[strategy]
+    parameters = inspect.signature(factory).parameters
+    return {name: parameters[name].default if name in parameters else REQUIRED for name in _option_names(factory)}
+
+
+def strategy_line(name: str) -> str:
+    """`name  guarantee; options: a=1, b (required)` for a registered strategy."""
+    options = [
+        f"{option} (required)" if default is REQUIRED else f"{option}={default!r}"
+        for option, default in option_defaults(name).items()
+    ]
+    guarantee = GUARANTEES.get(name) or (inspect.getdoc(_REGISTRY[name]) or "").split(".")[0].replace("\n", " ")
+    return f"{name:<17} {guarantee}; options: {', '.join(options) or 'none'}"
+
+
+def run_strategies(args: argparse.Namespace) -> int:
+    print("\n".join(strategy_line(name) for name in jspec.strategy_names()))
+    return 0
+
+
 def run_build_demo(args: argparse.Namespace) -> int:
     from jspec.train import demo
 
-    demo.build(out_root=args.out_root, assets_dir=args.assets, only=args.only, resume=args.resume)
+    demo.build(
+        out_root=args.out_root,
+        assets_dir=args.assets,
+        only=args.only,
+        resume=args.resume,
+        into_package=args.into_package,
+        overwrite=args.overwrite,
+    )
     return 0
 
 

@@ -85,7 +85,9 @@ def load(name_or_path: str | Path, *, dtype: str | None = None, seed: int = 0) -
 def save(model: Model, path: str | Path, *, overwrite: bool = False) -> Path:
     """Write `model` as a jspec orbax checkpoint that `jspec.load(path)` reads back bit for bit.
 
-    Atomic: an interrupted save never leaves a directory that loads. See `jspec.checkpoint.orbax_store`.
+    path: a new or empty directory. A non-empty one raises ValueError (and is left untouched) unless `overwrite`,
+    which replaces it atomically: an interrupted save never leaves a half-written directory, and an interrupted
+    overwrite keeps the old content. See `jspec.checkpoint.orbax_store`.
     """
     from jspec.checkpoint import orbax_store
 

@@ -56,9 +56,15 @@ class HFTokenizer:
 
     @classmethod
     def from_file(cls, path, eos_token_ids: Sequence[int] = (), bos_token_id: int | None = None) -> "HFTokenizer":
+        """Read a tokenizer.json. A file the `tokenizers` library cannot read raises ValueError naming the file."""
         from tokenizers import Tokenizer
 
-        return cls(Tokenizer.from_file(str(path)), tuple(eos_token_ids), bos_token_id, str(path))
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as error:  # the library raises a bare Exception for malformed JSON or an unknown model
+            message = " ".join(str(error).split()) or type(error).__name__
+            raise ValueError(f"tokenizer file {str(path)!r} cannot be read as a tokenizer.json ({message})") from None
+        return cls(tokenizer, tuple(eos_token_ids), bos_token_id, str(path))
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:

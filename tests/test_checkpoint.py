@@ -14,6 +14,7 @@ import pytest
 
 import jspec
 from jspec.checkpoint import orbax_store
+from jspec.checkpoint.hf import save_hf
 from jspec.tokenizer import ByteTokenizer
 from jspec.train import data as data_lib
 from conftest import tiny_model
@@ -78,7 +79,7 @@ def test_byte_tokenizer_and_dtype_cast(tmp_path):
 def test_existing_path_needs_overwrite(tmp_path):
     model = tiny_model("llama")
     orbax_store.save(model, tmp_path / "ckpt")
-    with pytest.raises(ValueError, match="already exists"):
+    with pytest.raises(ValueError, match="already exists and is not empty.*overwrite=True"):
         orbax_store.save(model, tmp_path / "ckpt")
     other = tiny_model("llama", seed=1)
     orbax_store.save(other, tmp_path / "ckpt", overwrite=True)
@@ -132,6 +133,108 @@ def test_interrupted_overwrite_keeps_the_old_checkpoint(tmp_path):
     with pytest.raises(Interrupted):
         orbax_store.save(tiny_model("llama", seed=1), tmp_path / "ckpt", overwrite=True, _before_rename=_interrupt)
     assert_bit_equal(old, orbax_store.restore(tmp_path / "ckpt"))
+
+
+# --- nothing a user saved is destroyed: save / save_hf refuse a non-empty directory, and replace atomically -------
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory` (hidden ones included), by relative path, with its bytes."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _foreign(directory: Path) -> dict[str, bytes]:
+    """A directory of someone's files (a notes file, a nested folder, a config.json that is not ours)."""
+    (directory / "sub").mkdir(parents=True)
+    (directory / "notes.txt").write_text("my notes\n")
+    (directory / "config.json").write_text('{"mine": true}\n')
+    (directory / "sub" / "data.bin").write_bytes(bytes(range(256)))
+    return _snapshot(directory)
+
+
+WRITERS = {"save": orbax_store.save, "jspec.save": jspec.save, "save_hf": save_hf}  # jspec.load reads both formats
+
+
+@pytest.mark.parametrize("writer", sorted(WRITERS))
+def test_writers_refuse_a_non_empty_directory_and_leave_it_intact(tmp_path, writer):
+    before = _foreign(tmp_path / "mine")
+    with pytest.raises(ValueError, match=r"^path: directory '.*mine' already exists and is not empty .*overwrite=True"):
+        WRITERS[writer](tiny_model("llama"), tmp_path / "mine")
+    assert _snapshot(tmp_path / "mine") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temporary directory left behind
+
+
+@pytest.mark.parametrize("writer", sorted(WRITERS))
+def test_writers_fill_an_empty_directory_and_refuse_a_file(tmp_path, writer):
+    model = tiny_model("llama")
+    (tmp_path / "empty").mkdir()
+    WRITERS[writer](model, tmp_path / "empty")
+    assert_bit_equal(model, jspec.load(tmp_path / "empty"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="^path: .*is a file, not a directory"):
+        WRITERS[writer](model, tmp_path / "file", overwrite=True)
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_save_hf_never_writes_into_a_jspec_checkpoint(tmp_path):
+    """The known bug: save_hf into a jspec.save directory overwrote its config.json; the checkpoint stopped loading."""
+    old, new = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    jspec.save(old, tmp_path / "ckpt")
+    before = _snapshot(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="^path: .*ckpt' already exists and is not empty"):
+        save_hf(new, tmp_path / "ckpt")
+    assert _snapshot(tmp_path / "ckpt") == before
+    assert_bit_equal(old, jspec.load(tmp_path / "ckpt"))
+    save_hf(new, tmp_path / "ckpt", overwrite=True)  # asked: the directory becomes the HF model, nothing of the old
+    assert not orbax_store.is_checkpoint(tmp_path / "ckpt") and not (tmp_path / "ckpt" / "params").exists()
+    assert_bit_equal(new, jspec.load(tmp_path / "ckpt"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+@pytest.mark.parametrize("writer", sorted(WRITERS))
+def test_overwrite_replaces_a_foreign_directory_whole(tmp_path, writer):
+    _foreign(tmp_path / "mine")
+    model = tiny_model("llama", seed=2)
+    WRITERS[writer](model, tmp_path / "mine", overwrite=True)
+    assert not (tmp_path / "mine" / "notes.txt").exists() and not (tmp_path / "mine" / "sub").exists()
+    assert_bit_equal(model, jspec.load(tmp_path / "mine"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # the old content and the temporary are gone
+
+
+@pytest.mark.parametrize("writer", sorted(WRITERS))
+def test_interrupted_swap_keeps_the_old_content(tmp_path, writer, monkeypatch):
+    """An error between the two renames of the swap (the old directory moved aside, the new one not yet in
+    place) moves the old directory back: it loads as before and nothing else is left."""
+    from jspec.checkpoint import directories
+
+    old = tiny_model("llama", seed=0)
+    WRITERS[writer](old, tmp_path / "ckpt")
+    before = _snapshot(tmp_path / "ckpt")
+    swap = directories.replace_directory
+
+    def interrupted_swap(source, destination):
+        def interrupt():
+            assert not destination.exists()  # really between the renames
+            raise Interrupted
+
+        swap(source, destination, _between_renames=interrupt)
+
+    monkeypatch.setattr(directories, "replace_directory", interrupted_swap)
+    with pytest.raises(Interrupted):
+        WRITERS[writer](tiny_model("llama", seed=1), tmp_path / "ckpt", overwrite=True)
+    assert _snapshot(tmp_path / "ckpt") == before
+    assert_bit_equal(old, jspec.load(tmp_path / "ckpt"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_overwrite_refuses_the_working_directory(tmp_path, monkeypatch):
+    _foreign(tmp_path / "here")
+    monkeypatch.chdir(tmp_path / "here")
+    with pytest.raises(ValueError, match="holds the current working directory"):
+        jspec.save(tiny_model("llama"), tmp_path, overwrite=True)
+    with pytest.raises(ValueError, match="holds the current working directory"):
+        jspec.save(tiny_model("llama"), ".", overwrite=True)
+    assert (tmp_path / "here" / "notes.txt").is_file()
 
 
 @pytest.fixture

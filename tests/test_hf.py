@@ -201,8 +201,10 @@ def test_sharded_bf16_save_and_load(tmp_path):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "sharded", dtype=torch.float32)
     as_fp32 = load_hf(tmp_path / "sharded", dtype="float32")
     assert np.abs(hf_logits(reloaded, TOKENS) - jspec_logits(as_fp32, TOKENS)).max() < FP32_TOLERANCE
-    # a re-save with one file removes the old shards
-    save_hf(model, tmp_path / "sharded")
+    # a re-save needs overwrite (the directory is not empty); it replaces the whole directory, old shards included
+    with pytest.raises(ValueError, match="^path: .*sharded' already exists and is not empty"):
+        save_hf(model, tmp_path / "sharded")
+    save_hf(model, tmp_path / "sharded", overwrite=True)
     assert sorted(p.name for p in (tmp_path / "sharded").glob("model*")) == [st.SINGLE_FILE]
 
 

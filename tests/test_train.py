@@ -383,3 +383,98 @@ def test_demo_models_load_by_name_and_reach_the_model_card_heldout_loss():
     assert measured[demo.DRAFT]["eval_loss"] == pytest.approx(draft_loss, abs=CARD_MARGIN)
     stated_agreement = float(card.split("**Draft top-1 agreement with the target** on the held-out slice: **")[1].split("%")[0])
     assert 100 * measured["top1_agreement"] == pytest.approx(stated_agreement, abs=0.5)
+
+
+# --- the demo export never destroys what is in its assets directory, and never writes into the package unasked ---
+
+
+def test_build_demo_writes_outside_the_package_by_default(tmp_path):
+    from jspec.cli import build_parser
+    from jspec.train import demo
+
+    args = build_parser().parse_args(["build-demo"])  # the CLI's defaults
+    assert demo.resolve_assets(args.out_root, args.assets, args.into_package) == Path("runs").absolute() / "assets"
+    assert demo.resolve_assets(tmp_path) == tmp_path / "assets"
+    assert demo.ASSETS_DIR not in demo.resolve_assets(tmp_path).parents
+    assert demo.resolve_assets(tmp_path, into_package=True) == demo.ASSETS_DIR
+    assert demo.resolve_assets(tmp_path, tmp_path / "mine") == tmp_path / "mine"
+    with pytest.raises(ValueError, match="^assets_dir: .*given together with into_package"):
+        demo.resolve_assets(tmp_path, tmp_path / "mine", into_package=True)
+
+
+@pytest.fixture
+def finished_demo_runs(tmp_path, tokenizer, monkeypatch):
+    """Finished (tiny) runs of demo-code and demo-code-draft under tmp_path/runs, with the corpus check and the
+    card's measurements stubbed out (they need the real stdlib corpus): what `demo.export` reads and writes."""
+    from conftest import tiny_model
+    from jspec.checkpoint.directories import write_text_atomically
+    from jspec.train import demo
+
+    runs = tmp_path / "runs"
+    for seed, name in enumerate(demo.NAMES):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "result.json").write_text(json.dumps({"corpus": {"digest": "stub"}, "seed": seed}))
+        (runs / name / "recipe.json").write_text(json.dumps({"heldout_fraction": 0.2}))
+        orbax_store.save(tiny_model("llama", seed=seed).replace(tokenizer=tokenizer), runs / name / "model")
+    monkeypatch.setattr(demo.corpus_lib, "build_manifest", lambda **_: {"digest": "stub", "root": "/", "files": []})
+    monkeypatch.setattr(demo, "measure_and_write_card", lambda assets, *_: write_text_atomically(assets / "MODEL_CARD.md", "card\n"))
+    return runs
+
+
+def _demo_snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _old_assets(directory: Path) -> dict[str, bytes]:
+    """An assets directory as a user may have it: an older demo-code export and a file of their own."""
+    from conftest import tiny_model
+    from jspec.checkpoint.hf import save_hf
+
+    save_hf(tiny_model("llama", seed=7), directory / "demo-code")
+    (directory / "notes.txt").write_text("mine\n")
+    return _demo_snapshot(directory)
+
+
+def test_demo_export_refuses_a_non_empty_assets_dir_and_overwrite_replaces_only_its_entries(finished_demo_runs, tmp_path):
+    from jspec.checkpoint.hf import load_hf
+    from jspec.train import demo
+
+    assets = tmp_path / "assets"
+    before = _old_assets(assets)
+    with pytest.raises(ValueError, match=r"^assets_dir \(--assets\): directory .* is not empty .*--overwrite"):
+        demo.export(finished_demo_runs, assets)
+    with pytest.raises(ValueError, match="is not empty"):
+        demo.build(finished_demo_runs, assets)
+    assert _demo_snapshot(assets) == before
+    demo.export(finished_demo_runs, assets, overwrite=True)
+    assert (assets / "notes.txt").read_text() == "mine\n" and (assets / "MODEL_CARD.md").read_text() == "card\n"
+    for name in demo.NAMES:
+        exported = load_hf(assets / name)
+        trained = orbax_store.restore(finished_demo_runs / name / "model")
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(exported.params), jax.tree.leaves(trained.params)))
+    assert sorted(p.name for p in assets.iterdir()) == ["MODEL_CARD.md", "demo-code", "demo-code-draft", "notes.txt"]
+
+
+def test_demo_export_interrupted_in_the_swap_keeps_the_old_model(finished_demo_runs, tmp_path, monkeypatch):
+    from jspec.checkpoint import directories
+    from jspec.checkpoint.hf import load_hf
+    from jspec.train import demo
+
+    assets = tmp_path / "assets"
+    before = _old_assets(assets)
+    swap = directories.replace_directory
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    def interrupted_swap(source, destination):
+        # only the export's swap onto demo-code (save_hf's inner swap onto the empty temporary goes through)
+        swap(source, destination, _between_renames=interrupt if destination.name == demo.TARGET else None)
+
+    monkeypatch.setattr(directories, "replace_directory", interrupted_swap)
+    with pytest.raises(KeyboardInterrupt):
+        demo.export(finished_demo_runs, assets, overwrite=True)
+    after = _demo_snapshot(assets)
+    assert {k: v for k, v in after.items() if not k.startswith("demo-code-draft/")} == before  # the draft went first
+    assert load_hf(assets / "demo-code").config.vocab_size > 0
+    assert not [p.name for p in assets.iterdir() if p.name.startswith(".")]  # no temporary directory left

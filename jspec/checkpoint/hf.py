@@ -11,7 +11,8 @@ Guarantees:
   llama3, a per-layer sliding-window pattern, an MLP bias, a nonzero output-projection bias, quantization),
   or the tensor (missing, unexpected, wrong shape: expected vs got, in torch's [out, in] layout).
 - `save_hf` writes a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads into a model
-  with the same logits, and that `load_hf` reads back into an equal model. The architecture is the simplest
+  with the same logits, and that `load_hf` reads back into an equal model. It never writes into a non-empty
+  directory unless asked (`overwrite=True`, then an atomic replace). The architecture is the simplest
   one that expresses the config: Qwen3ForCausalLM when qk_norm, else Qwen2ForCausalLM when qkv_bias, else
   MistralForCausalLM when sliding_window, else LlamaForCausalLM.
 
@@ -39,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jspec.checkpoint import safetensors
+from jspec.checkpoint.directories import check_destination, write_directory
 from jspec.models.config import DTYPES, RopeScaling, TransformerConfig
 from jspec.models import transformer
 from jspec.models.model import Model
@@ -486,16 +488,21 @@ def load_hf(path: str | Path, dtype: str | None = None) -> Model:
     return Model(params=params, config=config, tokenizer=tokenizer)
 
 
-def save_hf(model: Model, path: str | Path, *, max_shard_bytes: int = safetensors.DEFAULT_MAX_SHARD_BYTES) -> Path:
+def save_hf(
+    model: Model, path: str | Path, *, overwrite: bool = False, max_shard_bytes: int = safetensors.DEFAULT_MAX_SHARD_BYTES
+) -> Path:
     """Write `model` as a Hugging Face directory: config.json, model.safetensors (sharded with an index above
     `max_shard_bytes`), and tokenizer.json + tokenizer_config.json when the model has an `HFTokenizer`.
 
     `transformers.AutoModelForCausalLM.from_pretrained(path)` then gives the same logits, and `load_hf(path)`
     an equal model (equal parameters and config; where the config names no EOS ids but the tokenizer does, the
     tokenizer's are written into config.json, so both stop where `jspec.decode` would). Returns the directory.
+
+    path: a new or empty directory; a non-empty one (another model, a jspec checkpoint, anything) raises
+    ValueError unless `overwrite`, which replaces the whole directory atomically: the old content stays until the
+    new directory is complete, and stays if writing fails (`jspec.checkpoint.directories`).
     """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    check_destination(path, overwrite=overwrite)  # before any work
     config = model.config
     tokenizer_eos = tuple(getattr(model.tokenizer, "eos_token_ids", ()) or ())
     if not config.eos_token_ids and tokenizer_eos:
@@ -503,12 +510,16 @@ def save_hf(model: Model, path: str | Path, *, max_shard_bytes: int = safetensor
         config = config.replace(eos_token_ids=tokenizer_eos)
     hf_config = config_to_hf(config)
     tensors = params_to_hf(model.params, config)
-    safetensors.save_checkpoint(tensors, path, max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-    if isinstance(model.tokenizer, HFTokenizer):
-        model.tokenizer.save(path / "tokenizer.json")
-        (path / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(model.tokenizer, config), indent=2, sort_keys=True) + "\n")
-    return path
+
+    def write(directory: Path) -> None:
+        safetensors.save_checkpoint(tensors, directory, max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
+        (directory / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+        if isinstance(model.tokenizer, HFTokenizer):
+            model.tokenizer.save(directory / "tokenizer.json")
+            tokenizer_config = _tokenizer_config(model.tokenizer, config)
+            (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, sort_keys=True) + "\n")
+
+    return write_directory(path, write, overwrite=overwrite)
 
 
 def _tokenizer_config(hf_tokenizer: HFTokenizer, config: TransformerConfig) -> dict[str, Any]:

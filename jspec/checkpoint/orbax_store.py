@@ -12,6 +12,8 @@ Guarantees:
 - Atomic: everything is written into a temporary sibling directory (`.<name>.tmp-<random>`) and renamed onto
   `path` only when complete. An interrupted save leaves at most that temporary directory, which `restore`
   does not accept (it has no manifest at the requested path), and never a half-written `path`.
+- Nothing is destroyed unasked: a non-empty directory at `path` is refused unless `overwrite=True`, and an
+  interrupted overwrite keeps the old content (`jspec.checkpoint.directories`).
 - Exact: `restore(save(model))` gives bit-identical parameters (float32, bfloat16, float16) with the same
   config and tokenizer; every leaf is checked against its recorded shape, dtype and sha256.
 - A missing, partial, corrupted or mismatched checkpoint raises ValueError naming what is wrong.
@@ -21,9 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
+from jspec.checkpoint.directories import check_destination, replace_directory, write_directory  # noqa: F401 (re-export)
 from jspec.models import transformer
 from jspec.models.config import TransformerConfig
 from jspec.models.model import Model
@@ -96,19 +96,17 @@ def _tokenizer_entry(tokenizer: Any) -> dict[str, Any] | None:
 
 
 def save(model: Model, path: str | Path, *, overwrite: bool = False, _before_rename=None) -> Path:
-    """Write `model` to the directory `path` atomically (see the module docstring). Returns the path.
+    """Write `model` to the directory `path` atomically (see the module docstring). Returns the absolute path.
 
-    overwrite: replace an existing checkpoint at `path` (the old one is removed only after the new one is in
-    place); without it an existing `path` raises ValueError.
+    path: a new or empty directory; a non-empty one raises ValueError unless `overwrite`, which replaces it
+    atomically: the old content stays in place until the new checkpoint is complete, and stays if writing fails
+    (`jspec.checkpoint.directories`).
     """
     import orbax.checkpoint as ocp
 
     if not isinstance(model, Model):
         raise ValueError(f"model: expected a jspec.Model, got {type(model).__name__}")
-    path = Path(path).absolute()
-    if path.exists() and not overwrite:
-        raise ValueError(f"path: {str(path)!r} already exists (pass overwrite=True to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_destination(path, overwrite=overwrite)  # before any work
     tokenizer_entry = _tokenizer_entry(model.tokenizer)
     params = jax.device_get(model.params)
     manifest = {
@@ -119,9 +117,8 @@ def save(model: Model, path: str | Path, *, overwrite: bool = False, _before_ren
         "num_parameters": int(sum(np.size(leaf) for leaf in jax.tree.leaves(params))),
         "leaves": describe_params(params),
     }
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
-    try:
-        tmp.mkdir()
+
+    def write(tmp: Path) -> None:
         checkpointer = ocp.StandardCheckpointer()
         try:
             checkpointer.save(tmp / PARAMS_DIR, params)
@@ -134,25 +131,8 @@ def save(model: Model, path: str | Path, *, overwrite: bool = False, _before_ren
             manifest["tokenizer"]["sha256"] = hashlib.sha256((tmp / "tokenizer.json").read_bytes()).hexdigest()
         # The manifest is written last: a directory without one is never a checkpoint.
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        if _before_rename is not None:  # tests: simulate an interruption between writing and renaming
-            _before_rename(tmp)
-        replace_directory(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
 
-
-def replace_directory(source: Path, destination: Path) -> None:
-    """Move a finished directory onto `destination`, replacing what was there; the destination is at every
-    moment either the old complete directory or the new one (a crash can only leave a hidden `.old-` copy)."""
-    if destination.exists():
-        old = destination.parent / f".{destination.name}.old-{uuid.uuid4().hex[:12]}"
-        os.rename(destination, old)
-        os.rename(source, destination)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(source, destination)
+    return write_directory(path, write, overwrite=overwrite, _before_rename=_before_rename)
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:

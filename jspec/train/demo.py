@@ -1,8 +1,14 @@
-"""Build the shipped demo models: train `demo-code` and `demo-code-draft` from their recipes, export them as
-Hugging Face directories under jspec/assets/, measure them, and write jspec/assets/MODEL_CARD.md.
+"""Build the demo models: train `demo-code` and `demo-code-draft` from their recipes, export them as Hugging Face
+directories into an assets directory, measure them, and write its MODEL_CARD.md.
 
-    jspec build-demo --out-root runs            # trains (CPU: about an hour), exports, writes the card
-    python -m jspec.train.demo --export-only --out-root runs   # re-export finished runs
+    jspec build-demo --out-root runs            # trains (CPU: about an hour), exports to runs/assets, writes the card
+    jspec build-demo --out-root runs --into-package --overwrite   # replace the models shipped in jspec/assets
+    python -m jspec.train.demo --export-only --out-root runs   # re-export finished runs (same flags)
+
+Where it writes: `assets_dir` if given, else `<out_root>/assets`; the package's own jspec/assets only when asked
+(`into_package=True`, `--into-package`). An assets directory that is not empty is refused before any training
+unless `overwrite=True` (`--overwrite`); then each entry it writes (`<name>/`, MODEL_CARD.md) is replaced atomically
+and every other entry is left alone.
 
 What is measured (on the shipped float32 weights, read back through `load_hf`):
 - held-out loss and perplexity: mean next-token cross-entropy over the evaluation slice (the held-out files,
@@ -18,7 +24,6 @@ import argparse
 import json
 import math
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,6 +32,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
+from jspec.checkpoint.directories import check_destination, write_directory, write_text_atomically
 from jspec.models.model import Model
 from jspec.train import corpus as corpus_lib
 from jspec.train import data as data_lib
@@ -42,10 +48,37 @@ MAX_SHIPPED_BYTES = 64 * 1024 * 1024
 SAMPLE_PROMPT = "import os\nimport sys\n\n\ndef main("
 
 
-def build(out_root: str | Path = "runs", assets_dir: str | Path | None = None, only: Sequence[str] | None = None, resume: bool = False) -> None:
-    """Train the recipes that have no finished run under out_root, then export and describe them."""
+def resolve_assets(out_root: str | Path, assets_dir: str | Path | None = None, into_package: bool = False) -> Path:
+    """Where an export writes: `assets_dir`, else the package's jspec/assets when `into_package`, else
+    `<out_root>/assets` (never the installed package by default)."""
+    if assets_dir is not None and into_package:
+        raise ValueError(f"assets_dir: {str(assets_dir)!r} given together with into_package (--into-package); choose one")
+    if assets_dir is not None:
+        return Path(assets_dir).absolute()
+    return ASSETS_DIR if into_package else Path(out_root).absolute() / "assets"
+
+
+def check_assets(assets: Path, overwrite: bool) -> Path:
+    """`assets` if an export may write there: missing, empty, or `overwrite`; else ValueError naming assets_dir
+    (the directory is left untouched). A file at `assets` is refused."""
+    check_destination(assets, overwrite=overwrite, argument="assets_dir (--assets)")
+    return assets
+
+
+def build(
+    out_root: str | Path = "runs",
+    assets_dir: str | Path | None = None,
+    only: Sequence[str] | None = None,
+    resume: bool = False,
+    *,
+    into_package: bool = False,
+    overwrite: bool = False,
+) -> None:
+    """Train the recipes that have no finished run under out_root, then export and describe them (see the module
+    docstring for where, and when an existing assets directory is refused: checked before any training)."""
     from jspec.train import TrainConfig, train
 
+    assets = check_assets(resolve_assets(out_root, assets_dir, into_package), overwrite)
     out_root = Path(out_root)
     for name in only or NAMES:
         run_dir = out_root / name
@@ -54,7 +87,8 @@ def build(out_root: str | Path = "runs", assets_dir: str | Path | None = None, o
             continue
         train(TrainConfig.from_recipe(name, out_dir=str(run_dir)), resume=resume)
     if all((out_root / name / "result.json").is_file() for name in NAMES):
-        export(out_root, assets_dir)
+        export(out_root, assets, overwrite=overwrite)
+        print(f"exported {', '.join(NAMES)} to {assets} (load them by path, e.g. jspec.load({str(assets / TARGET)!r}))")
 
 
 def _dir_bytes(path: Path) -> int:
@@ -110,14 +144,37 @@ def _sample(model: Model, prompt: str, max_new_tokens: int = 48) -> str | None:
         return f"(sample unavailable: {type(error).__name__}: {error})"
 
 
-def export(out_root: str | Path = "runs", assets_dir: str | Path | None = None) -> dict[str, Any]:
-    """Export the finished runs' models to assets_dir/<name>/ (Hugging Face format, float32 if everything fits
-    in 40 MB, else bfloat16), verify the read-back, measure, and write MODEL_CARD.md. Returns the figures."""
-    from jspec.checkpoint import orbax_store
+def export_model(model: Model, destination: Path, files: dict[str, str], *, check_config: bool = False) -> None:
+    """Write `model` as a Hugging Face directory plus `files` (name -> text) onto `destination`, which is replaced
+    atomically (`write_directory`) and only after the written directory read back through `load_hf` gives equal
+    parameters (and, with check_config, an equal config but for its name); else ValueError, `destination` unchanged."""
     from jspec.checkpoint.hf import load_hf, save_hf
 
+    def write(directory: Path) -> None:
+        save_hf(model, directory)
+        for file_name, text in files.items():
+            (directory / file_name).write_text(text)
+        loaded = load_hf(directory)
+        if check_config and loaded.config.replace(name=model.config.name) != model.config:
+            raise ValueError(f"export: {destination.name}'s config does not read back equal through load_hf")
+        for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(loaded.params)):
+            if not np.array_equal(np.asarray(a), np.asarray(b)):
+                raise ValueError(f"export: {destination.name} does not read back equal through load_hf")
+
+    write_directory(destination, write, overwrite=True, argument="assets_dir (--assets)")
+
+
+def export(
+    out_root: str | Path = "runs", assets_dir: str | Path | None = None, *, into_package: bool = False, overwrite: bool = False
+) -> dict[str, Any]:
+    """Export the finished runs' models to <assets>/<name>/ (Hugging Face format, float32 if everything fits
+    in 40 MB, else bfloat16), verify the read-back, measure, and write MODEL_CARD.md. Returns the figures.
+    Where, and when an existing assets directory is refused: see the module docstring."""
+    from jspec.checkpoint import orbax_store
+    from jspec.checkpoint.hf import load_hf
+
+    assets = check_assets(resolve_assets(out_root, assets_dir, into_package), overwrite)
     out_root = Path(out_root)
-    assets = Path(assets_dir) if assets_dir is not None else ASSETS_DIR
     assets.mkdir(parents=True, exist_ok=True)
     results = {name: json.loads((out_root / name / "result.json").read_text()) for name in NAMES}
     recipes = {name: json.loads((out_root / name / "recipe.json").read_text()) for name in NAMES}
@@ -135,19 +192,13 @@ def export(out_root: str | Path = "runs", assets_dir: str | Path | None = None) 
         model = models[name]
         if dtype != "float32":
             model = model.replace(params=jax.tree.map(lambda x: x.astype(dtype), model.params), config=model.config.replace(dtype=dtype))
-        build_dir = assets / f".{name}.build-{uuid.uuid4().hex[:8]}"
-        save_hf(model, build_dir)
-        (build_dir / "training_recipe.json").write_text(json.dumps(recipes[name], indent=2) + "\n")
-        (build_dir / "training_result.json").write_text(json.dumps(results[name], indent=2) + "\n")
+        files = {"training_recipe.json": json.dumps(recipes[name], indent=2) + "\n",
+                 "training_result.json": json.dumps(results[name], indent=2) + "\n"}
         if name == TARGET:
             slim = {k: v for k, v in manifest.items() if k != "root"}
             slim["files"] = [{k: f[k] for k in ("path", "size", "sha256", "split")} for f in manifest["files"]]
-            (build_dir / "corpus_manifest.json").write_text(json.dumps(slim, separators=(",", ":")) + "\n")
-        loaded = load_hf(build_dir)
-        for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(loaded.params)):
-            if not np.array_equal(np.asarray(a), np.asarray(b)):
-                raise ValueError(f"export: {name} does not read back equal through load_hf")
-        orbax_store.replace_directory(build_dir, assets / name)
+            files["corpus_manifest.json"] = json.dumps(slim, separators=(",", ":")) + "\n"
+        export_model(model, assets / name, files)
         shipped[name] = load_hf(assets / name)
 
     return measure_and_write_card(assets, shipped, results, recipes, manifest, dtype)
@@ -177,11 +228,11 @@ def measure_and_write_card(assets: Path, shipped: dict[str, Model], results, rec
     return figures
 
 
-def rewrite_card(assets_dir: str | Path | None = None) -> dict[str, Any]:
-    """Re-measure the models already shipped in assets_dir and rewrite MODEL_CARD.md (no training run needed)."""
+def rewrite_card(assets_dir: str | Path) -> dict[str, Any]:
+    """Re-measure the models already in assets_dir and rewrite its MODEL_CARD.md (no training run needed)."""
     from jspec.checkpoint.hf import load_hf
 
-    assets = Path(assets_dir) if assets_dir is not None else ASSETS_DIR
+    assets = Path(assets_dir)
     results = {name: json.loads((assets / name / "training_result.json").read_text()) for name in NAMES}
     recipes = {name: json.loads((assets / name / "training_recipe.json").read_text()) for name in NAMES}
     shipped = {name: load_hf(assets / name) for name in NAMES}
@@ -191,14 +242,16 @@ def rewrite_card(assets_dir: str | Path | None = None) -> dict[str, Any]:
     return measure_and_write_card(assets, shipped, results, recipes, manifest, shipped[TARGET].config.dtype)
 
 
-def export_diffusion(out_root: str | Path = "runs", assets_dir: str | Path | None = None) -> None:
-    """Export the finished diffusion runs (demo-code-dllm, demo-code-bd) to assets_dir in bfloat16, verify the
-    read-back, and rewrite MODEL_CARD.md (which then has their section)."""
+def export_diffusion(
+    out_root: str | Path = "runs", assets_dir: str | Path | None = None, *, into_package: bool = False, overwrite: bool = False
+) -> None:
+    """Export the finished diffusion runs (demo-code-dllm, demo-code-bd) to the assets directory in bfloat16,
+    verify the read-back, and rewrite MODEL_CARD.md (which then has their section). The directory already holds
+    `demo-code` (they are adapted from it), so this needs `overwrite=True`; see the module docstring."""
     from jspec.checkpoint import orbax_store
-    from jspec.checkpoint.hf import load_hf, save_hf
 
+    assets = check_assets(resolve_assets(out_root, assets_dir, into_package), overwrite)
     out_root = Path(out_root)
-    assets = Path(assets_dir) if assets_dir is not None else ASSETS_DIR
     for name in DIFFUSION_NAMES:
         result = json.loads((out_root / name / "result.json").read_text())
         recipe = json.loads((out_root / name / "recipe.json").read_text())
@@ -206,17 +259,8 @@ def export_diffusion(out_root: str | Path = "runs", assets_dir: str | Path | Non
         model = model.replace(
             params=jax.tree.map(lambda x: x.astype(DIFFUSION_DTYPE), model.params), config=model.config.replace(dtype=DIFFUSION_DTYPE)
         )
-        build_dir = assets / f".{name}.build-{uuid.uuid4().hex[:8]}"
-        save_hf(model, build_dir)
-        (build_dir / "training_recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
-        (build_dir / "training_result.json").write_text(json.dumps(result, indent=2) + "\n")
-        loaded = load_hf(build_dir)
-        if loaded.config.replace(name=model.config.name) != model.config.replace(name=model.config.name):
-            raise ValueError(f"export: {name}'s config does not read back equal through load_hf")
-        for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(loaded.params)):
-            if not np.array_equal(np.asarray(a), np.asarray(b)):
-                raise ValueError(f"export: {name} does not read back equal through load_hf")
-        orbax_store.replace_directory(build_dir, assets / name)
+        files = {"training_recipe.json": json.dumps(recipe, indent=2) + "\n", "training_result.json": json.dumps(result, indent=2) + "\n"}
+        export_model(model, assets / name, files, check_config=True)
     rewrite_card(assets)
 
 
@@ -268,7 +312,7 @@ def diffusion_card_section(assets: Path) -> list[str]:
         "```bash",
         "jspec train --recipe demo-code-dllm --out runs/demo-code-dllm",
         "jspec train --recipe demo-code-bd --out runs/demo-code-bd",
-        "python -m jspec.train.demo --out-root runs --export-diffusion   # bf16 export, then rewrites this card",
+        "python -m jspec.train.demo --out-root runs --export-diffusion --into-package --overwrite   # bf16, rewrites this card",
         "```",
         "",
         "Samples (greedy, 64 new tokens, prompt as above):",
@@ -361,7 +405,7 @@ def write_model_card(path: Path, models: dict[str, Model], results, recipes, man
         "```",
         "jspec train --recipe demo-code-draft --out runs/demo-code-draft",
         "jspec train --recipe demo-code --out runs/demo-code",
-        "jspec build-demo --out-root runs        # exports both to jspec/assets/ and rewrites this card",
+        "jspec build-demo --out-root runs --into-package --overwrite   # exports both to jspec/assets/, rewrites this card",
         "```",
         "",
         "## Evaluation slice",
@@ -410,25 +454,37 @@ def write_model_card(path: Path, models: dict[str, Model], results, recipes, man
         "exercise and benchmark decoding algorithms.",
         "",
     ]
-    path.write_text("\n".join(lines))
+    write_text_atomically(path, "\n".join(lines))
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose where an export writes (shared by `jspec build-demo` and `python -m jspec.train.demo`)."""
+    parser.add_argument("--out-root", default="runs", help="training run directories are <out-root>/<model name>")
+    parser.add_argument("--assets", default=None, help="export into this directory (default: <out-root>/assets)")
+    parser.add_argument(
+        "--into-package", action="store_true", help="export into the installed package's jspec/assets (replaces the shipped demos)"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="write into a non-empty assets directory, replacing the entries the export writes"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jspec.train.demo")
-    parser.add_argument("--out-root", default="runs")
-    parser.add_argument("--assets", default=None)
-    parser.add_argument("--export-only", action="store_true")
-    parser.add_argument("--card-only", action="store_true", help="re-measure the shipped models and rewrite MODEL_CARD.md")
+    parser = argparse.ArgumentParser(prog="python -m jspec.train.demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_output_arguments(parser)
+    parser.add_argument("--export-only", action="store_true", help="export finished runs without training")
+    parser.add_argument("--card-only", action="store_true", help="re-measure the exported models and rewrite MODEL_CARD.md")
     parser.add_argument("--export-diffusion", action="store_true", help="export the diffusion runs (demo-code-dllm, demo-code-bd)")
     args = parser.parse_args(argv)
+    where = dict(into_package=args.into_package, overwrite=args.overwrite)
     if args.export_diffusion:
-        export_diffusion(args.out_root, args.assets)
+        export_diffusion(args.out_root, args.assets, **where)
     elif args.card_only:
-        rewrite_card(args.assets)
+        rewrite_card(resolve_assets(args.out_root, args.assets, args.into_package))
     elif args.export_only:
-        export(args.out_root, args.assets)
+        export(args.out_root, args.assets, **where)
     else:
-        build(args.out_root, args.assets)
+        build(args.out_root, args.assets, **where)
     return 0
 
 
