@@ -1,3 +1,3 @@
-from jspec.cli import main
+from jspec.cli import console_main
 
-raise SystemExit(main())
+raise SystemExit(console_main())

@@ -60,6 +60,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def console_main() -> int:
+    """The `jspec` command: `main` with JAX's persistent compilation cache on (set JSPEC_CACHE_DIR to move it,
+    JSPEC_NO_COMPILATION_CACHE=1 to turn it off), so the next call with the same shapes skips compiling."""
+    if not os.environ.get("JSPEC_NO_COMPILATION_CACHE"):
+        from jspec.decode import enable_compilation_cache
+
+        enable_compilation_cache()
+    return main()
+
+
 def one_line(error: BaseException | str) -> str:
     """The error's message on one line (whitespace runs, newlines included, become one space)."""
     return " ".join(str(error).split()) or type(error).__name__

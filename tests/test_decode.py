@@ -144,7 +144,9 @@ def test_second_call_with_same_shapes_does_not_recompile(model):
     jspec.decode(model, [[7, 8, 9, 10], [11]], "sample", max_new_tokens=8, temperature=0.9, top_p=0.5, top_k=4, key=2)
     jspec.decode(model, [[7, 8], [11, 12, 13]], "greedy", max_new_tokens=8)
     assert jspec.trace_count() == before
-    jspec.decode(model, [[7, 8], [11, 12, 13]], "greedy", max_new_tokens=9)  # another buffer shape compiles
+    jspec.decode(model, [[7, 8], [11, 12, 13]], "greedy", max_new_tokens=9)  # same output bucket (16): no compile
+    assert jspec.trace_count() == before
+    jspec.decode(model, [[7, 8], [11, 12, 13]], "greedy", max_new_tokens=17)  # the next bucket (32) compiles
     assert jspec.trace_count() == before + 1
 
 

@@ -383,7 +383,10 @@ def check_draft_shape(num_draft_tokens: Any, tree: Any, tree_parents: Any) -> No
     limit = f" (at most {MAX_DRAFT_DEPTH} draft levels)"
     validation.check_int("num_draft_tokens", num_draft_tokens, minimum=1, maximum=MAX_DRAFT_DEPTH, why=limit)
     if tree is not None:
-        branching = validation.check_int_sequence("tree", tree, minimum=1)
+        try:
+            branching = validation.check_int_sequence("tree", tree, minimum=1)
+        except validation.ArgumentError:
+            validation.fail("tree", "branching factors >= 1 per depth (a list or tuple of ints, e.g. (3, 2, 1))", tree)
         if len(branching) > MAX_DRAFT_DEPTH:
             validation.fail("tree", f"at most {MAX_DRAFT_DEPTH} branching factors (draft levels)", tree)
         nodes = int(np.sum(np.cumprod(branching)))
