@@ -65,13 +65,14 @@ def worker() -> None:
         return sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state.cache))
 
     def session() -> list:
-        """20 decode calls of mixed prompt lengths and batch sizes, greedy and speculative: (compiles, seconds)."""
+        """20 decode calls, greedy and speculative alternating, batch 1-4, prompts of 5-60 tokens, 20-64 new tokens:
+        (compiles, seconds)."""
         rng = np.random.default_rng(0)
         before, start = jspec.trace_count(), time.perf_counter()
         for call in range(20):
-            batch, length = int(rng.integers(1, 7)), int(rng.integers(3, 70))
+            batch, length = int(rng.integers(1, 5)), int(rng.integers(5, 61))
             prompts = [list(map(int, rng.integers(5, 4000, length))) for _ in range(batch)]
-            new_tokens = int(rng.integers(8, 40))
+            new_tokens = int(rng.integers(20, 65))
             options = {"draft": draft, "num_draft_tokens": 4} if call % 2 else {}
             jspec.decode(target, prompts, "speculative" if call % 2 else "greedy", max_new_tokens=new_tokens,
                          stop_tokens=[], **options)
@@ -121,7 +122,7 @@ def main() -> None:
         print(f"{name}: jspec from {w.ask(op='where')}")
 
     if args.session:
-        print("\nsession of 20 decode calls (mixed prompt lengths 3-69, batches 1-6, max_new_tokens 8-39; greedy and "
+        print("\nsession of 20 decode calls (batch 1-4, prompts of 5-60 tokens, max_new_tokens 20-64; greedy and "
               "speculative alternating), fresh process each")
         for name, w in workers.items():
             compiles, seconds = w.ask(op="session")
