@@ -164,6 +164,17 @@ def test_bad_load_arguments_name_the_argument(call, argument):
         call()
 
 
+def test_a_garbage_tokenizer_json_is_a_clear_error(tmp_path):
+    from jspec.tokenizer import HFTokenizer
+    from jspec.train.data import load_tokenizer
+
+    garbage = tmp_path / "tokenizer.json"
+    garbage.write_text('{"model": 1')
+    for read in (load_tokenizer, HFTokenizer.from_file):
+        with pytest.raises(ValueError, match="tokenizer.json"):
+            read(garbage)
+
+
 def test_argument_error_is_both_value_and_type_error():
     with pytest.raises(TypeError, match="max_new_tokens"):
         jspec.decode(tiny_model("llama"), PROMPTS, max_new_tokens="8")

@@ -48,13 +48,12 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 4096, min_frequency:
 
 
 def load_tokenizer(path: str | Path) -> HFTokenizer:
-    """A tokenizer.json written by `train_tokenizer(...).save(path)`, with its EOS id set."""
-    from tokenizers import Tokenizer
-
+    """A tokenizer.json written by `train_tokenizer(...).save(path)`, with its EOS id set. A file that is not a
+    readable tokenizer.json raises ValueError naming it."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"tokenizer: no tokenizer.json at {str(path)!r}")
-    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer = HFTokenizer.from_file(path)._tokenizer
     eos = tokenizer.token_to_id(EOS_TOKEN)
     if eos is None:
         raise ValueError(f"tokenizer {str(path)!r}: has no {EOS_TOKEN!r} token")
