@@ -115,8 +115,11 @@ def new_cache(
     """An empty cache of `capacity` logical slots per row (rounded up to the kernels' block size); every row starts
     at length 0. `max_chunk`: the most slots one forward writes at or past the committed length (a prefill aside);
     it bounds ring-buffer layers (window + max_chunk slots). None: the capacity (no bound)."""
-    if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 1:
-        raise ValueError(f"cache capacity: expected a positive int, got {capacity!r}")
+    from jspec.validation import check_int
+
+    check_int("capacity", capacity, minimum=1)
+    if max_chunk is not None:
+        check_int("max_chunk", max_chunk, minimum=1)
     kinds = group_kinds(config, kernels)
     multiple = cache_size_multiple(config, kernels)
     capacity = -(-int(capacity) // multiple) * multiple
