@@ -54,7 +54,7 @@ def test_ring_buffer_decodes_4w_tokens_bounded_by_the_window(window_model):
     for prompt, row in zip(RAGGED, out.sequences()):
         assert row == reference_greedy(window_model, prompt, new_tokens)
     cache = init_cache_shape(window_model, "greedy", RAGGED, new_tokens)
-    assert cache.capacity == 16 + new_tokens  # logical slots: the padded prompt and the new tokens
+    assert cache.capacity == 16 + 32  # logical slots: the padded prompt and the output bucket of 20 new tokens
     assert len(cache.entries) == 3  # one ring per layer (a short stack is unrolled)
     for ring in cache.entries:
         assert ring.keys.shape == (1, len(RAGGED), WINDOW + 1, 2, 8)  # physical slots: the window + one decode token
