@@ -138,7 +138,7 @@ class Stream:
             self.output = _empty_output(self._model, self._request)
             return
         state = _init_jit(model, self._strategy, self._request, self._key)
-        batch = _real_batch_size(self._request)
+        batch = self._request.num_rows
         emitted = np.zeros(batch, np.int64)
         texts = [""] * batch
         while True:
@@ -251,7 +251,7 @@ def build_prompts(
                 f"cache_size: prompt row {longest} has {lengths[longest]} tokens, more than cache_size={cache_size}; "
                 "raise cache_size or shorten the prompt (prompts are never truncated)"
             )
-    _check_memory(model, batch, int(cache_size))
+    _check_memory(model, batch, int(cache_size), headroom + 1)
     stops = _stop_token_rows(model, stop_tokens, len(rows))
     stops = np.pad(stops, ((0, batch - len(rows)), (0, bucket(stops.shape[1]) - stops.shape[1])), constant_values=-1)
     active = np.arange(batch) < len(rows)
@@ -266,9 +266,9 @@ def build_prompts(
     )
 
 
-def _check_memory(model: Model, batch_size: int, cache_size: int) -> None:
+def _check_memory(model: Model, batch_size: int, cache_size: int, max_chunk: int) -> None:
     """Raise before allocating when the cache alone would not fit in the device's memory (shapes only)."""
-    cache = jax.eval_shape(lambda: model.new_cache(batch_size, cache_size))
+    cache = jax.eval_shape(lambda: model.new_cache(batch_size, cache_size, max_chunk=max_chunk))
     needed = sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize for leaf in jax.tree.leaves(cache))
     available = _device_memory_bytes()
     if available is not None and needed > 0.9 * available:
@@ -383,11 +383,6 @@ def _as_key(key: Any) -> jax.Array:
 # --- outputs ------------------------------------------------------------------------------------------
 
 
-def _real_batch_size(request: Prompts) -> int:
-    """Rows the caller asked for (the rest are padding rows of the batch bucket, always last)."""
-    return request.batch_size if request.active is None else int(np.sum(np.asarray(request.active)))
-
-
 def _trimmed(result: DecodeOutput, batch_size: int, max_new_tokens: int) -> DecodeOutput:
     """A host-side output without the bucket's padding: the first batch_size rows and max_new_tokens columns."""
     stats = {
@@ -402,7 +397,7 @@ def _trimmed(result: DecodeOutput, batch_size: int, max_new_tokens: int) -> Deco
 
 
 def _to_host(model: Model, result: DecodeOutput, request: Prompts, max_new_tokens: int) -> DecodeOutput:
-    output = _trimmed(result, _real_batch_size(request), max_new_tokens)
+    output = _trimmed(result, request.num_rows, max_new_tokens)
     stats = {name: (value.tolist() if np.ndim(value) else value.item()) if hasattr(value, "tolist") else value for name, value in output.stats.items()}
     output = dataclasses.replace(output, stats=stats)
     if model.tokenizer is not None:
@@ -420,7 +415,7 @@ def _visible_text(tokenizer: Any, sequence: Sequence[int], stop_tokens: Any) -> 
 
 
 def _empty_output(model: Model, request: Prompts) -> DecodeOutput:
-    batch = _real_batch_size(request)
+    batch = request.num_rows
     return _to_host(
         model,
         DecodeOutput(

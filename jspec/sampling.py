@@ -27,8 +27,15 @@ class SamplingParams:
 
     @classmethod
     def broadcast(cls, batch_size: int, temperature: Any = 0.0, top_k: Any = 0, top_p: Any = 1.0, min_p: Any = 0.0) -> "SamplingParams":
-        """Per-row parameters from scalars or per-row sequences of length batch_size."""
-        as_rows = lambda value, dtype: jnp.broadcast_to(jnp.asarray(value, dtype), (batch_size,))  # noqa: E731
+        """Per-row parameters from scalars or per-row sequences of length batch_size. A sequence covering only the
+        first rows (the caller's rows of a batch bucket) is extended with its last value for the padding rows."""
+
+        def as_rows(value: Any, dtype) -> jax.Array:
+            array = jnp.asarray(value, dtype)
+            if array.ndim == 1 and 0 < array.shape[0] < batch_size:
+                array = jnp.pad(array, (0, batch_size - array.shape[0]), mode="edge")
+            return jnp.broadcast_to(array, (batch_size,))
+
         return cls(
             temperature=as_rows(temperature, jnp.float32),
             top_k=as_rows(top_k, jnp.int32),

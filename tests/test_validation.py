@@ -233,3 +233,19 @@ def test_persistent_compilation_cache_serves_a_second_process(tmp_path):
         outputs.append(done.stdout)
         entries.append(sorted(p.name for p in (tmp_path / "cache").iterdir()))
     assert entries[0] and entries[1] == entries[0] and outputs[1] == outputs[0]
+
+
+@pytest.mark.parametrize("strategy", ["sample", "speculative"])
+def test_per_row_options_of_a_padded_batch_apply_to_the_callers_rows(strategy):
+    """3 rows pad to a batch bucket of 4: one temperature per caller row is accepted, and each row decodes as it
+    does alone with its own temperature (same key: the padding row changes no draw)."""
+    model = tiny_model("llama")
+    options = {"draft": tiny_model("llama", seed=1, num_layers=1)} if strategy == "speculative" else {}
+    prompts, temperatures = [[1, 2], [3], [4, 5, 6]], [0.0, 0.7, 1.3]
+    out = jspec.decode(model, prompts, strategy, max_new_tokens=6, stop_tokens=[], key=4, temperature=temperatures,
+                       **options)
+    padded = jspec.decode(model, prompts + [[7]], strategy, max_new_tokens=6, stop_tokens=[], key=4,
+                          temperature=temperatures + [0.5], **options)
+    assert out.sequences() == padded.sequences()[:3]
+    with pytest.raises(ValueError, match="temperature: expected a scalar or 3 values"):
+        jspec.decode(model, prompts, strategy, max_new_tokens=6, temperature=[0.5] * 4, **options)

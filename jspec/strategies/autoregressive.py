@@ -47,7 +47,7 @@ class Autoregressive:
 
     def validate(self, model: Any, prompts: Prompts) -> None:
         sampling.validate_sampling_options(
-            prompts.batch_size, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p
+            prompts.num_rows, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p
         )
 
     def cache_headroom(self) -> int:

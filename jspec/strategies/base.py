@@ -52,6 +52,11 @@ class Prompts:
     active: jax.Array | None = None  # [B] bool, real rows (None: all)
 
     @property
+    def num_rows(self) -> int:
+        """The caller's rows (the first ones; the rest are padding rows of a batch bucket). Concrete values only."""
+        return self.batch_size if self.active is None else int(np.sum(np.asarray(self.active)))
+
+    @property
     def row_limits(self) -> jax.Array:  # [B] int32
         if self.limits is None:
             return jnp.full((self.batch_size,), self.max_new_tokens, jnp.int32)

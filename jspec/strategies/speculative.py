@@ -134,7 +134,7 @@ class Speculative:
         template = self.template  # raises for a template that is not a tree
         self.drafter.validate(model, template, prompts)
         sampling.validate_sampling_options(
-            prompts.batch_size, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p
+            prompts.num_rows, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p
         )
 
     def cache_headroom(self) -> int:
