@@ -139,19 +139,18 @@ def main() -> None:
         print(f"{case:15s}  {totals['before']:8.3f}  {totals['after']:8.3f}   {totals['after'] / totals['before']:12.3f}"
               f"   {tokens['before'] == tokens['after']}")
 
-    print("\ncompile s of decode (lower + compile), random model, 64 hidden")
-    print("layers  strategy       before    after")
-    for layers in args.layers:
-        for strategy in ("greedy", "speculative"):
-            seconds = {name: w.ask(op="compile", layers=layers, strategy=strategy) for name, w in workers.items()}
-            print(f"{layers:6d}  {strategy:12s} {seconds['before']:8.2f} {seconds['after']:8.2f}")
+    def compare(title: str, header: str, op: str, sizes, key: str, fmt: str) -> None:
+        """One table row per (size, strategy): the same request to both workers."""
+        print(f"\n{title}\n{header}")
+        for size in sizes:
+            for strategy in ("greedy", "speculative"):
+                got = {name: w.ask(op=op, strategy=strategy, **{key: size}) for name, w in workers.items()}
+                print(f"{size:6d}  {strategy:12s} {got['before']:{fmt}} {got['after']:{fmt}}")
 
-    print("\ncache bytes per row, 4-layer window-w model decoding 4w new tokens (3-token prompt, 16 padded)")
-    print("window  strategy       before     after")
-    for window in args.windows:
-        for strategy in ("greedy", "speculative"):
-            size = {name: w.ask(op="cache", window=window, strategy=strategy) for name, w in workers.items()}
-            print(f"{window:6d}  {strategy:12s} {size['before']:8d} {size['after']:9d}")
+    compare("compile s of decode (lower + compile), random model, 64 hidden", "layers  strategy       before    after",
+            "compile", args.layers, "layers", "8.2f")
+    compare("cache bytes per row, 4-layer window-w model decoding 4w new tokens (3-token prompt, 16 padded)",
+            "window  strategy       before     after", "cache", args.windows, "window", "9d")
     for w in workers.values():
         w.process.stdin.close()
 

@@ -92,11 +92,15 @@ def test_ring_buffer_equals_a_full_size_ring(window_model):
     ("self_speculative", dict(skip_layers=(1,), tree=(2, 1))),
     ("prompt_lookup", dict(num_draft_tokens=3)),
 ])
-def test_speculative_with_rollback_over_the_ring_equals_greedy(window_model, name, options):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_speculative_with_rollback_over_the_ring_equals_greedy(window_model, name, options, dtype):
+    """Lossless in the dtype users run: token-identical to greedy in float32 and in bfloat16 (on this CPU)."""
     new_tokens = 4 * WINDOW
     strategy = name.split("-")[0]
+    if dtype != "float32":
+        window_model = tiny_model("mistral_window", num_layers=3, dtype=dtype)
     if strategy == "speculative":
-        options = dict(options, draft=tiny_model("mistral_window", seed=1, num_layers=1))
+        options = dict(options, draft=tiny_model("mistral_window", seed=1, num_layers=1, dtype=dtype))
     want = jspec.decode(window_model, RAGGED, max_new_tokens=new_tokens, stop_tokens=[])
     got = jspec.decode(window_model, RAGGED, strategy, max_new_tokens=new_tokens, stop_tokens=[], **options)
     assert got.sequences() == want.sequences()

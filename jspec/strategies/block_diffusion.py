@@ -80,7 +80,7 @@ class NoBlockCache(BlockDiffusionCache):
     (the reference decoder)."""
 
     def capacity(self, width: int) -> int:
-        return 1  # a placeholder: the state always carries a cache, and nothing is written to it
+        return 1  # the state always carries a cache; this mode writes nothing to it, so one slot is enough
 
     def prefill(self, model, state, prompts, committed, block_size):
         return canvas_logits(model, state.canvas, block_size, committed, (committed - 1)[:, None]), state.cache
