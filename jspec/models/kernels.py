@@ -34,6 +34,9 @@ class KernelOptions:
     sparse_local_blocks: int = 32  # most recent blocks always attended (window 2048 / 64)
     sparse_top_k: int = 64  # blocks attended per query and KV head, forced ones included
     sparse_dense_len: int = 8192  # a query whose sequence (itself included) is shorter attends densely
+    # Where it computes: a `jspec.sharding.MeshSharding` (set by `jspec.shard`), or None for one device. Caches
+    # are then created sharded and the Pallas kernels run per shard under `jax.shard_map`.
+    sharding: Any = None
 
     def __post_init__(self):
         impl = self.attention_impl

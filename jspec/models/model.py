@@ -8,6 +8,7 @@ The protocol (what strategies call):
     model.forward(tokens, positions, cache, mask, *, write_slots, skip_layers, output_indices) -> logits, cache
     model.new_cache(batch_size, capacity, *, max_chunk=None) -> Cache     the only cache constructor
     model.param_axes, model.cache_axes                                     logical axis names (sharding)
+    model.sharding                                                         its mesh and rules, or None
     model.config.vocab_size, mask_token_id, shifted_logits, ...            what a strategy needs to know
 """
 
@@ -59,7 +60,10 @@ class Model:
     def new_cache(self, batch_size: int, capacity: int, *, max_chunk: int | None = None) -> Cache:
         """An empty cache (see `transformer.new_cache`): `capacity` logical slots per row, rounded up to the attention
         kernels' block size; `max_chunk` bounds sliding-window layers' ring buffers."""
-        return transformer.new_cache(self.config, self.kernels, batch_size, capacity, max_chunk)
+        cache = transformer.new_cache(self.config, self.kernels, batch_size, capacity, max_chunk)
+        if self.sharding is not None:  # created sharded inside the compiled loop: never whole on one device
+            cache = self.sharding.constrain(cache, self.cache_axes)
+        return cache
 
     def with_kernels(self, **options: Any) -> "Model":
         """The same model computing with other kernel options (`KernelOptions` fields); its config is unchanged."""
@@ -68,6 +72,11 @@ class Model:
     def without_tokenizer(self) -> "Model":
         """The same model with no tokenizer: what jitted code receives, so tokenizers never key a compile."""
         return self if self.tokenizer is None else self.replace(tokenizer=None)
+
+    @property
+    def sharding(self) -> Any:
+        """The `jspec.sharding.MeshSharding` this model was placed with (`jspec.shard`), or None."""
+        return self.kernels.sharding
 
     @property
     def param_axes(self) -> transformer.Params:
