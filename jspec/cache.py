@@ -72,22 +72,26 @@ def move_slots(
     """`Cache.compact` for a slot-indexed leaf: entries source_slots[b, t] move to destination_start[b] + t."""
     capacity = buffer.shape[2]
     sources, destination = compact_destinations(source_slots, destination_start, capacity)
-    rows = jnp.arange(buffer.shape[1])[:, None]
-    moved = buffer[:, rows, sources]  # [L, B, T, ...]
-    return buffer.at[:, rows, destination].set(moved, mode="drop")
+
+    def move(rows, row_sources, row_destination):  # per row (vmapped: on a mesh each device moves its own rows)
+        return rows.at[:, row_destination].set(rows[:, row_sources], mode="drop")
+
+    return jax.vmap(move, in_axes=(1, 0, 0), out_axes=1)(buffer, sources, destination)
 
 
 def scatter_rows(buffer: jax.Array, updates: jax.Array, slots: jax.Array) -> jax.Array:
     """buffer [B, S, ...] with updates [B, T, ...] written at slots [B, T]; slots outside [0, S) are dropped."""
-    rows = jnp.arange(buffer.shape[0])[:, None]
     slots = jnp.where(slots < 0, buffer.shape[1], slots)  # negative indices would wrap around
-    return buffer.at[rows, slots].set(updates.astype(buffer.dtype), mode="drop")
+    write = lambda row, row_updates, row_slots: row.at[row_slots].set(row_updates, mode="drop")  # noqa: E731
+    return jax.vmap(write)(buffer, updates.astype(buffer.dtype), slots)
 
 
 def scatter_layer_rows(buffer: jax.Array, layer: jax.Array | int, updates: jax.Array, slots: jax.Array) -> jax.Array:
     """buffer [L, B, S, ...] with updates [B, T, ...] written into layer `layer` at slots [B, T] (others dropped).
 
     Writes only the chunk's entries (no copy of the layer), so it runs in place inside a scan over layers."""
-    rows = jnp.arange(buffer.shape[1])[:, None]
     slots = jnp.where(slots < 0, buffer.shape[2], slots)
-    return buffer.at[layer, rows, slots].set(updates.astype(buffer.dtype), mode="drop")
+    # one scatter per row, vmapped: the rows are the scatter's batch dimension, so on a mesh each device writes
+    # its own rows (no all-gather of the updates across the batch axis)
+    write = lambda rows, row_updates, row_slots: rows.at[layer, row_slots].set(row_updates, mode="drop")  # noqa: E731
+    return jax.vmap(write, in_axes=(1, 0, 0), out_axes=1)(buffer, updates.astype(buffer.dtype), slots)

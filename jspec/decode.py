@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jspec import validation
+from jspec import sharding, validation
 from jspec.models.model import Model
 from jspec.strategies.base import ROW_STATS, DecodeOutput, FinishReason, Prompts, Strategy, resolve_strategy
 from jspec.validation import ArgumentError
@@ -56,14 +56,22 @@ def _start(model: Model, strategy: Strategy, prompts: Prompts, key: jax.Array) -
 def _decode_loop(model: Model, strategy: Strategy, prompts: Prompts, key: jax.Array) -> DecodeOutput:
     state = _start(model, strategy, prompts, key)
     state = jax.lax.while_loop(lambda s: ~jnp.all(strategy.done(s)), lambda s: strategy.step(model, s), state)
-    return strategy.output(state)
+    return _replicated(model, strategy.output(state))
+
+
+def _replicated(model: Model, tree: Any) -> Any:
+    """On a mesh, results every process reads whole (outputs, done flags): replicated on every device, so each
+    process of a multi-host run holds all of them (they are small: tokens and per-row stats)."""
+    if model.sharding is None:
+        return tree
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, model.sharding.replicated()), tree)
 
 
 _decode_jit = jax.jit(_counted(_decode_loop))
 _init_jit = jax.jit(_counted(_start))
 _step_jit = jax.jit(_counted(lambda model, strategy, state: strategy.step(model, state)), donate_argnums=2)
-_done_jit = jax.jit(_counted(lambda strategy, state: strategy.done(state)))
-_output_jit = jax.jit(_counted(lambda strategy, state: strategy.output(state)))
+_done_jit = jax.jit(_counted(lambda model, strategy, state: _replicated(model, strategy.done(state))))
+_output_jit = jax.jit(_counted(lambda model, strategy, state: _replicated(model, strategy.output(state))))
 
 
 def enable_compilation_cache(directory: str | os.PathLike | None = None) -> str:
@@ -94,6 +102,7 @@ def decode(
     prompt_lengths: Any = None,
     stop_tokens: Any = None,
     cache_size: int | None = None,
+    mesh: Any = None,
     **options: Any,
 ) -> DecodeOutput:
     """Decode a batch of prompts with one strategy, in one compiled loop.
@@ -108,16 +117,53 @@ def decode(
         default the model's EOS ids; [] to never stop early.
     cache_size: KV cache slots per row (default: padded prompt length + max_new_tokens + what the strategy
         needs beyond that). A row that fills its cache finishes with reason "cache_full".
+    mesh: a `jax.sharding.Mesh` with axes "data" and "model" (`jspec.make_mesh`) to decode on: the model (and
+        a draft model) is placed with `jspec.shard` unless it already is, on this mesh; the batch is split over
+        "data" (strategies with shape buckets pad it to a multiple of the data axis; others need a batch it
+        divides). Default: the model's own mesh if it was sharded, else one device. On a multi-host mesh, every
+        process makes the same call with the same prompts and receives the whole output.
 
     Returns numpy arrays (one host sync): see `DecodeOutput`.
     """
     strategy = resolve_strategy(strategy, options)
+    model, strategy = on_mesh(model, strategy, mesh)
     request = build_prompts(model, prompts, max_new_tokens, prompt_lengths, stop_tokens, cache_size, strategy)
     if max_new_tokens == 0:
         return _empty_output(model, request)
     strategy.validate(model, request)
-    result = _decode_jit(model.without_tokenizer(), strategy, request, _as_key(key))
-    return _to_host(model, jax.device_get(result), request, max_new_tokens)
+    result = _decode_jit(model.without_tokenizer(), strategy, *_placed(model, request, _as_key(key)))
+    return _to_host(model, sharding.to_host(result), request, max_new_tokens)
+
+
+def on_mesh(model: Model, strategy: Strategy, mesh: Any) -> tuple[Model, Strategy]:
+    """The model and the strategy's models (a draft model) placed on `mesh` (None: the model's own mesh, if any).
+    Raises when the model was sharded on another mesh than the one passed."""
+    if mesh is None:
+        if model.sharding is None:
+            return model, strategy
+        mesh = model.sharding.mesh
+    mesh = sharding.auto_mesh(mesh)
+    rules = None
+    if model.sharding is not None:
+        if not sharding.same_mesh(model.sharding.mesh, mesh):
+            raise ArgumentError(f"mesh: the model is sharded on the mesh {sharding.describe(model.sharding.mesh)}, but "
+                                f"mesh= is {sharding.describe(mesh)}; pass the model's mesh or reshard it with jspec.shard")
+        rules = dict(model.sharding.rules)
+    place = lambda m: sharding.shard(m, mesh, rules) if isinstance(m, Model) else m  # noqa: E731
+    strategy = jax.tree.map(place, strategy, is_leaf=lambda x: isinstance(x, Model))
+    return place(model), strategy
+
+
+def _placed(model: Model, request: Prompts, key: jax.Array) -> tuple[Prompts, jax.Array]:
+    """On a mesh: the request's rows split over the batch axis and the key replicated, as global arrays (each
+    process contributes its devices' slices of the same host values)."""
+    plan = model.sharding
+    if plan is None:
+        return request, key
+    rows = lambda x: sharding.place(x, plan.named(("batch",) + (None,) * (np.ndim(x) - 1)))  # noqa: E731
+    request = jax.tree.map(rows, request)
+    key = jax.random.wrap_key_data(sharding.place(jax.random.key_data(key), plan.replicated()))
+    return request, key
 
 
 class Stream:
@@ -137,12 +183,12 @@ class Stream:
         if self._max_new_tokens == 0:
             self.output = _empty_output(self._model, self._request)
             return
-        state = _init_jit(model, self._strategy, self._request, self._key)
+        state = _init_jit(model, self._strategy, *_placed(model, self._request, self._key))
         batch = self._request.num_rows
         emitted = np.zeros(batch, np.int64)
         texts = [""] * batch
         while True:
-            partial = _trimmed(jax.device_get(_output_jit(self._strategy, state)), batch, self._max_new_tokens)
+            partial = _trimmed(sharding.to_host(_output_jit(model, self._strategy, state)), batch, self._max_new_tokens)
             new = [list(map(int, row[start:end])) for row, start, end in zip(partial.tokens, emitted, partial.lengths)]
             emitted = np.asarray(partial.lengths, np.int64)
             if tokenizer is not None:
@@ -153,7 +199,7 @@ class Stream:
                     texts[row] = text
             if any(new):
                 yield new
-            if bool(np.all(jax.device_get(_done_jit(self._strategy, state)))):
+            if bool(np.all(sharding.to_host(_done_jit(model, self._strategy, state)))):
                 break
             state = _step_jit(model, self._strategy, state)
         self.output = _to_host(self._model, partial, self._request, self._max_new_tokens)
@@ -169,13 +215,16 @@ def stream(
     prompt_lengths: Any = None,
     stop_tokens: Any = None,
     cache_size: int | None = None,
+    mesh: Any = None,
     **options: Any,
 ) -> Stream:
     """Like `decode`, but returns a `Stream` that yields each step's new tokens as they are made.
 
-    The same jitted `step` runs from a Python loop (one host sync per step), so the tokens equal `decode`'s.
+    The same jitted `step` runs from a Python loop (one host sync per step), so the tokens equal `decode`'s;
+    `mesh` as for `decode`.
     """
     strategy = resolve_strategy(strategy, options)
+    model, strategy = on_mesh(model, strategy, mesh)
     request = build_prompts(model, prompts, max_new_tokens, prompt_lengths, stop_tokens, cache_size, strategy)
     if max_new_tokens > 0:
         strategy.validate(model, request)
@@ -222,7 +271,7 @@ def build_prompts(
                              f"max_position_embeddings={limit})")
     buckets = bool(getattr(strategy, "shape_buckets", False))
     width = bucket(int(lengths.max()), PROMPT_PAD_MULTIPLE)
-    batch = bucket(len(rows)) if buckets else len(rows)
+    batch = _batch_size(model, strategy, len(rows), buckets)
     capacity = bucket(max_new_tokens, OUTPUT_BUCKET_MINIMUM) if buckets and max_new_tokens else max_new_tokens
     tokens = np.full((batch, width), model.config.pad_token_id, np.int32)
     for index, row in enumerate(rows):
@@ -266,14 +315,32 @@ def build_prompts(
     )
 
 
+def _batch_size(model: Model, strategy: Strategy | None, rows: int, buckets: bool) -> int:
+    """Rows of the compiled batch: the caller's, or with shape buckets the next power of two, rounded up to a
+    multiple of the mesh's data axis (padding rows finish before the first step)."""
+    split = 1 if model.sharding is None else model.sharding.axis_size("batch")
+    if not buckets:
+        if rows % split:
+            raise ArgumentError(
+                f"prompts: {rows} rows do not divide over the mesh's batch axis of size {split}, and strategy "
+                f"{getattr(strategy, 'name', strategy)!r} does not pad batches; pass a multiple of {split} rows or a "
+                "mesh with a smaller data axis")
+        return rows
+    return -(-bucket(rows) // split) * split
+
+
 def _check_memory(model: Model, batch_size: int, cache_size: int, max_chunk: int) -> None:
     """Raise before allocating when the cache alone would not fit in the device's memory (shapes only)."""
     cache = jax.eval_shape(lambda: model.new_cache(batch_size, cache_size, max_chunk=max_chunk))
-    needed = sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize for leaf in jax.tree.leaves(cache))
+    shapes = [leaf.shape for leaf in jax.tree.leaves(cache)]
+    if model.sharding is not None:  # each device holds its shard
+        shapes = [s.shard_shape(leaf.shape) for s, leaf in
+                  zip(jax.tree.leaves(model.sharding.tree_shardings(cache, model.cache_axes)), jax.tree.leaves(cache))]
+    needed = sum(int(np.prod(shape)) * leaf.dtype.itemsize for shape, leaf in zip(shapes, jax.tree.leaves(cache)))
     available = _device_memory_bytes()
     if available is not None and needed > 0.9 * available:
         raise validation.ArgumentError(
-            f"cache_size: a cache of {cache_size} slots for {batch_size} rows needs {needed / 2**30:.1f} GiB, more than "
+            f"cache_size: a cache of {cache_size} slots for {batch_size} rows needs {needed / 2**30:.1f} GiB per device, more than "
             f"90% of the device's {available / 2**30:.1f} GiB; lower max_new_tokens, cache_size or the batch size"
         )
 

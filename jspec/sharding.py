@@ -169,13 +169,6 @@ class MeshSharding:
         return _map_with_axes(
             lambda names, leaf: jax.lax.with_sharding_constraint(leaf, self.named(names, tuple(leaf.shape))), tree, axes)
 
-    def shard_map(self, function: Callable, in_axes: tuple, out_axes: Any) -> Callable:
-        """`function` run per shard under `jax.shard_map`, with specs from logical axes (one tuple of names per
-        argument, None for a replicated argument); for kernels whose work splits along batch and heads."""
-        to_spec = lambda names: PartitionSpec() if names is None else self.spec(names)  # noqa: E731
-        return jax.shard_map(function, mesh=self.mesh, in_specs=tuple(to_spec(a) for a in in_axes),
-                             out_specs=jax.tree.map(to_spec, out_axes, is_leaf=_is_axes), check_vma=False)
-
 
 def _map_with_axes(function: Callable, tree: Any, axes: Any) -> Any:
     leaves, treedef = jax.tree.flatten(tree)

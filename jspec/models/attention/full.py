@@ -13,11 +13,12 @@ tree verification, diffusion blocks) attends with XLA.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import PartitionSpec as P
 
 from jspec import masks
 from jspec.cache import move_slots, scatter_layer_rows
@@ -61,6 +62,7 @@ class FullAttention:
     impl: str = "xla"  # "xla" | "pallas_dense"
     interpret: bool | None = None
     block_size: int = 128  # keys per step of the dense kernel; cache capacities are multiples of it
+    sharding: Any = None  # the model's `MeshSharding`: kernels then run per shard under `jax.shard_map`
 
     init_params = staticmethod(base.gqa_init_params)
     param_axes = staticmethod(base.gqa_param_axes)
@@ -130,9 +132,9 @@ class FullAttention:
         """Causal-chain attention of the chunk through the dense decode kernel (see the module docstring).
         Guarantee: equals `layers.attend` with the default causal mask (to float32 accumulation)."""
         q, seq_lens = chain_queries(config, queries, write_slots, entry.keys.shape[2])
-        out, _ = decode_attention(q, entry.keys[layer], entry.values[layer], seq_lens, block_size=self.block_size,
-                                  interpret=self.interpret)
-        return chain_output(out)
+        kernel = lambda q, k, v, lens: decode_attention(q, k, v, lens, block_size=self.block_size,  # noqa: E731
+                                                        interpret=self.interpret)[0]
+        return chain_output(per_shard(self.sharding, kernel, q, entry.keys[layer], entry.values[layer], seq_lens))
 
 
 def chain_queries(config: Any, queries: jax.Array, write_slots: jax.Array, capacity: int):
@@ -143,6 +145,36 @@ def chain_queries(config: Any, queries: jax.Array, write_slots: jax.Array, capac
     q = queries.reshape(batch, length, config.num_kv_heads, groups, head_dim).transpose(0, 2, 1, 3, 4)
     seq_lens = jnp.clip(write_slots[:, 0] + length, 0, capacity).astype(jnp.int32)
     return q, seq_lens
+
+
+def per_shard(
+    sharding: Any,
+    kernel: Callable,  # (q, k, v, seq_lens, *per_head) -> out [B, Hkv, T, G, Dh]
+    q: jax.Array,  # [B, Hkv, T, G, Dh]
+    k: jax.Array,  # [B, S, Hkv, Dh]
+    v: jax.Array,  # [B, S, Hkv, Dh]
+    seq_lens: jax.Array,  # [B]
+    *per_head: jax.Array,  # [B, Hkv, ...] (e.g. block tables)
+    split_groups: bool = True,
+) -> jax.Array:  # [B, Hkv, T, G, Dh]
+    """A decode kernel on a mesh: under `jax.shard_map`, each device runs it on its rows (the batch axis) and its
+    heads. Heads split along KV heads when the model axis divides them; else (KV heads replicated) along the
+    query heads of each KV head when it divides those and `split_groups`; else every device of the model axis
+    computes all heads of its rows. No cache-sized operand moves: K/V enter with the cache's own sharding.
+    Without a mesh: the kernel itself."""
+    if sharding is None:
+        return kernel(q, k, v, seq_lens, *per_head)
+    batch, num_kv_heads, _, groups, _ = q.shape
+    rows = sharding.spec(("batch",))[0] if batch % sharding.axis_size("batch") == 0 else None
+    heads = sharding.spec(("kv_heads",), (num_kv_heads,))[0]
+    group_axis = None
+    if heads is None and split_groups and groups % sharding.axis_size("kv_heads") == 0:
+        group_axis = dict(sharding.rules).get("kv_heads")
+    q_spec = P(rows, heads, None, group_axis, None)
+    kv_spec = P(rows, None, heads, None)
+    head_specs = tuple(P(rows, heads, *([None] * (x.ndim - 2))) for x in per_head)
+    return jax.shard_map(kernel, mesh=sharding.mesh, in_specs=(q_spec, kv_spec, kv_spec, P(rows), *head_specs),
+                         out_specs=q_spec, check_vma=False)(q, k, v, seq_lens, *per_head)
 
 
 def chain_output(out: jax.Array) -> jax.Array:  # [B, Hkv, T, G, Dh] -> [B, T, H, Dh]
@@ -156,4 +188,4 @@ def full_attention(config: Any, kernels: Any, layer: int):
         from jspec.models.attention.sparse import SparseAttention
 
         return SparseAttention.from_options(kernels)
-    return FullAttention(kernels.attention_impl, kernels.attention_interpret, kernels.dense_block_size)
+    return FullAttention(kernels.attention_impl, kernels.attention_interpret, kernels.dense_block_size, kernels.sharding)

@@ -28,7 +28,7 @@ from flax import struct
 
 from jspec.cache import compact_destinations, move_slots, scatter_layer_rows
 from jspec.models.attention import base
-from jspec.models.attention.full import FullAttention, chain_output, chain_queries
+from jspec.models.attention.full import FullAttention, chain_output, chain_queries, per_shard
 from pallas_kernels import compress_keys, num_full_kernels, select_blocks, sparse_decode_attention, update_compressed_keys
 
 # A write of more than this many kernels' worth of slots (a prefill) recomputes compressed keys from scratch:
@@ -105,7 +105,7 @@ class SparseAttention(FullAttention):
         return cls(impl="pallas_sparse", interpret=kernels.attention_interpret, block_size=kernels.sparse_block_size,
                    kernel_size=kernels.sparse_kernel_size, kernel_stride=kernels.sparse_kernel_stride,
                    init_blocks=kernels.sparse_init_blocks, local_blocks=kernels.sparse_local_blocks,
-                   top_k=kernels.sparse_top_k, dense_len=kernels.sparse_dense_len)
+                   top_k=kernels.sparse_top_k, dense_len=kernels.sparse_dense_len, sharding=kernels.sharding)
 
     def new_entry(self, config: Any, num_layers: int, batch_size: int, capacity: int, chunk: int) -> SparseKVEntry:
         dense = super().new_entry(config, num_layers, batch_size, capacity, chunk)
@@ -138,9 +138,10 @@ class SparseAttention(FullAttention):
             token_lens = jnp.maximum(seq_lens - (length - 1 - t), 0)
             block_indices = self.block_indices(q[:, :, t], entry.compressed_keys[layer], entry.num_compressed[layer],
                                                token_lens, capacity // self.block_size)
-            out_t, _ = sparse_decode_attention(q[:, :, t], keys, values, token_lens, block_indices,
-                                               block_size=self.block_size, interpret=self.interpret)
-            per_token.append(out_t)
+            kernel = lambda q, k, v, lens, blocks: sparse_decode_attention(  # noqa: E731
+                q[:, :, 0], k, v, lens, blocks, block_size=self.block_size, interpret=self.interpret)[0][:, :, None]
+            per_token.append(per_shard(self.sharding, kernel, q[:, :, t:t + 1], keys, values, token_lens,
+                                       block_indices)[:, :, 0])
         return chain_output(jnp.stack(per_token, axis=2))
 
     def block_indices(
