@@ -2,7 +2,7 @@
 
     jspec generate --prompt "def fib(n):" --strategy sample --temperature 0.8          # the shipped demo-code model
     jspec strategies                                                                  # name, guarantee, options
-    jspec train --recipe demo-code --out runs/demo-code [--steps N] [--resume]
+    jspec train --recipe demo-code --out runs/demo-code [--steps N] [--resume] [--mesh data=4]
     jspec build-demo --out-root runs                      # exports to runs/assets (--into-package: jspec/assets)
 
 Guarantee: a user error (a bad flag or value, a missing or unreadable model, an option of another strategy, a
@@ -165,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     train.add_argument("--stop-at", type=int, help="stop after this many steps (checkpointed), as if interrupted")
     train.add_argument(
+        "--mesh", metavar="data=N",
+        help="data-parallel training: each batch split over N devices (N: all the run's devices, dividing the batch "
+        "size), parameters and optimizer state replicated; the losses equal one device's up to float rounding",
+    )
+    train.add_argument(
         "--set", action="append", default=[], metavar="NAME=VALUE", help="any other recipe field, e.g. --set eval_every=100"
     )
     train.set_defaults(run=run_train)
@@ -273,6 +278,7 @@ def _warn_if_random(model: str) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from jspec.sharding import parse_mesh
     from jspec.train import TrainConfig, train
 
     overrides = {
@@ -291,7 +297,8 @@ def run_train(args: argparse.Namespace) -> int:
             raise ValueError(f"--set: expected NAME=VALUE, got {item!r}")
         overrides[name.strip()] = _parse_value(value.strip())
     config = TrainConfig.from_recipe(args.recipe, **overrides)
-    result = train(config, resume=args.resume, stop_at_step=args.stop_at)
+    mesh = parse_mesh(args.mesh) if args.mesh else None
+    result = train(config, resume=args.resume, stop_at_step=args.stop_at, mesh=mesh)
     print(
         json.dumps(
             {

@@ -34,12 +34,15 @@ def _fake_module(rng: random.Random, number: int) -> str:
 
 @pytest.fixture(scope="module")
 def corpus_root(tmp_path_factory) -> Path:
+    return make_corpus_root(tmp_path_factory.mktemp("stdlib"))
+
+
+def make_corpus_root(root: Path) -> Path:
     """A small source tree shaped like the stdlib: packages, a test directory and site-packages to skip."""
-    root = tmp_path_factory.mktemp("stdlib")
     rng = random.Random(0)
     for number in range(60):
         package = root / f"pkg{number % 4}"
-        package.mkdir(exist_ok=True)
+        package.mkdir(parents=True, exist_ok=True)
         (package / f"mod{number}.py").write_text(_fake_module(rng, number), encoding="utf-8")
     for skipped in ("test", "site-packages", "pkg1/tests", "__pycache__"):
         (root / skipped).mkdir(parents=True, exist_ok=True)
@@ -55,11 +58,19 @@ def manifest(corpus_root) -> dict:
 
 @pytest.fixture(scope="module")
 def tokenizer(manifest):
-    return data.train_tokenizer(corpus.load_documents(manifest, "train"), vocab_size=320, min_frequency=1)
+    return make_tokenizer(manifest)
 
 
 @pytest.fixture(scope="module")
 def prepared(manifest, tokenizer) -> PreparedData:
+    return make_prepared(manifest, tokenizer)
+
+
+def make_tokenizer(manifest: dict):
+    return data.train_tokenizer(corpus.load_documents(manifest, "train"), vocab_size=320, min_frequency=1)
+
+
+def make_prepared(manifest: dict, tokenizer) -> PreparedData:
     return PreparedData(
         tokenizer=tokenizer,
         manifest=manifest,
@@ -303,17 +314,23 @@ def test_recipes_load():
         TrainConfig.from_dict({"nme": "typo"})
 
 
+def write_cli_recipe(tmp_path: Path, manifest: dict, tokenizer, **overrides) -> str:
+    """A tiny recipe file for `jspec train --recipe`, reading the manifest and tokenizer saved beside it."""
+    corpus.save_manifest(manifest, tmp_path / "manifest.json")
+    tokenizer.save(tmp_path / "tokenizer.json")
+    recipe = tiny_recipe(tmp_path, **overrides).to_dict()
+    recipe.update(corpus_manifest=str(tmp_path / "manifest.json"), tokenizer=str(tmp_path / "tokenizer.json"), cache_dir=str(tmp_path / "cache"), heldout_fraction=0.2)
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    return str(tmp_path / "recipe.json")
+
+
 def test_cli_train(tmp_path, manifest, tokenizer, capsys):
     from jspec.cli import main
 
-    corpus.save_manifest(manifest, tmp_path / "manifest.json")
-    tokenizer.save(tmp_path / "tokenizer.json")
-    recipe = tiny_recipe(tmp_path).to_dict()
-    recipe.update(corpus_manifest=str(tmp_path / "manifest.json"), tokenizer=str(tmp_path / "tokenizer.json"), cache_dir=str(tmp_path / "cache"), heldout_fraction=0.2)
-    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    recipe = write_cli_recipe(tmp_path, manifest, tokenizer)
     out = tmp_path / "cli-run"
-    assert main(["train", "--recipe", str(tmp_path / "recipe.json"), "--out", str(out), "--steps", "2", "--stop-at", "1"]) == 0
-    assert main(["train", "--recipe", str(tmp_path / "recipe.json"), "--out", str(out), "--steps", "2", "--resume"]) == 0
+    assert main(["train", "--recipe", recipe, "--out", str(out), "--steps", "2", "--stop-at", "1"]) == 0
+    assert main(["train", "--recipe", recipe, "--out", str(out), "--steps", "2", "--resume"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 2 and summary["eval_loss"] > 0
     assert orbax_store.restore(out / "model").tokenizer == tokenizer

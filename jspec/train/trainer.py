@@ -14,6 +14,10 @@ Guarantees:
   pure functions of the step.
 - Atomic checkpoints: orbax's CheckpointManager writes each step into a temporary directory and renames it
   when complete; an interrupted save is never picked up as the latest step (`max_to_keep` bounds the disk).
+- Data parallel: `train(config, mesh=jspec.sharding.make_mesh(data=N))` splits every batch over the mesh's "data" axis and
+  keeps the parameters and optimizer state replicated; the step is the same jitted function (XLA all-reduces the
+  gradients of the global-batch mean loss), so the losses equal one device's up to float summation order.
+  Checkpoints hold host (numpy) copies: they load on any number of devices, a resumed run may change the mesh.
 """
 
 from __future__ import annotations
@@ -33,13 +37,16 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jspec.models import transformer
 from jspec.models.config import TransformerConfig
 from jspec.models.model import Model
+from jspec.sharding import DATA, MODEL, auto_mesh, describe, parse_mesh, place, to_host
 from jspec.train import corpus as corpus_lib
 from jspec.train import data as data_lib
 from jspec.train.objectives import make_objective
+from jspec.validation import ArgumentError
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "configs" / "train"
 DEFAULT_CACHE_DIR = Path(os.environ.get("JSPEC_CACHE", Path.home() / ".cache" / "jspec" / "train"))
@@ -280,13 +287,28 @@ _COMPILED: dict[Any, tuple[Any, Any]] = {}  # trajectory + model config -> (jitt
 _COMPILED_MAX = 8
 
 
-def _compiled_functions(config: TrainConfig, model_cfg: TransformerConfig) -> tuple[Any, Any]:
+def training_mesh(mesh: Mesh | str | None, batch_size: int) -> Mesh | None:
+    """The mesh a run trains on (Auto axes), checked: data=N,model=1 only, N dividing the batch size."""
+    if mesh is None:
+        return None
+    mesh = auto_mesh(parse_mesh(mesh) if isinstance(mesh, str) else mesh)
+    if tuple(mesh.axis_names) != (DATA, MODEL) or mesh.shape[MODEL] != 1:
+        raise ArgumentError(f"mesh: training supports data=N,model=1 only (data parallel), got {describe(mesh)}")
+    if batch_size % mesh.shape[DATA]:
+        raise ArgumentError(
+            f"mesh: its data axis of {mesh.shape[DATA]} devices does not divide the batch size {batch_size}; use a "
+            "batch size that is a multiple of it")
+    return mesh
+
+
+def _compiled_functions(config: TrainConfig, model_cfg: TransformerConfig, mesh: Mesh | None = None) -> tuple[Any, Any]:
     """The jitted train step and eval step of a recipe, shared by every Trainer with the same trajectory
-    fields and model config (so resuming in one process, or a test suite, compiles once). The functions close
-    over nothing but values derived from those, so sharing them cannot change a result."""
+    fields, model config and mesh (so resuming in one process, or a test suite, compiles once). The functions
+    close over nothing but values derived from those, so sharing them cannot change a result. On a mesh the
+    step's new state is pinned replicated (the inputs are placed by the Trainer)."""
     from jspec.train.objectives import _OBJECTIVES
 
-    key = (json.dumps(_trajectory(config), sort_keys=True, default=str), model_cfg, id(_OBJECTIVES.get(config.objective)))
+    key = (json.dumps(_trajectory(config), sort_keys=True, default=str), model_cfg, id(_OBJECTIVES.get(config.objective)), mesh)
     if key in _COMPILED:
         return _COMPILED[key]
     compute_dtype = config.compute_dtype
@@ -316,28 +338,45 @@ def _compiled_functions(config: TrainConfig, model_cfg: TransformerConfig) -> tu
 
     if len(_COMPILED) >= _COMPILED_MAX:
         _COMPILED.pop(next(iter(_COMPILED)))
-    _COMPILED[key] = (jax.jit(step, donate_argnums=(0,)), jax.jit(evaluate))
+    pinned = {} if mesh is None else {"out_shardings": NamedSharding(mesh, PartitionSpec())}
+    _COMPILED[key] = (jax.jit(step, donate_argnums=(0,), **pinned), jax.jit(evaluate))
     return _COMPILED[key]
 
 
 class Trainer:
     """The data, the compiled step and evaluation of one recipe; `train()` is the usual entry."""
 
-    def __init__(self, config: TrainConfig, data: PreparedData):
+    def __init__(self, config: TrainConfig, data: PreparedData, mesh: Mesh | str | None = None):
         self.config = config
         self.data = data
+        self.mesh = training_mesh(mesh, config.batch_size)
         self.model_config = model_config(config, data.tokenizer)
         self.optimizer = make_optimizer(config)
         self.batches = data_lib.PackedBatches(data.train_stream, config.seq_len, config.batch_size, config.data_seed)
         self.base_key = jax.random.key(config.init_seed)
-        self._train_step, self._eval_step = _compiled_functions(config, self.model_config)
+        self._train_step, self._eval_step = _compiled_functions(config, self.model_config, self.mesh)
+
+    def place_state(self, state: TrainState) -> TrainState:
+        """The state replicated over the mesh (as is without one)."""
+        if self.mesh is None:
+            return state
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        return jax.tree.map(lambda leaf: place(leaf, replicated), state)
+
+    def place_tokens(self, tokens: np.ndarray) -> jax.Array:  # [B, L + 1]
+        """Host tokens as the step's input: rows split over the mesh's data axis (replicated where the rows do
+        not divide over it, as a short last evaluation chunk may not)."""
+        if self.mesh is None:
+            return jnp.asarray(tokens)
+        rows = PartitionSpec(DATA) if len(tokens) % self.mesh.shape[DATA] == 0 else PartitionSpec()
+        return place(np.asarray(tokens), NamedSharding(self.mesh, rows))
 
     def init_state(self) -> TrainState:
         if self.config.init_from:
             params = grown_vocabulary(initial_model(self.config.init_from).params, self.model_config.vocab_size)
         else:
             params = transformer.init_params(self.model_config, jax.random.fold_in(self.base_key, 0), self.config.init_scale)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params))
+        return self.place_state(TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params)))
 
     def evaluate(self, params, max_windows: int | None) -> dict[str, float]:
         """Mean loss over the first `max_windows` held-out windows (in stream order; None: all of them)."""
@@ -345,15 +384,14 @@ class Trainer:
         loss_sum, count = 0.0, 0.0
         for start in range(0, len(windows), self.config.batch_size):
             chunk = windows[start : start + self.config.batch_size]
-            chunk_loss, chunk_count = self._eval_step(params, jnp.asarray(chunk))
+            chunk_loss, chunk_count = self._eval_step(params, self.place_tokens(chunk))
             loss_sum += float(chunk_loss)
             count += float(chunk_count)
         loss = loss_sum / max(count, 1.0)
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": int(count), "eval_windows": len(windows)}
 
     def step(self, state: TrainState) -> tuple[TrainState, dict[str, jax.Array]]:
-        tokens = jnp.asarray(self.batches.batch(int(state.step)))
-        return self._train_step(state, tokens)
+        return self._train_step(state, self.place_tokens(self.batches.batch(int(state.step))))
 
 
 class CheckpointStore:
@@ -374,7 +412,8 @@ class CheckpointStore:
     def save(self, state: TrainState, meta: dict[str, Any]) -> None:
         ocp = self._ocp
         step = int(state.step)
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        host = to_host(state)  # numpy: a checkpoint of a sharded run loads on any devices
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta)), force=True)
         self.manager.wait_until_finished()
 
     def restore(self, abstract_state: TrainState, step: int | None = None) -> tuple[TrainState, dict[str, Any]]:
@@ -425,24 +464,32 @@ def _trajectory(config: TrainConfig) -> dict[str, Any]:
     return {name: values[name] for name in _TRAJECTORY_FIELDS}
 
 
-def train(config: TrainConfig, *, resume: bool = False, stop_at_step: int | None = None, log=None, data: PreparedData | None = None) -> TrainResult:
+def train(
+    config: TrainConfig, *, resume: bool = False, stop_at_step: int | None = None, log=None, data: PreparedData | None = None,
+    mesh: Mesh | str | None = None,
+) -> TrainResult:
     """Train a recipe; see the module docstring for what is guaranteed.
 
     resume: continue from the latest checkpoint under out_dir/checkpoints (its recipe must agree on every field
         that shapes the trajectory); without it an existing checkpoint directory raises ValueError.
     stop_at_step: stop (after checkpointing) once this many steps are done, as if interrupted there.
     log: a callable for progress lines (default: print to stderr, one line per log_every steps).
+    mesh: data-parallel training on a mesh (`jspec.sharding.make_mesh(data=N)` or "data=N"): each batch split over its
+        "data" axis, parameters and optimizer state replicated. ArgumentError (before anything runs) for a model
+        axis above 1 or a data axis that does not divide batch_size.
     """
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    mesh = training_mesh(mesh, config.batch_size)
     out = config.output_dir
     out.mkdir(parents=True, exist_ok=True)
     data = data if data is not None else prepare_data(config, log)
-    trainer = Trainer(config, data)
+    trainer = Trainer(config, data, mesh)
     store = CheckpointStore(out / "checkpoints", config.keep_checkpoints)
     tokens_per_step = config.batch_size * config.seq_len
     log(
         f"model: {trainer.model_config.num_parameters():,} parameters ({trainer.model_config.num_layers} layers, hidden "
         f"{trainer.model_config.hidden_size}); {config.steps} steps x {tokens_per_step} tokens, compute {config.compute_dtype}"
+        + (f", data parallel on mesh {describe(mesh)}" if mesh is not None else "")
     )
 
     prior_seconds = 0.0
@@ -453,8 +500,8 @@ def train(config: TrainConfig, *, resume: bool = False, stop_at_step: int | None
     state = trainer.init_state()
     history: list[dict[str, Any]] = []
     if resume and latest is not None:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-        state, meta = store.restore(abstract)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        state, meta = store.restore(abstract)  # onto this run's devices (replicated on its mesh), whatever wrote it
         saved = meta.get("trajectory", {})
         differing = sorted(k for k, v in _trajectory(config).items() if saved.get(k) != v)
         if differing:
@@ -497,7 +544,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_at_step: int | None
             pending.append((step, metrics))
             window_steps += 1
             if step % config.log_every == 0 or step == end_step:
-                fetched = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in pending]
+                fetched = [(s, {k: float(v) for k, v in to_host(m).items()}) for s, m in pending]
                 pending = []
                 now = time.perf_counter()
                 tokens_per_second = window_steps * tokens_per_step / max(now - window_started, 1e-9)
@@ -539,7 +586,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_at_step: int | None
         )
     store.close()
     recent = [h["loss"] for h in history if "loss" in h][-50:]
-    model = Model(params=jax.device_get(state.params), config=trainer.model_config, tokenizer=data.tokenizer)
+    model = Model(params=to_host(state.params), config=trainer.model_config, tokenizer=data.tokenizer)
     model = model.replace(params=jax.tree.map(jnp.asarray, model.params))
     result = TrainResult(
         model=model,
@@ -574,7 +621,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_at_step: int | None
             ),
             "corpus": {k: data.manifest[k] for k in ("python_version", "num_files", "num_bytes", "num_heldout_files", "digest")},
             "tokenizer_sha256": data_lib.tokenizer_digest(data.tokenizer),
-            "hardware": _hardware(),
+            "hardware": {**_hardware(), **({"mesh": describe(mesh)} if mesh is not None else {})},
         }
         (out / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
         log(f"done: {steps_done} steps, {result.tokens_seen:,} tokens, {_format_seconds(wall_seconds)}; model saved to {out / 'model'}")
