@@ -31,6 +31,8 @@ from typing import Any, Iterable, Mapping
 import ml_dtypes
 import numpy as np
 
+from jspec.checkpoint.lazy import FileTensor
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 METADATA_KEY = "__metadata__"
@@ -227,6 +229,22 @@ def checkpoint_files(directory: str | Path) -> dict[str, Path]:
                 raise ValueError(f"checkpoint {directory}: tensor {name!r} is listed in the index for {shard} but that shard lacks it")
             files[name] = shard_path
     return files
+
+
+def lazy_checkpoint(directory: str | Path) -> dict[str, FileTensor]:
+    """Every tensor of a directory's safetensors checkpoint (single file or sharded), validated like
+    `load_checkpoint`, as lazy tensors (`jspec.checkpoint.lazy.FileTensor`): nothing but the headers is read;
+    each slice read later reads only its own bytes."""
+    headers: dict[Path, tuple[dict[str, dict[str, Any]], int]] = {}
+    tensors = {}
+    for name, path in checkpoint_files(directory).items():
+        if path not in headers:
+            header, _, data_start = read_header(path)
+            headers[path] = (header, data_start)
+        header, data_start = headers[path]
+        info = header[name]
+        tensors[name] = FileTensor(path, data_start + info["data_offsets"][0], tuple(info["shape"]), DTYPES[info["dtype"]])
+    return tensors
 
 
 def load_checkpoint(directory: str | Path, *, copy: bool = False) -> dict[str, np.ndarray]:
