@@ -49,12 +49,15 @@ def checkpoint_config(size_gb: float, dtype: str):
 
 
 def write_random_checkpoint(directory: Path, size_gb: float = 1.0, dtype: str = "float32", seed: int = 0) -> dict:
-    """A random HF directory (config.json + safetensors) of about `size_gb` GB. Returns its sizes in bytes."""
+    """A random HF directory (config.json + safetensors) of about `size_gb` GB. Returns its sizes in bytes (the
+    largest parameter: a stacked one, [layers, ...])."""
+    import jax
     import jax.numpy as jnp
     import numpy as np
 
     from jspec.checkpoint import safetensors
     from jspec.checkpoint.hf import config_to_hf, tensor_shapes
+    from jspec.models import transformer
 
     config = checkpoint_config(size_gb, dtype)
     rng = np.random.default_rng(seed)
@@ -63,8 +66,11 @@ def write_random_checkpoint(directory: Path, size_gb: float = 1.0, dtype: str = 
     directory.mkdir(parents=True, exist_ok=True)
     safetensors.save_checkpoint(tensors, directory, metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(config_to_hf(config), indent=2, sort_keys=True) + "\n")
+    parameters = jax.eval_shape(lambda: transformer.init_params(config, jax.random.key(0)))
     return {"checkpoint_bytes": sum(t.nbytes for t in tensors.values()),
-            "largest_tensor_bytes": max(t.nbytes for t in tensors.values()), "num_layers": config.num_layers}
+            "largest_tensor_bytes": max(t.nbytes for t in tensors.values()),
+            "largest_parameter_bytes": max(p.size * p.dtype.itemsize for p in jax.tree.leaves(parameters)),
+            "num_layers": config.num_layers}
 
 
 def _status(field: str) -> int:
@@ -134,7 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
     report = {**sizes, "dtype": args.dtype, "results": rows}
     gib = 1024**3
     print(f"checkpoint {sizes['checkpoint_bytes'] / gib:.3f} GiB ({args.dtype}, {sizes['num_layers']} layers), "
-          f"largest tensor {sizes['largest_tensor_bytes'] / gib:.3f} GiB, {NUM_DEVICES} CPU devices, mesh {args.mesh}")
+          f"largest tensor {sizes['largest_tensor_bytes'] / gib:.3f} GiB (parameter, stacked: "
+          f"{sizes['largest_parameter_bytes'] / gib:.3f} GiB), {NUM_DEVICES} CPU devices, mesh {args.mesh}")
     print(f"{'mode':<12} {'peak GiB':>9} {'devices GiB':>12} {'host GiB':>9} {'seconds':>8}")
     for row in rows:
         print(f"{row['mode']:<12} {row['peak_bytes'] / gib:9.3f} {row['device_bytes'] / gib:12.3f} "
