@@ -21,6 +21,7 @@ from jspec.models.config import TransformerConfig
 from jspec.models import transformer
 from jspec.models.model import Model
 from jspec.tokenizer import ByteTokenizer
+from jspec.validation import ArgumentError
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -67,6 +68,8 @@ def load(name_or_path: str | Path, *, dtype: str | None = None, seed: int = 0, m
         name_or_path = str(name_or_path)
     if not isinstance(name_or_path, str):
         raise ValueError(f"name_or_path: expected a model name or path (str), got {name_or_path!r}")
+    if rules is not None and mesh is None:
+        raise ArgumentError(f"rules: sharding rules {rules!r} need a mesh (pass mesh=jspec.sharding.make_mesh(...))")
     if name_or_path.startswith(RANDOM_PREFIX):
         config = model_config(name_or_path[len(RANDOM_PREFIX) :])
         if dtype is not None:

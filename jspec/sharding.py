@@ -9,6 +9,10 @@ Model code names logical axes only (`model.param_axes`, `model.cache_axes`: "bat
 options: how it computes), so that every cache the model creates inside a compiled loop is created sharded,
 the Pallas kernels run per shard under `jax.shard_map`, and `jspec.decode` places the batch over "data".
 
+`jspec.load(path, mesh=mesh)` builds the same placement straight from a safetensors checkpoint: `place` reads a
+lazy checkpoint tensor (`jspec.checkpoint.lazy`) one addressable device's slice at a time (`place_from`), so no
+host holds a whole checkpoint, and each process of a multi-host mesh reads only its own devices' slices.
+
 Divisibility: a sharded axis must divide evenly over its mesh axis (a ValueError names the numbers), except KV
 heads: when the model axis has more devices than the model has KV heads, K/V projections and the KV cache are
 replicated over "model" (each device keeps every KV head and attends with its own query heads), as large

@@ -97,6 +97,13 @@ def test_lazy_tensor_slices_equal_the_whole_tensor_sliced(tmp_path):
         files["t0"].read((slice(None),) * 4)
 
 
+def test_rules_without_a_mesh_raise():
+    import jspec
+
+    with pytest.raises(jspec.ArgumentError, match="^rules: sharding rules .* need a mesh"):
+        jspec.load("demo-code", rules={"vocab": None})
+
+
 # --- in the subprocess ------------------------------------------------------------------------------------
 
 
@@ -175,7 +182,8 @@ def test_mesh_load_equals_load_then_shard(checkpoints):
              "attn_norm": [None], "mlp_norm": [None]}
     top = {"['embed']": ["model", None], "['final_norm']": [None]}
     assert results["small:None"]["specs"] == {
-        **top, "['lm_head']": [None, "model"], **{f"['groups'][0][{i}]['{k}']": v for i in range(2) for k, v in layer.items()}}
+        **top, "['lm_head']": [None, "model"],
+        **{f"['groups'][0][{i}]['{k}']": v for i in range(2) for k, v in layer.items()}}
     biases = {"q_bias": ["model"], "k_bias": [None], "v_bias": [None]}
     assert results["stacked:None"]["specs"] == {  # tied embeddings: no lm_head
         **top, **{f"['groups'][0]['{k}']": [None, *v] for k, v in {**layer, **biases}.items()}}
@@ -207,9 +215,11 @@ def test_mesh_load_peak_memory_stays_below_the_checkpoint(tmp_path):
     sizes = bench.write_random_checkpoint(tmp_path / "checkpoint", size_gb=1.0)
     result = bench.run_mode("mesh", tmp_path / "checkpoint", "data=1,model=8")
     checkpoint, largest = sizes["checkpoint_bytes"], sizes["largest_parameter_bytes"]
-    figures = (f"checkpoint {checkpoint / 2**20:.0f} MiB, largest parameter {largest / 2**20:.0f} MiB; mesh load: peak "
-               f"{result['peak_bytes'] / 2**20:.0f} MiB beyond the baseline, of which {result['device_bytes'] / 2**20:.0f}"
-               f" MiB on the devices, {result['host_bytes'] / 2**20:.0f} MiB on the host; {result['seconds']:.1f} s")
+    mib = {key: value / 2**20 for key, value in {**sizes, **result}.items() if key.endswith("_bytes")}
+    figures = (f"checkpoint {mib['checkpoint_bytes']:.0f} MiB, largest parameter {mib['largest_parameter_bytes']:.0f} "
+               f"MiB; mesh load: peak {mib['peak_bytes']:.0f} MiB beyond the baseline, of which "
+               f"{mib['device_bytes']:.0f} MiB on the devices, {mib['host_bytes']:.0f} MiB on the host; "
+               f"{result['seconds']:.1f} s")
     print(figures)
     assert abs(result["device_bytes"] - checkpoint) < 0.01 * checkpoint, figures  # split 8 ways, not replicated
     assert result["host_bytes"] < min(0.25 * checkpoint, largest), figures  # less than one parameter whole

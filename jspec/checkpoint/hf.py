@@ -16,6 +16,11 @@ Guarantees:
   one that expresses the config: Qwen3ForCausalLM when qk_norm, else Qwen2ForCausalLM when qkv_bias, else
   MistralForCausalLM when sliding_window, else LlamaForCausalLM.
 
+- One mapping serves both ways of reading: `lazy_params_from_hf` validates the tensors and maps them onto the
+  parameter pytree as lazy tensors (`jspec.checkpoint.lazy`: transposed, stacked into layer groups and cast
+  without reading); `load_hf` reads them whole, or with `mesh=` places each on the mesh reading only the
+  addressable devices' slices from the safetensors files. Both give the same values bit for bit.
+
 Weight mapping (torch Linear weights are [out, in]; jspec stores [in, out], so every matrix is transposed):
     model.embed_tokens.weight [V, D]                    embed [V, D]
     model.layers.{i}.self_attn.{q,k,v,o}_proj.weight    layers[i].{q,k,v,o} (transposed)

@@ -130,7 +130,8 @@ class FileTensor(LazyTensor):
             run_bytes = (bounds[last][1] - bounds[last][0]) * strides[last]
             starts = np.zeros((1,), np.int64) + self.offset + bounds[last][0] * strides[last]
             for axis in reversed(range(last)):  # outer axes vary slowest: row-major order, as `out` is laid out
-                starts = (np.arange(*bounds[axis], dtype=np.int64)[:, None] * strides[axis] + starts[None, :]).reshape(-1)
+                rows = np.arange(*bounds[axis], dtype=np.int64)[:, None] * strides[axis]
+                starts = (rows + starts[None, :]).reshape(-1)
             runs = starts.tolist()
         buffer = memoryview(out.reshape(-1).view(np.uint8))
         descriptor = os.open(self.path, os.O_RDONLY)

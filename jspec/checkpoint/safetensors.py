@@ -14,6 +14,8 @@ Guarantees:
   into memory.
 - `save_file` is deterministic: the same tensors and metadata give the same bytes (names sorted, compact
   JSON with sorted keys, header padded with spaces to a multiple of 8 so every tensor is 8-byte aligned).
+- `lazy_checkpoint` validates the same way and returns lazy tensors (`jspec.checkpoint.lazy.FileTensor`) whose
+  slices are read by byte range, nothing left mapped: for loading onto a mesh without holding the checkpoint.
 - Sharded checkpoints (`model.safetensors.index.json` with a `weight_map`) are read by `load_checkpoint` and
   written by `save_checkpoint` when the tensors exceed `max_shard_bytes`, in Hugging Face's naming
   (`model-00001-of-00003.safetensors`).
@@ -243,7 +245,8 @@ def lazy_checkpoint(directory: str | Path) -> dict[str, FileTensor]:
             headers[path] = (header, data_start)
         header, data_start = headers[path]
         info = header[name]
-        tensors[name] = FileTensor(path, data_start + info["data_offsets"][0], tuple(info["shape"]), DTYPES[info["dtype"]])
+        offset = data_start + info["data_offsets"][0]
+        tensors[name] = FileTensor(path, offset, tuple(info["shape"]), DTYPES[info["dtype"]])
     return tensors
 
 

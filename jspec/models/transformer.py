@@ -76,7 +76,9 @@ def init_params(config: TransformerConfig, key: jax.Array, init_scale: float = 0
     return params
 
 
-def stack_layers(config: TransformerConfig, layers: Sequence[Params], stack: Callable = jnp.stack) -> tuple[Params, ...]:
+def stack_layers(
+    config: TransformerConfig, layers: Sequence[Params], stack: Callable = jnp.stack
+) -> tuple[Params, ...]:
     """One flat dict per layer -> the stacked groups of `config.layer_groups` (`stack`: how a sequence of leaves
     becomes one, e.g. lazily for checkpoint tensors not yet read)."""
     if len(layers) != config.num_layers:
