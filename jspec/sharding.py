@@ -9,6 +9,10 @@ Model code names logical axes only (`model.param_axes`, `model.cache_axes`: "bat
 options: how it computes), so that every cache the model creates inside a compiled loop is created sharded,
 the Pallas kernels run per shard under `jax.shard_map`, and `jspec.decode` places the batch over "data".
 
+`jspec.load(path, mesh=mesh)` builds the same placement straight from a safetensors checkpoint: `place` reads a
+lazy checkpoint tensor (`jspec.checkpoint.lazy`) one addressable device's slice at a time (`place_from`), so no
+host holds a whole checkpoint, and each process of a multi-host mesh reads only its own devices' slices.
+
 Divisibility: a sharded axis must divide evenly over its mesh axis (a ValueError names the numbers), except KV
 heads: when the model axis has more devices than the model has KV heads, K/V projections and the KV cache are
 replicated over "model" (each device keeps every KV head and attends with its own query heads), as large
@@ -26,6 +30,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jspec.checkpoint.lazy import is_lazy
 from jspec.validation import ArgumentError
 
 DATA, MODEL = "data", "model"
@@ -202,7 +207,11 @@ def logical_counts(config: Any, batch_size: int | None = None) -> dict[str, int]
 
 def place(value: Any, sharding: NamedSharding) -> jax.Array:
     """A global array with `sharding` from a host value every process holds whole (numpy, or a jax array on
-    addressable devices): each device receives only its slice, also on a multi-host mesh."""
+    addressable devices): each device receives only its slice, also on a multi-host mesh. A lazy tensor
+    (`jspec.checkpoint.lazy.LazyTensor`, e.g. a checkpoint tensor not yet read) is read slice by slice instead
+    (`place_from`), each distinct slice once."""
+    if is_lazy(value):
+        return place_from(value.shape, sharding, _read_once(value.read))
     if isinstance(value, jax.Array) and value.is_fully_addressable and len(jax.devices()) == len(jax.local_devices()):
         return jax.device_put(value, sharding)
     host = np.asarray(value)
@@ -215,6 +224,21 @@ def place_from(shape: tuple[int, ...], sharding: NamedSharding, read: Callable[[
     return jax.make_array_from_callback(tuple(shape), sharding, read)
 
 
+def _read_once(read: Callable[[tuple[slice, ...]], np.ndarray]) -> Callable[[tuple[slice, ...]], np.ndarray]:
+    """`read` remembering its results by index: devices that replicate a slice (e.g. over "data") share one read.
+    `make_array_from_callback` holds every device's slice of one array until it transfers them, so the cache
+    costs nothing extra and lives only as long as that call."""
+    done: dict[tuple, np.ndarray] = {}
+
+    def cached(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple((part.start, part.stop, part.step) for part in index)
+        if key not in done:
+            done[key] = read(index)
+        return done[key]
+
+    return cached
+
+
 def shard(model: Any, mesh: Mesh, rules: Mapping[str, Any] | None = None) -> Any:
     """The model with its parameters placed on `mesh` by their logical axes (see the module docstring); the mesh
     and rules are recorded on the model so caches and kernels follow. Parameters are never gathered whole on one
@@ -223,6 +247,13 @@ def shard(model: Any, mesh: Mesh, rules: Mapping[str, Any] | None = None) -> Any
     current = model.kernels.sharding
     if current is not None and current == plan:
         return model
+    return shard_with(model, plan)
+
+
+def shard_with(model: Any, plan: MeshSharding) -> Any:
+    """The model with every parameter placed by `plan` (`place`: arrays, or lazy tensors read device slice by
+    device slice) and `plan` recorded in its kernel options. Every sharding is computed, and so every
+    divisibility error raised, before any parameter is placed."""
     shardings = plan.tree_shardings(model.params, model.param_axes)
     params = jax.tree.map(place, model.params, shardings)
     return model.replace(params=params, kernels=model.kernels.replace(sharding=plan))

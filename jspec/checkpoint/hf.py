@@ -16,6 +16,11 @@ Guarantees:
   one that expresses the config: Qwen3ForCausalLM when qk_norm, else Qwen2ForCausalLM when qkv_bias, else
   MistralForCausalLM when sliding_window, else LlamaForCausalLM.
 
+- One mapping serves both ways of reading: `lazy_params_from_hf` validates the tensors and maps them onto the
+  parameter pytree as lazy tensors (`jspec.checkpoint.lazy`: transposed, stacked into layer groups and cast
+  without reading); `load_hf` reads them whole, or with `mesh=` places each on the mesh reading only the
+  addressable devices' slices from the safetensors files. Both give the same values bit for bit.
+
 Weight mapping (torch Linear weights are [out, in]; jspec stores [in, out], so every matrix is transposed):
     model.embed_tokens.weight [V, D]                    embed [V, D]
     model.layers.{i}.self_attn.{q,k,v,o}_proj.weight    layers[i].{q,k,v,o} (transposed)
@@ -36,10 +41,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jspec.checkpoint import safetensors
+from jspec import sharding
+from jspec.checkpoint import lazy, safetensors
 from jspec.checkpoint.directories import check_destination, write_directory
 from jspec.models.config import DTYPES, RopeScaling, TransformerConfig
 from jspec.models import transformer
@@ -380,54 +387,76 @@ def _expected_tensors(config: TransformerConfig, o_bias: bool) -> dict[str, tupl
     return out
 
 
-def params_from_hf(tensors: dict[str, np.ndarray], config: TransformerConfig, *, o_bias: bool = False) -> dict[str, Any]:
-    """The jspec parameter pytree from HF-named tensors, cast to `config.dtype`.
+def tensor_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
+    """{HF tensor name: shape (torch layout)} of the checkpoint `save_hf` writes for `config`."""
+    o_bias = config_to_hf(config).get("attention_bias", False)
+    return {name: shape for name, (shape, _, _) in _expected_tensors(config, o_bias).items()}
+
+
+def params_from_hf(tensors: dict[str, Any], config: TransformerConfig, *, o_bias: bool = False) -> dict[str, Any]:
+    """The jspec parameter pytree from HF-named tensors (numpy arrays or lazy tensors), cast to `config.dtype`.
 
     o_bias: the checkpoint has `o_proj.bias` tensors (Llama / Qwen3 attention_bias); they must be all zero.
     Raises ValueError naming every missing tensor, unexpected tensor, or wrong shape.
     """
+    return read_params(lazy_params_from_hf(tensors, config, o_bias=o_bias))
+
+
+def read_params(params: dict[str, Any]) -> dict[str, Any]:
+    """A lazy parameter pytree (`lazy_params_from_hf`) read whole into jax arrays (on the default device)."""
+    return jax.tree.map(lambda tensor: jnp.asarray(tensor.read_all()), params)
+
+
+def lazy_params_from_hf(tensors: dict[str, Any], config: TransformerConfig, *, o_bias: bool = False) -> dict[str, Any]:
+    """`params_from_hf`'s pytree with a `jspec.checkpoint.lazy.LazyTensor` per leaf (transposed, cast and stacked
+    as the parameters need; nothing of the weights read yet), after the same validation: what `read_params` reads
+    whole and `jspec.sharding.shard` reads device slice by device slice. Arrays among `tensors` are wrapped."""
+    tensors = {k: t if lazy.is_lazy(t) else lazy.InMemory(np.asarray(t)) for k, t in tensors.items()
+               if not k.endswith(_IGNORED_SUFFIXES)}
     expected = _expected_tensors(config, o_bias)
-    tensors = {k: t for k, t in tensors.items() if not k.endswith(_IGNORED_SUFFIXES)}
     missing = sorted(set(expected) - set(tensors), key=_natural)
     if missing:
         raise ValueError(f"checkpoint: missing tensor(s) {_listed(missing)} for {config.name} ({config.num_layers} layers)")
     extra = sorted(set(tensors) - set(expected), key=_natural)
     if config.tie_embeddings and "lm_head.weight" in extra:
-        lm_head, embed = tensors["lm_head.weight"], tensors["model.embed_tokens.weight"]
-        if lm_head.shape == embed.shape and np.array_equal(lm_head, embed):
+        if _equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"]):
             extra.remove("lm_head.weight")  # a redundant copy of the tied embedding
         else:
             raise ValueError("checkpoint: lm_head.weight differs from model.embed_tokens.weight, but tie_word_embeddings is true")
     if extra:
         raise ValueError(f"checkpoint: unexpected tensor(s) {_listed(extra)} (not part of {config.name}'s architecture)")
 
-    dtype = jnp.dtype(config.dtype)
+    dtype = np.dtype(jnp.dtype(config.dtype))
     params: dict[str, Any] = {"embed": None, "layers": [{} for _ in range(config.num_layers)], "final_norm": None}
     layers = params["layers"]
     for name, (shape, destination, transpose) in expected.items():
-        array = tensors[name]
-        if tuple(array.shape) != shape:
+        tensor = tensors[name]
+        if tuple(tensor.shape) != shape:
             layout = " (torch [out, in] layout)" if len(shape) == 2 else ""
-            raise ValueError(f"checkpoint: tensor {name} has shape {tuple(array.shape)}, expected {shape}{layout}")
-        if not jnp.issubdtype(array.dtype, jnp.floating):
-            raise ValueError(f"checkpoint: tensor {name} has dtype {array.dtype}, expected a floating-point dtype")
+            raise ValueError(f"checkpoint: tensor {name} has shape {tuple(tensor.shape)}, expected {shape}{layout}")
+        if not jnp.issubdtype(tensor.dtype, jnp.floating):
+            raise ValueError(f"checkpoint: tensor {name} has dtype {tensor.dtype}, expected a floating-point dtype")
         if destination is None:  # an o_proj bias: jspec has none, so it must be zero
-            if np.any(np.asarray(array, np.float32) != 0):
+            if np.any(np.asarray(tensor.read_all(), np.float32) != 0):
                 raise ValueError(
                     f"checkpoint: tensor {name} is a nonzero output-projection bias, which jspec's transformer does not "
                     "support (attention_bias=true is supported only when o_proj.bias is all zero)"
                 )
             continue
-        array = np.asarray(array)
-        if transpose:
-            array = np.ascontiguousarray(array.T)
-        value = jnp.asarray(array).astype(dtype)
+        value = (tensor.T if transpose else tensor).astype(dtype)
         if destination[0] == "layers":
             layers[destination[1]][destination[2]] = value
         else:
             params[destination[0]] = value
-    params["groups"] = transformer.stack_layers(config, params.pop("layers"))
+    params["groups"] = transformer.stack_layers(config, params.pop("layers"), stack=lazy.stack)
     return params
+
+
+def _equal(a: lazy.LazyTensor, b: lazy.LazyTensor) -> bool:
+    """Whether two tensors hold equal values, compared block by block (never both whole in memory)."""
+    return tuple(a.shape) == tuple(b.shape) and all(
+        np.array_equal(block, b.read((slice(first, first + len(block)),))) for first, block in lazy.read_rows(a)
+    )
 
 
 def params_to_hf(params: dict[str, Any], config: TransformerConfig) -> dict[str, np.ndarray]:
@@ -461,12 +490,17 @@ def _listed(names: list[str], limit: int = 8) -> str:
 # --- directories --------------------------------------------------------------------------------------
 
 
-def load_hf(path: str | Path, dtype: str | None = None) -> Model:
+def load_hf(path: str | Path, dtype: str | None = None, *, mesh: Any = None, rules: Any = None) -> Model:
     """A `jspec.Model` from a Hugging Face model directory (config.json, model.safetensors or a sharded
     index, and tokenizer.json when present, wrapped as an `HFTokenizer` with the config's EOS ids).
 
     dtype: parameter dtype ("float32", "bfloat16", "float16"); default: the config's `dtype`/`torch_dtype`,
     else float32. See the module doc for what is guaranteed and what raises.
+    mesh, rules: place the parameters straight onto a `jax.sharding.Mesh` by their logical axes (see
+    `jspec.sharding`): each parameter becomes a global array whose addressable devices' slices are read from the
+    safetensors files, transposed, stacked and cast slice by slice; no host ever holds a whole checkpoint (at
+    most the slices of one tensor at a time beyond what its devices hold). On several hosts each process reads
+    only its own devices' slices. Equal, bit for bit, to `jspec.sharding.shard(load_hf(path), mesh, rules)`.
     """
     path = Path(path)
     config_path = path / "config.json"
@@ -479,13 +513,16 @@ def load_hf(path: str | Path, dtype: str | None = None) -> Model:
     generation_path = path / "generation_config.json"
     generation = json.loads(generation_path.read_text()) if generation_path.is_file() else None
     config = config_from_hf(hf_config, dtype=dtype, name=hf_config.get("_name_or_path") or path.name, generation_config=generation)
+    plan = None if mesh is None else sharding.MeshSharding.create(mesh, rules, sharding.logical_counts(config))
     architecture = architecture_of(hf_config)
     o_bias = architecture in ("LlamaForCausalLM", "Qwen3ForCausalLM") and config.qkv_bias
-    params = params_from_hf(safetensors.load_checkpoint(path), config, o_bias=o_bias)
+    params = lazy_params_from_hf(safetensors.lazy_checkpoint(path), config, o_bias=o_bias)
     tokenizer = None
     if (path / "tokenizer.json").is_file():
         tokenizer = HFTokenizer.from_file(path / "tokenizer.json", config.eos_token_ids, config.bos_token_id)
-    return Model(params=params, config=config, tokenizer=tokenizer)
+    if plan is None:
+        return Model(params=read_params(params), config=config, tokenizer=tokenizer)
+    return sharding.shard_with(Model(params=params, config=config, tokenizer=tokenizer), plan)
 
 
 def save_hf(
@@ -534,4 +571,5 @@ def _tokenizer_config(hf_tokenizer: HFTokenizer, config: TransformerConfig) -> d
     return out
 
 
-__all__ = ["ARCHITECTURES", "config_from_hf", "config_to_hf", "load_hf", "params_from_hf", "params_to_hf", "save_hf"]
+__all__ = ["ARCHITECTURES", "config_from_hf", "config_to_hf", "lazy_params_from_hf", "load_hf", "params_from_hf",
+           "params_to_hf", "read_params", "save_hf", "tensor_shapes"]

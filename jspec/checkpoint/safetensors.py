@@ -14,6 +14,8 @@ Guarantees:
   into memory.
 - `save_file` is deterministic: the same tensors and metadata give the same bytes (names sorted, compact
   JSON with sorted keys, header padded with spaces to a multiple of 8 so every tensor is 8-byte aligned).
+- `lazy_checkpoint` validates the same way and returns lazy tensors (`jspec.checkpoint.lazy.FileTensor`) whose
+  slices are read by byte range, nothing left mapped: for loading onto a mesh without holding the checkpoint.
 - Sharded checkpoints (`model.safetensors.index.json` with a `weight_map`) are read by `load_checkpoint` and
   written by `save_checkpoint` when the tensors exceed `max_shard_bytes`, in Hugging Face's naming
   (`model-00001-of-00003.safetensors`).
@@ -30,6 +32,8 @@ from typing import Any, Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
+
+from jspec.checkpoint.lazy import FileTensor
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -227,6 +231,23 @@ def checkpoint_files(directory: str | Path) -> dict[str, Path]:
                 raise ValueError(f"checkpoint {directory}: tensor {name!r} is listed in the index for {shard} but that shard lacks it")
             files[name] = shard_path
     return files
+
+
+def lazy_checkpoint(directory: str | Path) -> dict[str, FileTensor]:
+    """Every tensor of a directory's safetensors checkpoint (single file or sharded), validated like
+    `load_checkpoint`, as lazy tensors (`jspec.checkpoint.lazy.FileTensor`): nothing but the headers is read;
+    each slice read later reads only its own bytes."""
+    headers: dict[Path, tuple[dict[str, dict[str, Any]], int]] = {}
+    tensors = {}
+    for name, path in checkpoint_files(directory).items():
+        if path not in headers:
+            header, _, data_start = read_header(path)
+            headers[path] = (header, data_start)
+        header, data_start = headers[path]
+        info = header[name]
+        offset = data_start + info["data_offsets"][0]
+        tensors[name] = FileTensor(path, offset, tuple(info["shape"]), DTYPES[info["dtype"]])
+    return tensors
 
 
 def load_checkpoint(directory: str | Path, *, copy: bool = False) -> dict[str, np.ndarray]:

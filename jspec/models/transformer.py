@@ -23,7 +23,7 @@ layers in a group):
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -76,12 +76,15 @@ def init_params(config: TransformerConfig, key: jax.Array, init_scale: float = 0
     return params
 
 
-def stack_layers(config: TransformerConfig, layers: Sequence[Params]) -> tuple[Params, ...]:
-    """One flat dict per layer -> the stacked groups of `config.layer_groups`."""
+def stack_layers(
+    config: TransformerConfig, layers: Sequence[Params], stack: Callable = jnp.stack
+) -> tuple[Params, ...]:
+    """One flat dict per layer -> the stacked groups of `config.layer_groups` (`stack`: how a sequence of leaves
+    becomes one, e.g. lazily for checkpoint tensors not yet read)."""
     if len(layers) != config.num_layers:
         raise ValueError(f"layers: expected {config.num_layers} per-layer parameter dicts, got {len(layers)}")
     return tuple(
-        jax.tree.map(lambda *xs: jnp.stack(xs), *layers[start:end]) if is_scanned(start, end) else tuple(layers[start:end])
+        jax.tree.map(lambda *xs: stack(xs), *layers[start:end]) if is_scanned(start, end) else tuple(layers[start:end])
         for _, start, end in config.layer_groups
     )
 
