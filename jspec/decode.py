@@ -17,7 +17,7 @@ import numpy as np
 
 from jspec import sharding, validation
 from jspec.models.model import Model
-from jspec.strategies.base import ROW_STATS, DecodeOutput, FinishReason, Prompts, Strategy, resolve_strategy
+from jspec.strategies.base import DecodeOutput, FinishReason, Prompts, Strategy, resolve_strategy
 from jspec.validation import ArgumentError
 
 # Shape buckets: nearby calls share one compiled program. Prompts are right-padded to the next power of two
@@ -452,15 +452,7 @@ def _as_key(key: Any) -> jax.Array:
 
 def _trimmed(result: DecodeOutput, batch_size: int, max_new_tokens: int) -> DecodeOutput:
     """A host-side output without the bucket's padding: the first batch_size rows and max_new_tokens columns."""
-    stats = {
-        name: np.asarray(value)[:batch_size] if name in ROW_STATS else value for name, value in result.stats.items()
-    }
-    return DecodeOutput(
-        tokens=np.asarray(result.tokens)[:batch_size, :max_new_tokens],
-        lengths=np.asarray(result.lengths)[:batch_size],
-        finish_reason=np.asarray(result.finish_reason)[:batch_size],
-        stats=stats,
-    )
+    return result.select(slice(0, batch_size), slice(0, max_new_tokens))
 
 
 def _to_host(model: Model, result: DecodeOutput, request: Prompts, max_new_tokens: int) -> DecodeOutput:

@@ -147,6 +147,15 @@ class DecodeOutput:
     def finish_reasons(self) -> list[str]:
         return [FinishReason(int(r)).name.lower() for r in np.asarray(self.finish_reason)]
 
+    def select(self, rows: Any, columns: Any = slice(None)) -> "DecodeOutput":
+        """A host-side output of some rows (a slice or index array; per-row stats follow, per-call stats are kept)
+        and token columns (lists stay lists)."""
+        pick = lambda value: np.asarray(value)[rows].tolist() if isinstance(value, list) else np.asarray(value)[rows]  # noqa: E731
+        stats = {name: (pick(value) if name in ROW_STATS else value) for name, value in self.stats.items()}
+        text = None if self.text is None else list(np.asarray(self.text, dtype=object)[rows])
+        return DecodeOutput(tokens=np.asarray(self.tokens)[rows][:, columns], lengths=pick(self.lengths),
+                            finish_reason=pick(self.finish_reason), stats=stats, text=text)
+
 
 jax.tree_util.register_dataclass(
     DecodeOutput, data_fields=["tokens", "lengths", "finish_reason", "stats"], meta_fields=["text"]
