@@ -72,18 +72,20 @@ def move_slots(
     """`Cache.compact` for a slot-indexed leaf: entries source_slots[b, t] move to destination_start[b] + t."""
     capacity = buffer.shape[2]
     sources, destination = compact_destinations(source_slots, destination_start, capacity)
-
-    def move(rows, row_sources, row_destination):  # per row (vmapped: on a mesh each device moves its own rows)
-        return rows.at[:, row_destination].set(rows[:, row_sources], mode="drop")
-
-    return jax.vmap(move, in_axes=(1, 0, 0), out_axes=1)(buffer, sources, destination)
+    rest = tuple(range(3, buffer.ndim))
+    moved = jax.lax.gather(  # [L, B, T, ...]: buffer[:, b, sources[b, t]]
+        buffer, sources[:, :, None],
+        jax.lax.GatherDimensionNumbers(offset_dims=(0, *rest), collapsed_slice_dims=(2,), start_index_map=(2,),
+                                       operand_batching_dims=(1,), start_indices_batching_dims=(0,)),
+        slice_sizes=(buffer.shape[0], 1, 1, *buffer.shape[3:]), mode="clip")
+    return _scatter_by_row(buffer, destination[:, :, None], moved, slot_axes=(2,), window_axes=(0, *rest))
 
 
 def scatter_rows(buffer: jax.Array, updates: jax.Array, slots: jax.Array) -> jax.Array:
     """buffer [B, S, ...] with updates [B, T, ...] written at slots [B, T]; slots outside [0, S) are dropped."""
     slots = jnp.where(slots < 0, buffer.shape[1], slots)  # negative indices would wrap around
-    write = lambda row, row_updates, row_slots: row.at[row_slots].set(row_updates, mode="drop")  # noqa: E731
-    return jax.vmap(write)(buffer, updates.astype(buffer.dtype), slots)
+    return _scatter_by_row(buffer, slots[:, :, None], updates.astype(buffer.dtype), slot_axes=(1,),
+                           window_axes=tuple(range(2, updates.ndim)), row_axis=0)
 
 
 def scatter_layer_rows(buffer: jax.Array, layer: jax.Array | int, updates: jax.Array, slots: jax.Array) -> jax.Array:
@@ -91,7 +93,23 @@ def scatter_layer_rows(buffer: jax.Array, layer: jax.Array | int, updates: jax.A
 
     Writes only the chunk's entries (no copy of the layer), so it runs in place inside a scan over layers."""
     slots = jnp.where(slots < 0, buffer.shape[2], slots)
-    # one scatter per row, vmapped: the rows are the scatter's batch dimension, so on a mesh each device writes
-    # its own rows (no all-gather of the updates across the batch axis)
-    write = lambda rows, row_updates, row_slots: rows.at[layer, row_slots].set(row_updates, mode="drop")  # noqa: E731
-    return jax.vmap(write, in_axes=(1, 0, 0), out_axes=1)(buffer, updates.astype(buffer.dtype), slots)
+    indices = jnp.stack([jnp.broadcast_to(jnp.asarray(layer, slots.dtype), slots.shape), slots], axis=-1)
+    return _scatter_by_row(buffer, indices, updates.astype(buffer.dtype), slot_axes=(0, 2),
+                           window_axes=tuple(range(2, updates.ndim)))
+
+
+def _scatter_by_row(
+    buffer: jax.Array,  # rows along `row_axis`
+    indices: jax.Array,  # [B, T, k] int: per row, the positions along `slot_axes` (out of range: dropped)
+    updates: jax.Array,  # [B, T, ...] (or with window axes elsewhere, at `window_axes` of the updates)
+    slot_axes: tuple[int, ...],
+    window_axes: tuple[int, ...],
+    row_axis: int = 1,
+) -> jax.Array:
+    """A scatter whose rows are its batch dimension (operand_batching_dims): each row writes only its own row, so on
+    a mesh whose batch axis splits the rows every device writes its rows locally (no gather of the updates, no
+    transpose of the buffer)."""
+    numbers = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=window_axes, inserted_window_dims=slot_axes, scatter_dims_to_operand_dims=slot_axes,
+        operand_batching_dims=(row_axis,), scatter_indices_batching_dims=(0,))
+    return jax.lax.scatter(buffer, indices, updates, numbers, mode="drop")

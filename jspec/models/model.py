@@ -54,8 +54,13 @@ class Model:
         mask: jax.Array | None = None,  # [B, T, S]
         **options: Any,
     ) -> tuple[jax.Array, Cache | None]:
-        """`transformer.forward` with this model's parameters, config and kernels."""
-        return transformer.forward(self.params, self.config, tokens, positions, cache, mask, kernels=self.kernels, **options)
+        """`transformer.forward` with this model's parameters, config and kernels. On a mesh, the returned cache
+        keeps the cache's sharding (so a loop carrying it never re-lays it out)."""
+        logits, cache = transformer.forward(self.params, self.config, tokens, positions, cache, mask,
+                                            kernels=self.kernels, **options)
+        if self.sharding is not None and cache is not None:
+            cache = self.sharding.constrain(cache, self.cache_axes)
+        return logits, cache
 
     def new_cache(self, batch_size: int, capacity: int, *, max_chunk: int | None = None) -> Cache:
         """An empty cache (see `transformer.new_cache`): `capacity` logical slots per row, rounded up to the attention
