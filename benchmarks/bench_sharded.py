@@ -120,7 +120,8 @@ def worker(num_devices: int, new_tokens: int, batch: int, prompt_tokens: int) ->
         lower_seconds = time.perf_counter() - start
         compiled = lowered.compile()  # decode() below reuses this executable
         compile_seconds = time.perf_counter() - start - lower_seconds
-        return {"lower_s": lower_seconds, "compile_s": compile_seconds, "collectives": count_collectives(compiled.as_text())}
+        return {"lower_s": lower_seconds, "compile_s": compile_seconds,
+                "collectives": count_collectives(compiled.as_text())}
 
     def run(mesh_text: str, strategy_name: str) -> dict:
         mesh, model, strategy = placed[mesh_text, strategy_name]
@@ -198,8 +199,8 @@ def main() -> None:
             **{f"{name} step/out": f"{step[name]}/{outside[name]}" for name in COLLECTIVES},
             "collectives per step": sum(step.values()),
         })
-    print(f"\ntotals over {rounds} interleaved rounds; 'time vs 1x1' is the ratio of total seconds against the 1x1 mesh "
-          "(same strategy, same run); collectives: ops per decode step / ops outside the loop")
+    print(f"\ntotals over {rounds} interleaved rounds; 'time vs 1x1' is the ratio of total seconds against the "
+          "1x1 mesh (same strategy, same run); collectives: ops per decode step / ops outside the loop")
     bench.print_table(rows, ["strategy", "mesh (data x model)", "devices", "tokens/s", "time vs 1x1", "lower s",
                              "compile s", "steps", "same tokens as 1x1", "collectives per step",
                              *[f"{name} step/out" for name in COLLECTIVES]])
