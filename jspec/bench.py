@@ -10,6 +10,8 @@ import dataclasses
 import json
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -88,3 +90,31 @@ def write_json(name: str, payload: dict[str, Any], directory: str | Path = "benc
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"environment": environment(), **payload}, indent=2))
     return path
+
+
+class Worker:
+    """A long-lived Python process that answers one JSON request per line on stdin with one JSON line on stdout
+    (its side: `serve`). Benchmarks keep one per setting that must live in its own process (a checkout, a device
+    count) and interleave their timed requests, so load changes on the machine fall on every setting alike."""
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None, cwd: str | Path | None = None):
+        self.process = subprocess.Popen([sys.executable, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        text=True, env=env, cwd=cwd)
+
+    def ask(self, **request: Any) -> Any:
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker {self.process.args} exited (code {self.process.wait()}) on {request}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def serve(handle: Callable[[dict[str, Any]], Any]) -> None:
+    """The worker side of `Worker`: answer each JSON request line on stdin with `handle(request)` as one JSON line."""
+    for line in sys.stdin:
+        print(json.dumps(handle(json.loads(line))), flush=True)
