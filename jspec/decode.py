@@ -346,7 +346,7 @@ def _check_memory(model: Model, batch_size: int, cache_size: int, max_chunk: int
 
 
 def _device_memory_bytes() -> int | None:
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"])

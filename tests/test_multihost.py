@@ -1,0 +1,68 @@
+"""Two processes on 127.0.0.1 (2 simulated CPU devices each, gloo collectives), a mesh over the 4 devices: greedy,
+speculative and sampling outputs on both processes equal a single-process decode; process-local prompts gathered
+with jspec.distributed.gather_prompts come back in process order."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import jspec
+
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+from mesh_checks import PROMPTS, random_model  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def processes() -> list[dict]:
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", PYTHONPATH=str(TESTS.parent))
+    env.pop("XLA_FLAGS", None)
+    port = free_port()
+    running = [subprocess.Popen([sys.executable, str(TESTS / "multihost_worker.py"), str(pid), str(port)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for pid in (0, 1)]
+    results = []
+    try:
+        for process in running:
+            stdout, stderr = process.communicate(timeout=600)
+            lines = [line for line in stdout.splitlines() if line.startswith("RESULTS ")]
+            assert process.returncode == 0 and lines, f"worker exit {process.returncode}:\n{stderr[-4000:]}"
+            results.append(json.loads(lines[-1][len("RESULTS "):]))
+    finally:
+        for process in running:
+            process.kill()
+    return results
+
+
+def test_two_processes_see_one_mesh_of_four_devices(processes):
+    for result in processes:
+        assert (result["process_count"], result["devices"], result["local"]) == (2, 4, 2)
+
+
+@pytest.mark.parametrize("name", ["greedy", "speculative", "sample"])
+def test_every_process_gets_the_single_process_output(processes, name):
+    target, draft = random_model(0), random_model(1, num_layers=1)
+    options = {"greedy": {}, "speculative": dict(draft=draft, num_draft_tokens=3), "sample": dict(temperature=0.8)}[name]
+    expected = jspec.decode(target, PROMPTS, name, max_new_tokens=10, key=5, **options)
+    for result in processes:
+        assert result[name] == np.asarray(expected.tokens).tolist()
+
+
+def test_process_local_prompts(processes):
+    expected = np.asarray(jspec.decode(random_model(0), PROMPTS, max_new_tokens=10).tokens).tolist()
+    assert processes[0]["gathered_rows"] == processes[1]["gathered_rows"] == PROMPTS
+    assert processes[0]["local_rows"] == expected[:3]
+    assert processes[1]["local_rows"] == expected[3:]
