@@ -145,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--set", action="append", default=[], metavar="NAME=VALUE", help="any other strategy option, e.g. --set num_draft_tokens=4"
     )
+    generate.add_argument(
+        "--mesh", metavar="data=N,model=M",
+        help="decode on a device mesh: the batch split over N devices, heads / MLP / vocabulary over M (M defaults to "
+        "the devices left; N x M must be every device of the run); the model (and draft) load straight onto it",
+    )
     generate.add_argument("--no-stream", action="store_true", help="decode in one compiled call, print at the end")
     generate.add_argument("--json", action="store_true", help="print the result (tokens, text, stats) as JSON")
     generate.set_defaults(run=run_generate)
@@ -203,8 +208,20 @@ def strategy_options(args: argparse.Namespace) -> dict[str, Any]:
         options[name.strip()], sources[name.strip()] = _parse_value(value.strip()), f"--set {name.strip()}"
     check_strategy_options(args.strategy, options, sources)
     if "draft" in options and isinstance(options["draft"], str):
-        options["draft"] = jspec.load(options["draft"], dtype=args.dtype)
+        options["draft"] = jspec.load(options["draft"], dtype=args.dtype, mesh=_mesh(args))
     return options
+
+
+def _mesh(args: argparse.Namespace) -> Any:
+    """The mesh `--mesh` names (errors name the flag), or None."""
+    if not getattr(args, "mesh", None):
+        return None
+    from jspec.sharding import parse_mesh
+
+    try:
+        return parse_mesh(args.mesh)
+    except ValueError as error:
+        raise ValueError(f"--mesh: {str(error).removeprefix('mesh: ')}") from None
 
 
 def flag_of(option: str) -> str:
@@ -244,8 +261,12 @@ def _parse_value(text: str) -> Any:
 def run_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens: expected an int >= 0, got {args.max_new_tokens}")
+    mesh = _mesh(args)
     options = strategy_options(args)  # checked before the model loads
-    model = jspec.load(args.model, dtype=args.dtype)
+    try:
+        model = jspec.load(args.model, dtype=args.dtype, mesh=mesh)
+    except ValueError as error:  # a mesh that does not fit the model: name the flag
+        raise ValueError(f"--{error}" if str(error).startswith("mesh:") else str(error)) from None
     common = dict(max_new_tokens=args.max_new_tokens, key=args.seed, stop_tokens=args.stop_token, **options)
     started = time.perf_counter()
     if args.no_stream or args.json or len(args.prompt) > 1:
@@ -278,7 +299,6 @@ def _warn_if_random(model: str) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from jspec.sharding import parse_mesh
     from jspec.train import TrainConfig, train
 
     overrides = {
@@ -297,7 +317,7 @@ def run_train(args: argparse.Namespace) -> int:
             raise ValueError(f"--set: expected NAME=VALUE, got {item!r}")
         overrides[name.strip()] = _parse_value(value.strip())
     config = TrainConfig.from_recipe(args.recipe, **overrides)
-    mesh = parse_mesh(args.mesh) if args.mesh else None
+    mesh = _mesh(args)
     result = train(config, resume=args.resume, stop_at_step=args.stop_at, mesh=mesh)
     print(
         json.dumps(

@@ -80,6 +80,8 @@ BAD_INPUTS = [  # (argv, or a function of the bad_dirs fixture giving it; what t
     (TINY + ["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
     (TINY + ["--tree", "3,x"], "argument --tree: expected comma-separated ints"),
     (["generate"], "the following arguments are required: --prompt"),
+    (TINY + ["--mesh", "data=x"], "--mesh: expected the form data=N,model=M"),
+    (TINY + ["--mesh", "data=2"], "--mesh: data: 2 does not divide the 1 devices"),
     (["train", "--recipe", "no-such-recipe"], "recipe: no recipe or file 'no-such-recipe'"),
     (lambda d: ["build-demo", "--assets", d["mine"]], "assets_dir (--assets): directory '"),
     (lambda d: ["build-demo", "--assets", d["mine"], "--into-package"], "assets_dir: "),

@@ -91,3 +91,13 @@ def test_compiled_loop_never_all_gathers_the_cache(mesh_results):
 def test_bad_meshes_are_refused_naming_the_numbers(mesh_results, case, expected):
     message = mesh_results["errors"][case]
     assert message is not None and message.startswith("ArgumentError") and expected in message, message
+
+
+def test_cli_generate_on_a_mesh_prints_the_one_device_tokens():
+    argv = [sys.executable, "-m", "jspec", "generate", "--model", "demo-code", "--prompt", "def add(a, b):",
+            "--prompt", "class Stack:", "--max-new-tokens", "12", "--json"]
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="8", PYTHONPATH=str(TESTS.parent))
+    on_mesh = subprocess.run(argv + ["--mesh", "data=4,model=2"], env=env, capture_output=True, text=True, timeout=300)
+    alone = subprocess.run(argv, env=dict(env, JAX_NUM_CPU_DEVICES="1"), capture_output=True, text=True, timeout=300)
+    assert on_mesh.returncode == 0 and alone.returncode == 0, on_mesh.stderr[-2000:] + alone.stderr[-2000:]
+    assert json.loads(on_mesh.stdout)["tokens"] == json.loads(alone.stdout)["tokens"]
