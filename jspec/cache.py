@@ -1,7 +1,8 @@
 """The decode cache: a generic container of per-layer-group entries plus per-row committed lengths.
 
 A model creates its cache (`model.new_cache(batch_size, capacity)`); strategies only read `lengths` and
-`capacity`, commit or roll back with `with_lengths`, and keep a tree path with `compact`. What an entry holds
+`capacity`, commit or roll back with `with_lengths`, keep a tree path with `compact`, and reorder or repeat rows
+(beams, samples) with `gather_rows`. What an entry holds
 is the business of the attention kind that owns it (jspec/models/attention/): full K/V, a ring buffer bounded
 by a sliding window, K/V plus InfLLM compressed keys, ... This module knows none of them: it imports neither
 model configs nor kernels.
@@ -17,7 +18,9 @@ Invariants every strategy relies on:
 
 Entries are pytrees whose array leaves are stacked over the group's layers: [L, B, ...]. An entry type
 implements `compact(source_slots, destination_start, capacity) -> entry`; `move_slots` is the common case of
-leaves indexed by logical slot ([L, B, S, ...]).
+leaves indexed by logical slot ([L, B, S, ...]). It also implements `gather_rows(rows) -> entry` (row r of the
+result is row rows[r]: beams reordered, a prompt's rows repeated); `take_rows` is the common case of a leaf whose
+rows are along one axis.
 """
 
 from __future__ import annotations
@@ -52,6 +55,12 @@ class Cache:
         entries = tuple(entry.compact(source_slots, destination_start, self.capacity) for entry in self.entries)
         return self.replace(entries=entries)
 
+    def gather_rows(self, rows: jax.Array) -> "Cache":
+        """The cache whose row r is this cache's row rows[r] [R] (R may differ from B: beams reordered, a prompt's
+        rows repeated to its beams). Every entry gathers its own leaves; lengths follow the rows."""
+        entries = tuple(entry.gather_rows(rows) for entry in self.entries)
+        return self.replace(entries=entries, lengths=self.lengths[rows])
+
 
 KVCache = Cache  # the name jspec 0.1 exported
 
@@ -79,6 +88,12 @@ def move_slots(
                                        operand_batching_dims=(1,), start_indices_batching_dims=(0,)),
         slice_sizes=(buffer.shape[0], 1, 1, *buffer.shape[3:]), mode="clip")
     return _scatter_by_row(buffer, destination[:, :, None], moved, slot_axes=(2,), window_axes=(0, *rest))
+
+
+def take_rows(buffer: jax.Array, rows: jax.Array, axis: int = 1) -> jax.Array:
+    """`Cache.gather_rows` for one leaf: buffer with its rows (along `axis`: 1 for [L, B, ...] leaves) taken at
+    rows [R]."""
+    return jnp.take(buffer, rows, axis=axis, mode="clip")
 
 
 def scatter_rows(buffer: jax.Array, updates: jax.Array, slots: jax.Array) -> jax.Array:

@@ -8,7 +8,8 @@ calls, in order:
     entry = kind.finish(entry, context)                                              once per forward
 
 - `entry` is the group's cache entry (None without a cache): a pytree whose array leaves are stacked over the
-  group's layers ([L, B, ...]) and which implements `compact(source_slots, destination_start, capacity)`.
+  group's layers ([L, B, ...]) and which implements `compact(source_slots, destination_start, capacity)` and
+  `gather_rows(rows)` (see jspec/cache.py).
   `apply` must write only the chunk's entries of layer `layer` (a traced index), never copy a whole layer.
 - `mask` is None (causal by slot: each query reads every slot up to its own) or bool [B, T, S] over the
   cache's logical slots (S = capacity; without a cache S = T, the chunk itself).

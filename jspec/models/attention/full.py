@@ -21,7 +21,7 @@ from flax import struct
 from jax.sharding import PartitionSpec as P
 
 from jspec import masks
-from jspec.cache import move_slots, scatter_layer_rows
+from jspec.cache import move_slots, scatter_layer_rows, take_rows
 from jspec.models.attention import base
 from jspec.models.layers import attend, rope_tables
 from pallas_kernels import decode_attention
@@ -44,6 +44,9 @@ class KVEntry:
     def compact(self, source_slots: jax.Array, destination_start: jax.Array, capacity: int) -> "KVEntry":
         return self.replace(keys=move_slots(self.keys, source_slots, destination_start),
                             values=move_slots(self.values, source_slots, destination_start))
+
+    def gather_rows(self, rows: jax.Array) -> "KVEntry":
+        return jax.tree.map(lambda leaf: take_rows(leaf, rows), self)  # every leaf is [L, B, ...]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jspec.cache import compact_destinations, move_slots, scatter_layer_rows
+from jspec.cache import compact_destinations, move_slots, scatter_layer_rows, take_rows
 from jspec.models.attention import base
 from jspec.models.attention.full import FullAttention, chain_output, chain_queries, per_shard
 from pallas_kernels import compress_keys, num_full_kernels, select_blocks, sparse_decode_attention, update_compressed_keys
@@ -60,6 +60,9 @@ class SparseKVEntry:
         compressed, count = refresh(keys, self.compressed_keys, self.num_compressed)
         return self.replace(keys=keys, values=move_slots(self.values, source_slots, destination_start),
                             compressed_keys=compressed, num_compressed=count)
+
+    def gather_rows(self, rows: jax.Array) -> "SparseKVEntry":
+        return jax.tree.map(lambda leaf: take_rows(leaf, rows), self)  # every leaf is [L, B, ...] (counts [L, B])
 
 
 def refresh_compressed(

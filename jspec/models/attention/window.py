@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jspec.cache import compact_destinations, scatter_layer_rows, scatter_rows
+from jspec.cache import compact_destinations, scatter_layer_rows, scatter_rows, take_rows
 from jspec.models.attention import base
 from jspec.models.layers import attend, rope_tables
 
@@ -54,6 +54,11 @@ class RingKVEntry:
             slots=self.slots.at[rows, to_slot].set(destination, mode="drop"),
             positions=self.positions.at[rows, to_slot].set(self.positions[rows, from_slot], mode="drop"),
         )
+
+    def gather_rows(self, rows: jax.Array) -> "RingKVEntry":
+        # K/V are [L, B, R, ...]; the slot and position maps, shared by the layers, are [B, R]
+        return self.replace(keys=take_rows(self.keys, rows), values=take_rows(self.values, rows),
+                            slots=take_rows(self.slots, rows, axis=0), positions=take_rows(self.positions, rows, axis=0))
 
 
 @dataclasses.dataclass(frozen=True)
