@@ -103,6 +103,7 @@ def decode(
     stop_tokens: Any = None,
     cache_size: int | None = None,
     mesh: Any = None,
+    num_samples: int = 1,
     **options: Any,
 ) -> DecodeOutput:
     """Decode a batch of prompts with one strategy, in one compiled loop.
@@ -122,17 +123,29 @@ def decode(
         "data" (strategies with shape buckets pad it to a multiple of the data axis; others need a batch it
         divides). Default: the model's own mesh if it was sharded, else one device. On a multi-host mesh, every
         process makes the same call with the same prompts and receives the whole output.
+    num_samples: rows per prompt (>= 1): each prompt is decoded num_samples times in the same batch, its rows
+        consecutive in the output (prompt 0's samples first, then prompt 1's, ...). Sampling strategies draw each
+        row's tokens independently, so the samples differ, and the same key reproduces them. The rows are
+        expanded before the prefill (each strategy owns its prefill: a draft model's, a diffusion canvas), so a
+        prompt's prefill runs once per sample.
 
-    Returns numpy arrays (one host sync): see `DecodeOutput`.
+    Returns numpy arrays (one host sync): see `DecodeOutput`. A strategy with `rows_per_prompt` (beam_search's
+    num_return_sequences) returns that many consecutive rows per prompt.
     """
     strategy = resolve_strategy(strategy, options)
     model, strategy = on_mesh(model, strategy, mesh)
-    request = build_prompts(model, prompts, max_new_tokens, prompt_lengths, stop_tokens, cache_size, strategy)
+    request = build_prompts(model, prompts, max_new_tokens, prompt_lengths, stop_tokens, cache_size, strategy,
+                            num_samples=num_samples)
     if max_new_tokens == 0:
-        return _empty_output(model, request)
+        return _empty_output(model, request, strategy)
     strategy.validate(model, request)
     result = _decode_jit(model.without_tokenizer(), strategy, *_placed(model, request, _as_key(key)))
-    return _to_host(model, sharding.to_host(result), request, max_new_tokens)
+    return _to_host(model, sharding.to_host(result), request, max_new_tokens, _rows_per_prompt(strategy))
+
+
+def _rows_per_prompt(strategy: Strategy) -> int:
+    """Output rows per request row: a strategy's `rows_per_prompt` (beam_search's num_return_sequences), else 1."""
+    return int(getattr(strategy, "rows_per_prompt", 1))
 
 
 def on_mesh(model: Model, strategy: Strategy, mesh: Any) -> tuple[Model, Strategy]:
@@ -216,16 +229,21 @@ def stream(
     stop_tokens: Any = None,
     cache_size: int | None = None,
     mesh: Any = None,
+    num_samples: int = 1,
     **options: Any,
 ) -> Stream:
     """Like `decode`, but returns a `Stream` that yields each step's new tokens as they are made.
 
     The same jitted `step` runs from a Python loop (one host sync per step), so the tokens equal `decode`'s;
-    `mesh` as for `decode`.
+    `mesh` and `num_samples` as for `decode`. Strategies that know their output only at the end (beam_search) are
+    refused.
     """
     strategy = resolve_strategy(strategy, options)
+    if not getattr(strategy, "streams", True):
+        raise ArgumentError(f"strategy: {strategy.name!r} knows its output only when it ends; use jspec.decode")
     model, strategy = on_mesh(model, strategy, mesh)
-    request = build_prompts(model, prompts, max_new_tokens, prompt_lengths, stop_tokens, cache_size, strategy)
+    request = build_prompts(model, prompts, max_new_tokens, prompt_lengths, stop_tokens, cache_size, strategy,
+                            num_samples=num_samples)
     if max_new_tokens > 0:
         strategy.validate(model, request)
     return Stream(model, strategy, request, _as_key(key), int(max_new_tokens))
@@ -242,6 +260,8 @@ def build_prompts(
     stop_tokens: Any = None,
     cache_size: int | None = None,
     strategy: Strategy | None = None,
+    *,
+    num_samples: int = 1,
 ) -> Prompts:
     """Validate user input and build the `Prompts` pytree. Raises `ArgumentError` (a ValueError) naming the bad
     argument; nothing is truncated. Bounds: the longest prompt plus max_new_tokens must fit the model's position
@@ -258,6 +278,9 @@ def build_prompts(
             raise ArgumentError(
                 f"prompts: row {index}, position {bad[0]} has token id {row[bad[0]]}, outside the vocabulary [0, {vocab})"
             )
+    num_samples = validation.check_int("num_samples", num_samples, minimum=1)
+    prompt_rows = len(rows)
+    rows = [row for row in rows for _ in range(num_samples)]  # each prompt's samples are consecutive rows
     lengths = np.array([len(r) for r in rows], np.int32)
     limit = model.config.max_position_embeddings
     room = limit - int(lengths.max())
@@ -301,7 +324,7 @@ def build_prompts(
                 "raise cache_size or shorten the prompt (prompts are never truncated)"
             )
     _check_memory(model, batch, int(cache_size), headroom + 1)
-    stops = _stop_token_rows(model, stop_tokens, len(rows))
+    stops = np.repeat(_stop_token_rows(model, stop_tokens, prompt_rows), num_samples, axis=0)
     stops = np.pad(stops, ((0, batch - len(rows)), (0, bucket(stops.shape[1]) - stops.shape[1])), constant_values=-1)
     active = np.arange(batch) < len(rows)
     return Prompts(
@@ -312,6 +335,7 @@ def build_prompts(
         cache_size=int(cache_size),
         limits=jnp.full((batch,), max_new_tokens, jnp.int32) if buckets else None,
         active=jnp.asarray(active) if buckets else None,
+        samples_per_prompt=num_samples,
     )
 
 
@@ -455,13 +479,15 @@ def _trimmed(result: DecodeOutput, batch_size: int, max_new_tokens: int) -> Deco
     return result.select(slice(0, batch_size), slice(0, max_new_tokens))
 
 
-def _to_host(model: Model, result: DecodeOutput, request: Prompts, max_new_tokens: int) -> DecodeOutput:
-    output = _trimmed(result, request.num_rows, max_new_tokens)
+def _to_host(model: Model, result: DecodeOutput, request: Prompts, max_new_tokens: int,
+             rows_per_prompt: int = 1) -> DecodeOutput:
+    output = _trimmed(result, request.num_rows * rows_per_prompt, max_new_tokens)
     stats = {name: (value.tolist() if np.ndim(value) else value.item()) if hasattr(value, "tolist") else value for name, value in output.stats.items()}
     output = dataclasses.replace(output, stats=stats)
     if model.tokenizer is not None:
         stops = np.asarray(request.stop_tokens)
-        texts = [_visible_text(model.tokenizer, seq, stops[row]) for row, seq in enumerate(output.sequences())]
+        texts = [_visible_text(model.tokenizer, seq, stops[row // rows_per_prompt])
+                 for row, seq in enumerate(output.sequences())]
         output = dataclasses.replace(output, text=texts)
     return output
 
@@ -473,8 +499,9 @@ def _visible_text(tokenizer: Any, sequence: Sequence[int], stop_tokens: Any) -> 
     return tokenizer.decode(list(sequence))
 
 
-def _empty_output(model: Model, request: Prompts) -> DecodeOutput:
-    batch = request.num_rows
+def _empty_output(model: Model, request: Prompts, strategy: Strategy | None = None) -> DecodeOutput:
+    rows_per_prompt = 1 if strategy is None else _rows_per_prompt(strategy)
+    batch = request.num_rows * rows_per_prompt
     return _to_host(
         model,
         DecodeOutput(
@@ -485,4 +512,5 @@ def _empty_output(model: Model, request: Prompts) -> DecodeOutput:
         ),
         request,
         0,
+        rows_per_prompt,
     )

@@ -1,6 +1,7 @@
 """Decoding strategies: one module per algorithm, each a config with init/step/done/output."""
 
 from jspec.strategies.autoregressive import Autoregressive, AutoregressiveState
+from jspec.strategies.beam_search import BeamSearch, BeamSearchState
 from jspec.strategies.block_diffusion import BlockDiffusion, BlockDiffusionState
 from jspec.strategies.diffusion import MaskedDiffusion, MaskedDiffusionState
 from jspec.strategies.drafters import Drafter, DraftModelDrafter, LayerSkipDrafter, PromptLookupDrafter
@@ -20,6 +21,8 @@ from jspec.strategies.base import (
 __all__ = [
     "Autoregressive",
     "AutoregressiveState",
+    "BeamSearch",
+    "BeamSearchState",
     "BlockDiffusion",
     "BlockDiffusionState",
     "DecodeOutput",

@@ -50,6 +50,7 @@ class Prompts:
     cache_size: int = static_field()
     limits: jax.Array | None = None  # [B] int32, new tokens each row may emit (None: max_new_tokens)
     active: jax.Array | None = None  # [B] bool, real rows (None: all)
+    samples_per_prompt: int = static_field(default=1)  # num_samples: each prompt's rows are this many consecutive rows
 
     @property
     def num_rows(self) -> int:
@@ -121,7 +122,7 @@ class OutputBuffer:
 
 # Stats with one entry per row (the others are per call: counts, histograms, per-depth rates).
 ROW_STATS = frozenset({"tokens_generated", "active_steps", "emitted_drafts", "emitted_corrections",
-                       "mean_accepted_length", "block_forwards"})
+                       "mean_accepted_length", "block_forwards", "sequence_scores"})
 
 
 @dataclasses.dataclass
