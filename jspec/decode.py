@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jspec import sharding, validation
+from jspec import sharding, stop_strings, validation
 from jspec.models.model import Model
 from jspec.strategies.base import DecodeOutput, FinishReason, Prompts, Strategy, resolve_strategy
 from jspec.validation import ArgumentError
@@ -48,6 +48,9 @@ def _counted(function):
 def _start(model: Model, strategy: Strategy, prompts: Prompts, key: jax.Array) -> Any:
     """The strategy's initial state, with the padding rows of a batch bucket already finished."""
     state = strategy.init(model, prompts, key)
+    if prompts.stop_strings is not None:
+        tail = stop_strings.prompt_tails(prompts.tokens, prompts.lengths, prompts.stop_strings.window)
+        state = state.replace(output=state.output.watching(prompts.stop_strings, tail, prompts.stop_tokens))
     if prompts.active is not None:
         state = state.replace(output=state.output.finish(~prompts.active, FinishReason.LENGTH))
     return state
@@ -104,6 +107,7 @@ def decode(
     cache_size: int | None = None,
     mesh: Any = None,
     num_samples: int = 1,
+    stop: Any = None,
     **options: Any,
 ) -> DecodeOutput:
     """Decode a batch of prompts with one strategy, in one compiled loop.
@@ -123,6 +127,9 @@ def decode(
         "data" (strategies with shape buckets pad it to a multiple of the data axis; others need a batch it
         divides). Default: the model's own mesh if it was sharded, else one device. On a multi-host mesh, every
         process makes the same call with the same prompts and receives the whole output.
+    stop: a str or list of str (the model needs a tokenizer): a row ends when its text ends with one of them, as
+        transformers' `stop_strings` (see `jspec.stop_strings`): the tokens that complete the string are kept, the
+        text is not cut inside the last token, and the finish reason is "stop_string". Matched on device.
     num_samples: rows per prompt (>= 1): each prompt is decoded num_samples times in the same batch, its rows
         consecutive in the output (prompt 0's samples first, then prompt 1's, ...). Sampling strategies draw each
         row's tokens independently, so the samples differ, and the same key reproduces them. The rows are
@@ -135,7 +142,7 @@ def decode(
     strategy = resolve_strategy(strategy, options)
     model, strategy = on_mesh(model, strategy, mesh)
     request = build_prompts(model, prompts, max_new_tokens, prompt_lengths, stop_tokens, cache_size, strategy,
-                            num_samples=num_samples)
+                            num_samples=num_samples, stop=stop)
     if max_new_tokens == 0:
         return _empty_output(model, request, strategy)
     strategy.validate(model, request)
@@ -174,7 +181,8 @@ def _placed(model: Model, request: Prompts, key: jax.Array) -> tuple[Prompts, ja
     if plan is None:
         return request, key
     rows = lambda x: sharding.place(x, plan.named(("batch",) + (None,) * (np.ndim(x) - 1)))  # noqa: E731
-    request = jax.tree.map(rows, request)
+    whole = jax.tree.map(lambda x: sharding.place(x, plan.replicated()), request.stop_strings)  # tables, not rows
+    request = jax.tree.map(rows, request.replace(stop_strings=None)).replace(stop_strings=whole)
     key = jax.random.wrap_key_data(sharding.place(jax.random.key_data(key), plan.replicated()))
     return request, key
 
@@ -230,6 +238,7 @@ def stream(
     cache_size: int | None = None,
     mesh: Any = None,
     num_samples: int = 1,
+    stop: Any = None,
     **options: Any,
 ) -> Stream:
     """Like `decode`, but returns a `Stream` that yields each step's new tokens as they are made.
@@ -243,7 +252,7 @@ def stream(
         raise ArgumentError(f"strategy: {strategy.name!r} knows its output only when it ends; use jspec.decode")
     model, strategy = on_mesh(model, strategy, mesh)
     request = build_prompts(model, prompts, max_new_tokens, prompt_lengths, stop_tokens, cache_size, strategy,
-                            num_samples=num_samples)
+                            num_samples=num_samples, stop=stop)
     if max_new_tokens > 0:
         strategy.validate(model, request)
     return Stream(model, strategy, request, _as_key(key), int(max_new_tokens))
@@ -262,6 +271,7 @@ def build_prompts(
     strategy: Strategy | None = None,
     *,
     num_samples: int = 1,
+    stop: Any = None,
 ) -> Prompts:
     """Validate user input and build the `Prompts` pytree. Raises `ArgumentError` (a ValueError) naming the bad
     argument; nothing is truncated. Bounds: the longest prompt plus max_new_tokens must fit the model's position
@@ -325,6 +335,7 @@ def build_prompts(
             )
     _check_memory(model, batch, int(cache_size), headroom + 1)
     stops = np.repeat(_stop_token_rows(model, stop_tokens, prompt_rows), num_samples, axis=0)
+    strings = stop_strings.check_stop(stop, model.tokenizer)
     stops = np.pad(stops, ((0, batch - len(rows)), (0, bucket(stops.shape[1]) - stops.shape[1])), constant_values=-1)
     active = np.arange(batch) < len(rows)
     return Prompts(
@@ -335,6 +346,7 @@ def build_prompts(
         cache_size=int(cache_size),
         limits=jnp.full((batch,), max_new_tokens, jnp.int32) if buckets else None,
         active=jnp.asarray(active) if buckets else None,
+        stop_strings=None if strings is None else stop_strings.stop_strings(model.tokenizer, strings, vocab),
         samples_per_prompt=num_samples,
     )
 

@@ -32,6 +32,7 @@ class FinishReason(enum.IntEnum):
     EOS = 1  # a stop token was emitted (it is included in the output)
     LENGTH = 2  # max_new_tokens were emitted
     CACHE_FULL = 3  # the next step would not fit in the KV cache
+    STOP_STRING = 4  # the row's text ends with a stop string (`stop=`; the tokens that spell it are kept)
 
 
 @struct.dataclass
@@ -50,6 +51,7 @@ class Prompts:
     cache_size: int = static_field()
     limits: jax.Array | None = None  # [B] int32, new tokens each row may emit (None: max_new_tokens)
     active: jax.Array | None = None  # [B] bool, real rows (None: all)
+    stop_strings: Any = None  # jspec.stop_strings.StopStrings (`stop=`), or None
     samples_per_prompt: int = static_field(default=1)  # num_samples: each prompt's rows are this many consecutive rows
 
     @property
@@ -76,6 +78,8 @@ class OutputBuffer:
     lengths: jax.Array  # [B] int32
     finish_reason: jax.Array  # [B] int32 FinishReason
     limits: jax.Array  # [B] int32 <= N: tokens each row may emit (LENGTH when reached)
+    stop_strings: Any = None  # jspec.stop_strings.StopStrings, or None
+    tail: jax.Array | None = None  # [B, W] int32 with stop strings: each row's last W tokens (prompt included), -1: none
 
     @classmethod
     def create(cls, batch_size: int, max_new_tokens: int, limits: jax.Array | None = None) -> "OutputBuffer":
@@ -102,7 +106,15 @@ class OutputBuffer:
         capacity = self.tokens.shape[1]
         offsets = jnp.arange(new_tokens.shape[1], dtype=jnp.int32)[None, :]
         offered = (offsets < num_new[:, None]) & ~self.finished[:, None]
-        is_stop = offered & jnp.any(new_tokens[:, :, None] == stop_tokens[:, None, :], axis=-1)
+        is_stop_token = offered & jnp.any(new_tokens[:, :, None] == stop_tokens[:, None, :], axis=-1)
+        is_stop = is_stop_token
+        if self.stop_strings is not None:
+            history = jnp.concatenate([self.tail, new_tokens.astype(jnp.int32)], axis=1)  # [B, W + T]
+            window = self.stop_strings.window
+            ends = jnp.arange(new_tokens.shape[1])[:, None] + 1 + jnp.arange(window)[None, :]  # [T, W]
+            tails = history[:, ends]  # [B, T, W]: the last W tokens once new token t is emitted
+            ends_string = self.stop_strings.matches(tails.reshape(-1, window)).reshape(new_tokens.shape)
+            is_stop = is_stop | (offered & ends_string)
         first_stop = jnp.where(jnp.any(is_stop, axis=1), jnp.argmax(is_stop, axis=1), new_tokens.shape[1])
         kept = offered & (offsets <= first_stop[:, None]) & (offsets < (self.limits - self.lengths)[:, None])
         slots = jnp.where(kept, self.lengths[:, None] + offsets, capacity)
@@ -110,9 +122,24 @@ class OutputBuffer:
         tokens = self.tokens.at[rows, slots].set(new_tokens, mode="drop")
         lengths = self.lengths + jnp.sum(kept, axis=1, dtype=jnp.int32)
         stopped = jnp.any(kept & is_stop, axis=1)
-        reason = jnp.where(stopped, FinishReason.EOS, jnp.where(lengths >= self.limits, FinishReason.LENGTH, FinishReason.RUNNING))
+        stop_reason = jnp.where(jnp.any(kept & is_stop_token, axis=1), FinishReason.EOS, FinishReason.STOP_STRING)
+        reason = jnp.where(stopped, stop_reason, jnp.where(lengths >= self.limits, FinishReason.LENGTH, FinishReason.RUNNING))
         reason = jnp.where(self.finished, self.finish_reason, reason)
-        return self.replace(tokens=tokens, lengths=lengths, finish_reason=reason.astype(jnp.int32))
+        buffer = self.replace(tokens=tokens, lengths=lengths, finish_reason=reason.astype(jnp.int32))
+        if self.stop_strings is not None:  # the last W tokens after the kept ones
+            count = jnp.sum(kept, axis=1, dtype=jnp.int32)
+            index = count[:, None] + jnp.arange(self.stop_strings.window, dtype=jnp.int32)[None, :]
+            buffer = buffer.replace(tail=jnp.take_along_axis(history, index, axis=1))
+        return buffer
+
+    def watching(self, stop_strings: Any, tail: jax.Array, stop_tokens: jax.Array) -> "OutputBuffer":
+        """This buffer ending rows on stop strings from now on (`tail` [B, W]: each prompt's last W tokens). The
+        tokens already emitted are checked again, so a row whose first tokens (emitted by `init`) complete a stop
+        string ends there; other finish reasons already set are kept."""
+        fresh = OutputBuffer.create(self.tokens.shape[0], self.tokens.shape[1], self.limits)
+        checked = fresh.replace(stop_strings=stop_strings, tail=tail).append(self.tokens, self.lengths, stop_tokens)
+        by_string = checked.finish_reason == FinishReason.STOP_STRING
+        return checked.replace(finish_reason=jnp.where(by_string, checked.finish_reason, self.finish_reason))
 
     def finish(self, rows: jax.Array, reason: FinishReason) -> "OutputBuffer":
         """Mark running rows [B] bool as finished with `reason`."""
