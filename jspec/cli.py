@@ -26,6 +26,7 @@ from jspec.strategies.base import _REGISTRY, _option_names
 
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p")
 SPECULATIVE_FLAGS = ("num_draft_tokens", "tree", "skip_layers", "max_ngram", "adaptive")
+BEAM_FLAGS = ("num_beams", "length_penalty", "early_stopping", "num_return_sequences")
 DIFFUSION_FLAGS = ("block_size", "sub_block_size", "threshold", "draft_steps", "cache")
 FLAG_NAMES = {"cache": "--diffusion-cache"}  # option name -> its flag, where they differ
 REQUIRED = inspect.Parameter.empty  # the default of an option a strategy needs
@@ -44,6 +45,7 @@ GUARANTEES = {
     "freedave": "lossless: dllm_static's tokens in fewer forwards",
     "masked_diffusion": "masked diffusion with a named unmasking rule",
     "block_diffusion": "Fast-dLLM v2 block diffusion; the block cache is exact",
+    "beam_search": "transformers' beam search: same sequences and sequences_scores",
 }
 
 
@@ -117,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt at most")
     generate.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling strategies")
     generate.add_argument("--stop-token", type=int, action="append", help="token id that ends a row (repeatable; default: EOS)")
+    generate.add_argument("--stop", action="append", type=_unescaped,
+                          help='a string that ends a row, backslash escapes read ("\\n\\n"; repeatable)')
+    generate.add_argument("--num-samples", type=int, default=1, help="rows per prompt (consecutive in the output)")
     generate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast the parameters (default: stored)")
 
     def option(group: Any, name: str, help: str, **kwargs: Any) -> None:  # a strategy option's flag, naming its takers
@@ -134,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     option(speculative, "skip_layers", "layers the draft skips, e.g. 2,3", type=_int_tuple)
     option(speculative, "max_ngram", "longest n-gram prompt lookup matches", type=int)
     option(speculative, "adaptive", "adapt the draft depth per row", action="store_true", default=None)
+    beam = generate.add_argument_group("beam search (beam_search)")
+    option(beam, "num_beams", "beams per prompt", type=int)
+    option(beam, "length_penalty", "score = log-probability / generated length ** length_penalty", type=float)
+    option(beam, "early_stopping", "True, False or never (as transformers)", type=_early_stopping)
+    option(beam, "num_return_sequences", "best hypotheses returned per prompt", type=int)
     diffusion = generate.add_argument_group(
         "diffusion LMs (dllm_static, dllm_threshold, freedave with demo-code-dllm; block_diffusion with demo-code-bd)"
     )
@@ -187,6 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unescaped(text: str) -> str:
+    """A flag value with backslash escapes read (\\n, \\t, \\\\, \\x41, \\u00e9), other text kept as typed."""
+    return text.encode("utf-8", "backslashreplace").decode("unicode_escape").encode("latin-1").decode("utf-8")
+
+
+def _early_stopping(text: str) -> bool | str:
+    choices = {"true": True, "false": False, "never": "never"}
+    if text.lower() not in choices:
+        raise argparse.ArgumentTypeError(f"expected True, False or never, got {text!r}")
+    return choices[text.lower()]
+
+
 def _int_tuple(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
@@ -197,7 +219,7 @@ def _int_tuple(text: str) -> tuple[int, ...]:
 def strategy_options(args: argparse.Namespace) -> dict[str, Any]:
     """The strategy options the flags and `--set` give, checked against `--strategy` (ValueError naming the flag,
     and for an option of other strategies, which ones take it); `--draft` is loaded only after the check."""
-    sources = {name: flag_of(name) for name in SAMPLING_FLAGS + SPECULATIVE_FLAGS + DIFFUSION_FLAGS}
+    sources = {name: flag_of(name) for name in SAMPLING_FLAGS + SPECULATIVE_FLAGS + BEAM_FLAGS + DIFFUSION_FLAGS}
     options = {name: getattr(args, name) for name in sources if getattr(args, name, None) is not None}
     if getattr(args, "draft", None):
         options["draft"], sources["draft"] = args.draft, "--draft"
@@ -226,7 +248,7 @@ def _mesh(args: argparse.Namespace) -> Any:
 
 def flag_of(option: str) -> str:
     """The flag that sets a strategy option: its own (`--top-k`), else `--set NAME=...`."""
-    if option in SAMPLING_FLAGS + SPECULATIVE_FLAGS + DIFFUSION_FLAGS + ("draft",):
+    if option in SAMPLING_FLAGS + SPECULATIVE_FLAGS + BEAM_FLAGS + DIFFUSION_FLAGS + ("draft",):
         return FLAG_NAMES.get(option, "--" + option.replace("_", "-"))
     return f"--set {option}"
 
@@ -261,20 +283,25 @@ def _parse_value(text: str) -> Any:
 def run_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens: expected an int >= 0, got {args.max_new_tokens}")
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples: expected an int >= 1, got {args.num_samples}")
     mesh = _mesh(args)
     options = strategy_options(args)  # checked before the model loads
     try:
         model = jspec.load(args.model, dtype=args.dtype, mesh=mesh)
     except ValueError as error:  # a mesh that does not fit the model: name the flag
         raise ValueError(f"--{error}" if str(error).startswith("mesh:") else str(error)) from None
-    common = dict(max_new_tokens=args.max_new_tokens, key=args.seed, stop_tokens=args.stop_token, **options)
+    common = dict(max_new_tokens=args.max_new_tokens, key=args.seed, stop_tokens=args.stop_token, stop=args.stop,
+                  num_samples=args.num_samples, **options)
     started = time.perf_counter()
-    if args.no_stream or args.json or len(args.prompt) > 1:
+    streams = getattr(_REGISTRY[args.strategy], "streams", True)
+    if args.no_stream or args.json or len(args.prompt) > 1 or args.num_samples != 1 or not streams:
         output = jspec.decode(model, args.prompt, args.strategy, **common)
         _warn_if_random(args.model)
+        per_prompt = len(output.sequences()) // len(args.prompt)  # num_samples or num_return_sequences
         if not args.json:
             for index, text in enumerate(output.text or [str(s) for s in output.sequences()]):
-                print(f"--- row {index} ---\n{args.prompt[index]}{text}")
+                print(f"--- row {index} ---\n{args.prompt[index // per_prompt]}{text}")
     else:
         stream = jspec.stream(model, args.prompt, args.strategy, **common)  # validates the request
         _warn_if_random(args.model)
@@ -285,7 +312,10 @@ def run_generate(args: argparse.Namespace) -> int:
         output = stream.output
     elapsed = time.perf_counter() - started
     if args.json:
-        print(json.dumps({"tokens": output.sequences(), "text": output.text, "finish_reason": output.finish_reasons(), "stats": output.stats, "seconds": elapsed}))
+        rows = len(output.sequences())
+        print(json.dumps({"tokens": output.sequences(), "text": output.text, "finish_reason": output.finish_reasons(),
+                          "prompt_index": [row * len(args.prompt) // rows for row in range(rows)],
+                          "stats": output.stats, "seconds": elapsed}))
     else:
         stats = ", ".join(f"{k}={v}" for k, v in output.stats.items())
         print(f"[{args.strategy}] finish={output.finish_reasons()} {stats} seconds={elapsed:.2f} (compile included)", file=sys.stderr)
