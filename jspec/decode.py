@@ -129,7 +129,7 @@ def decode(
     model, strategy = on_mesh(model, strategy, mesh)
     request = build_prompts(model, prompts, max_new_tokens, prompt_lengths, stop_tokens, cache_size, strategy)
     if max_new_tokens == 0:
-        return _empty_output(model, request)
+        return _empty_output(model, request, strategy)
     strategy.validate(model, request)
     result = _decode_jit(model.without_tokenizer(), strategy, *_placed(model, request, _as_key(key)))
     return _to_host(model, sharding.to_host(result), request, max_new_tokens)
@@ -181,7 +181,7 @@ class Stream:
         model = self._model.without_tokenizer()
         tokenizer = self._model.tokenizer
         if self._max_new_tokens == 0:
-            self.output = _empty_output(self._model, self._request)
+            self.output = _empty_output(self._model, self._request, self._strategy)
             return
         state = _init_jit(model, self._strategy, *_placed(model, self._request, self._key))
         batch = self._request.num_rows
@@ -473,8 +473,13 @@ def _visible_text(tokenizer: Any, sequence: Sequence[int], stop_tokens: Any) -> 
     return tokenizer.decode(list(sequence))
 
 
-def _empty_output(model: Model, request: Prompts) -> DecodeOutput:
+def _empty_output(model: Model, request: Prompts, strategy: Strategy) -> DecodeOutput:
     batch = request.num_rows
+    k = getattr(getattr(strategy, "generation", None), "logprobs", None)
+    scores = {}
+    if k is not None:
+        empty = lambda *trailing, dtype=np.float32: np.zeros((batch, 0, *trailing), dtype)  # noqa: E731
+        scores = dict(logprobs=empty(), raw_logprobs=empty(), top_tokens=empty(k, dtype=np.int32), top_logprobs=empty(k))
     return _to_host(
         model,
         DecodeOutput(
@@ -482,6 +487,7 @@ def _empty_output(model: Model, request: Prompts) -> DecodeOutput:
             lengths=np.zeros(batch, np.int32),
             finish_reason=np.full(batch, int(FinishReason.LENGTH), np.int32),
             stats={"model_calls": 0, "steps": 0, "tokens_generated": np.zeros(batch, np.int32)},
+            **scores,
         ),
         request,
         0,

@@ -56,14 +56,14 @@ class LogitBias:
     @classmethod
     def from_dicts(cls, value: Any) -> "LogitBias":
         """From a dict or a list of dicts (one per row); ArgumentError naming logit_bias otherwise."""
-        expected = "a dict {token id: bias} (ints to finite numbers), or a list of such dicts (one per row)"
+        expected = "a dict {token id: bias} (ints >= 0 to finite numbers), or a list of such dicts (one per row)"
         rows = [value] if isinstance(value, dict) else value
         if not isinstance(rows, (list, tuple)) or not rows or not all(isinstance(r, dict) for r in rows):
             validation.fail("logit_bias", expected, value)
         for row in rows:
             for token, bias in row.items():
                 number = isinstance(bias, (int, float, np.integer, np.floating)) and not isinstance(bias, (bool, np.bool_))
-                if not validation.is_int(token) or not number or not np.isfinite(bias):
+                if not validation.is_int(token) or token < 0 or not number or not np.isfinite(bias):
                     raise ArgumentError(f"logit_bias: expected {expected}; got the entry {token!r}: {bias!r}")
         width = max(1, max(len(r) for r in rows))
         ids = np.full((len(rows), width), -1, np.int32)
