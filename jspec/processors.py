@@ -91,13 +91,15 @@ class GenerationOptions:
     no_repeat_ngram_size: int = struct.field(pytree_node=False, default=0)
     logprobs: int | None = struct.field(pytree_node=False, default=None)
 
+    def __post_init__(self) -> None:
+        if self.logit_bias is not None and not isinstance(self.logit_bias, LogitBias):  # a dict, or one per row
+            object.__setattr__(self, "logit_bias", LogitBias.from_dicts(self.logit_bias))
+
     def updated(self, **options: Any) -> "GenerationOptions":
-        """These options with some replaced (names from GENERATION_OPTIONS; a logit_bias dict is converted)."""
+        """These options with some replaced (names from GENERATION_OPTIONS)."""
         unknown = sorted(set(options) - set(GENERATION_OPTIONS))
         if unknown:
             raise ArgumentError(f"{unknown[0]}: not a generation option; they are {', '.join(GENERATION_OPTIONS)}")
-        if options.get("logit_bias") is not None and not isinstance(options["logit_bias"], LogitBias):
-            options["logit_bias"] = LogitBias.from_dicts(options["logit_bias"])
         if options.get("no_repeat_ngram_size") is None and "no_repeat_ngram_size" in options:
             options["no_repeat_ngram_size"] = 0
         if options.get("logprobs") is not None:
