@@ -279,12 +279,11 @@ def process(
         node_depths = np.asarray(template.depths)
     depth = jnp.asarray(context.sum(axis=1), jnp.int32)  # [P]
     has_path = context.shape[1] > 0
-    if has_path:
-        seen_on_path = jnp.zeros((batch, width, vocab), jnp.int32).at[
+    on_path = None  # [B, P, V] int32: how often each token occurs on a position's draft path
+    if has_path and (params.needs_counts or params.needs_seen):
+        on_path = jnp.zeros((batch, width, vocab), jnp.int32).at[
             rows[:, None, None], jnp.arange(width)[None, :, None], path_tokens[:, None, :]
-        ].add(jnp.asarray(context, jnp.int32)[None])  # [B, P, V]
-    else:
-        seen_on_path = jnp.zeros((batch, width, vocab), jnp.int32) if params.needs_counts or params.needs_seen else None
+        ].add(jnp.asarray(context, jnp.int32)[None])
 
     if params.bias_ids is not None:
         ids = jnp.where(params.bias_ids >= 0, params.bias_ids, vocab)
@@ -292,10 +291,10 @@ def process(
         logits = logits + bias[:, None, :]
     if params.repetition_penalty is not None:
         penalty = params.repetition_penalty[:, None, None]
-        seen = history.seen[:, None, :] | (seen_on_path > 0)
+        seen = history.seen[:, None, :] if on_path is None else history.seen[:, None, :] | (on_path > 0)
         logits = jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
     if params.needs_counts:
-        counts = (history.counts[:, None, :] + seen_on_path).astype(jnp.float32)
+        counts = (history.counts[:, None, :] + (0 if on_path is None else on_path)).astype(jnp.float32)
         if params.frequency_penalty is not None:
             logits = logits - params.frequency_penalty[:, None, None] * counts
         if params.presence_penalty is not None:
