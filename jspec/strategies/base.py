@@ -150,8 +150,14 @@ class OutputBuffer:
         fresh = OutputBuffer.create(self.tokens.shape[0], self.tokens.shape[1], self.limits)
         checked = fresh.replace(stop_strings=stop_strings, tail=tail).append(self.tokens, self.lengths, stop_tokens)
         by_string = checked.finish_reason == FinishReason.STOP_STRING
+        scores = self.scores
+        if scores is not None:  # scores of tokens cut by a stop string go back to padding (NaN / -1)
+            empty = TokenScores.empty(*self.tokens.shape, scores.top_tokens.shape[-1])
+            kept = jnp.arange(self.tokens.shape[1])[None, :] < checked.lengths[:, None]  # [B, N]
+            scores = jax.tree.map(lambda x, e: jnp.where(kept.reshape(kept.shape + (1,) * (x.ndim - 2)), x, e),
+                                  scores, empty)
         return checked.replace(finish_reason=jnp.where(by_string, checked.finish_reason, self.finish_reason),
-                               scores=self.scores)
+                               scores=scores)
 
     def finish(self, rows: jax.Array, reason: FinishReason) -> "OutputBuffer":
         """Mark running rows [B] bool as finished with `reason`."""
