@@ -340,7 +340,7 @@ def _architecture(model: Model) -> str:
     c = model.config
     return (
         f"Llama-style decoder: {c.num_layers} layers, hidden {c.hidden_size}, {c.num_heads} query heads / "
-        f"{c.num_kv_heads} KV heads (GQA), head dim {c.head_size}, SwiGLU MLP {c.intermediate_size}, RMSNorm, "
+        f"{c.num_kv_heads} KV heads ({'GQA' if c.num_kv_heads < c.num_heads else 'MHA'}), head dim {c.head_size}, SwiGLU MLP {c.intermediate_size}, RMSNorm, "
         f"RoPE theta {c.rope_theta:g}, {'tied' if c.tie_embeddings else 'untied'} embeddings, vocab {c.vocab_size}, "
         f"max positions {c.max_position_embeddings}"
     )
