@@ -114,10 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = command("generate", "decode prompts with a strategy, streaming the text")
     generate.add_argument("--model", default="demo-code", help="a shipped model's name, a directory, or random:<preset>")
-    generate.add_argument("--prompt", action="append", help="a prompt (repeat for a batch); or --prompt-class")
-    generate.add_argument("--prompt-class", type=int, action="append", metavar="DIGIT",
-                          help="image models (demo-digits): prompt for a picture of this digit 0-9 (repeat for a batch)")
-    generate.add_argument("--png", metavar="PATH", help="image models: write the samples as one PNG picture (a row per prompt)")
+    prompts = generate.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    prompts.add_argument("--prompt-class", type=int, action="append", metavar="DIGIT",
+                         help="image models (demo-digits): prompt for a picture of this digit 0-9 (repeat for a batch)")
+    generate.add_argument("--png", metavar="PATH", help="image models: write the samples as one PNG picture (with several prompts, a row per prompt)")
     strategies = ", ".join(jspec.strategy_names())
     generate.add_argument("--strategy", default="greedy", help=f"one of {strategies} (see: jspec strategies)")
     generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt at most")
@@ -327,7 +328,7 @@ def run_generate(args: argparse.Namespace) -> int:
         pictures = images.tokens_to_images(model, output)
         columns = len(pictures) // len(args.prompt) if len(args.prompt) > 1 else None
         images.write_png(args.png, images.image_grid(pictures, columns=columns))
-        print(f"[{len(pictures)} samples written to {args.png}]", file=sys.stderr)
+        print(f"[{len(pictures)} picture{'s' if len(pictures) != 1 else ''} written to {args.png}]", file=sys.stderr)
     if args.json:
         rows = len(output.sequences())
         print(json.dumps({"tokens": output.sequences(), "text": output.text, "finish_reason": output.finish_reasons(),
@@ -343,11 +344,7 @@ def _class_prompts(args: argparse.Namespace) -> None:
     """Fill args.prompt from --prompt-class (each digit's class token, e.g. `<digit_3>`); errors name the flag."""
     from jspec import images
 
-    if args.prompt and args.prompt_class:
-        raise ValueError("--prompt-class: give either --prompt or --prompt-class, not both")
-    if not args.prompt and not args.prompt_class:
-        raise ValueError("--prompt: required (or --prompt-class DIGIT for an image model)")
-    if args.prompt_class:
+    if args.prompt_class:  # argparse makes it exclusive with --prompt
         bad = [digit for digit in args.prompt_class if not 0 <= digit < images.NUM_CLASSES]
         if bad:
             raise ValueError(f"--prompt-class: expected a digit 0-9, got {bad[0]}")

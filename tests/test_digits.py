@@ -222,16 +222,3 @@ def test_generate_prompt_class_writes_a_png_of_the_samples(tmp_path, capsys, dig
     assert printed["prompt_index"] == [0] * 4 + [1] * 4
     header, pixels = read_png(path.read_bytes())
     assert np.array_equal(pixels, images.image_grid(want, columns=4))  # a row of 4 samples per class
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--prompt-class", "12"], "--prompt-class: expected a digit 0-9, got 12"),
-    (["--prompt-class", "3", "--prompt", "x"], "--prompt-class: give either --prompt or --prompt-class"),
-    ([], "--prompt: required"),
-    (["--prompt-class", "3", "--model", "random:random-tiny"], "--model (--prompt-class needs an image model): 'random-tiny'"),
-    (["--prompt", "ab", "--model", "random:random-tiny", "--png", "x.png"], "--model (--png needs an image model)"),
-])
-def test_generate_image_flags_errors_are_one_line(argv, message, capsys):
-    assert cli.main(["generate", "--max-new-tokens", "2"] + argv) == 2
-    err = capsys.readouterr().err
-    assert message in err and len(err.strip().splitlines()) == 1
