@@ -22,13 +22,18 @@ import sys
 import time
 from typing import Any, Sequence
 
+import numpy as np
+
 import jspec
+from jspec.processors import GENERATION_OPTIONS, GenerationOptions
 from jspec.strategies.base import _REGISTRY, _option_names
 
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p")
 SPECULATIVE_FLAGS = ("num_draft_tokens", "tree", "skip_layers", "max_ngram", "adaptive")
 BEAM_FLAGS = ("num_beams", "length_penalty", "early_stopping", "num_return_sequences")
 DIFFUSION_FLAGS = ("block_size", "sub_block_size", "threshold", "draft_steps", "cache")
+GENERATION_FLAGS = GENERATION_OPTIONS  # logprobs and logit processors (jspec.processors)
+OPTION_FLAGS = SAMPLING_FLAGS + SPECULATIVE_FLAGS + BEAM_FLAGS + DIFFUSION_FLAGS + GENERATION_FLAGS
 FLAG_NAMES = {"cache": "--diffusion-cache"}  # option name -> its flag, where they differ
 REQUIRED = inspect.Parameter.empty  # the default of an option a strategy needs
 USER_ERRORS = (ValueError, TypeError, OSError)  # what a user's input can cause; anything else is a bug, shown in full
@@ -157,6 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
     option(diffusion, "threshold", "confidence threshold in (0, 1], 0.9", type=float)
     option(diffusion, "draft_steps", "FreeDave drafts verified per forward, 8", type=int)
     option(diffusion, "cache", "none | prefix | dual (dllm); none | block | sub_block (block_diffusion)")
+    processing = generate.add_argument_group("log-probabilities and logit processors (transformers' order, before sampling)")
+    option(processing, "logprobs", "report each token's log-probability and its K most likely tokens' (in --json)",
+           type=int, metavar="K")
+    option(processing, "repetition_penalty", "transformers': over prompt and output, > 0, 1 is off", type=float)
+    option(processing, "presence_penalty", "OpenAI/vLLM: minus this if the token was generated, in [-2, 2]", type=float)
+    option(processing, "frequency_penalty", "OpenAI/vLLM: minus this x the token's count in the output, in [-2, 2]",
+           type=float)
+    option(processing, "logit_bias", "add BIAS to token ID's logit (repeatable)", type=_bias, action="append",
+           metavar="ID=BIAS")
+    option(processing, "min_new_tokens", "stop tokens are banned until a row has this many new tokens", type=int)
+    option(processing, "no_repeat_ngram_size", "ban tokens that would repeat an n-gram of this size", type=int)
     generate.add_argument(
         "--set", action="append", default=[], metavar="NAME=VALUE", help="any other strategy option, e.g. --set num_draft_tokens=4"
     )
@@ -215,6 +231,16 @@ def _early_stopping(text: str) -> bool | str:
     return choices[text.lower()]
 
 
+def _bias(text: str) -> tuple[int, float]:
+    token, sep, bias = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return int(token), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ID=BIAS (a token id and a number, e.g. 42=-5.0), got {text!r}") from None
+
+
 def _int_tuple(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
@@ -225,8 +251,10 @@ def _int_tuple(text: str) -> tuple[int, ...]:
 def strategy_options(args: argparse.Namespace) -> dict[str, Any]:
     """The strategy options the flags and `--set` give, checked against `--strategy` (ValueError naming the flag,
     and for an option of other strategies, which ones take it); `--draft` is loaded only after the check."""
-    sources = {name: flag_of(name) for name in SAMPLING_FLAGS + SPECULATIVE_FLAGS + BEAM_FLAGS + DIFFUSION_FLAGS}
+    sources = {name: flag_of(name) for name in OPTION_FLAGS}
     options = {name: getattr(args, name) for name in sources if getattr(args, name, None) is not None}
+    if "logit_bias" in options:
+        options["logit_bias"] = dict(options["logit_bias"])
     if getattr(args, "draft", None):
         options["draft"], sources["draft"] = args.draft, "--draft"
     for item in args.set:
@@ -254,7 +282,7 @@ def _mesh(args: argparse.Namespace) -> Any:
 
 def flag_of(option: str) -> str:
     """The flag that sets a strategy option: its own (`--top-k`), else `--set NAME=...`."""
-    if option in SAMPLING_FLAGS + SPECULATIVE_FLAGS + BEAM_FLAGS + DIFFUSION_FLAGS + ("draft",):
+    if option in OPTION_FLAGS + ("draft",):
         return FLAG_NAMES.get(option, "--" + option.replace("_", "-"))
     return f"--set {option}"
 
@@ -331,9 +359,12 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"[{len(pictures)} picture{'s' if len(pictures) != 1 else ''} written to {args.png}]", file=sys.stderr)
     if args.json:
         rows = len(output.sequences())
-        print(json.dumps({"tokens": output.sequences(), "text": output.text, "finish_reason": output.finish_reasons(),
-                          "prompt_index": [row * len(args.prompt) // rows for row in range(rows)],
-                          "stats": output.stats, "seconds": elapsed}))
+        result = {"tokens": output.sequences(), "text": output.text, "finish_reason": output.finish_reasons(),
+                  "prompt_index": [row * len(args.prompt) // rows for row in range(rows)],
+                  "stats": output.stats, "seconds": elapsed}
+        if output.logprobs is not None:
+            result.update(json_logprobs(output))
+        print(json.dumps(result))
     else:
         stats = ", ".join(f"{k}={v}" for k, v in output.stats.items())
         print(f"[{args.strategy}] finish={output.finish_reasons()} {stats} seconds={elapsed:.2f} (compile included)", file=sys.stderr)
@@ -349,6 +380,21 @@ def _class_prompts(args: argparse.Namespace) -> None:
         if bad:
             raise ValueError(f"--prompt-class: expected a digit 0-9, got {bad[0]}")
         args.prompt = [images.class_token(digit) for digit in args.prompt_class]
+
+
+def json_logprobs(output: jspec.DecodeOutput) -> dict[str, Any]:
+    """Each row's logprobs and raw_logprobs (lists as long as its tokens), and top_logprobs: per token a list of
+    [token id, log-probability] pairs, most likely first (a -inf log-probability, a token filtered out, as None)."""
+    number = lambda x: None if not np.isfinite(x) else float(x)  # noqa: E731
+    rows = []
+    for row, length in enumerate(np.asarray(output.lengths)):
+        rows.append({
+            "logprobs": [number(x) for x in output.logprobs[row, :length]],
+            "raw_logprobs": [number(x) for x in output.raw_logprobs[row, :length]],
+            "top_logprobs": [[[int(t), number(v)] for t, v in zip(ids, values)]
+                             for ids, values in zip(output.top_tokens[row, :length], output.top_logprobs[row, :length])],
+        })
+    return {name: [row[name] for row in rows] for name in ("logprobs", "raw_logprobs", "top_logprobs")}
 
 
 def _warn_if_random(model: str) -> None:
@@ -398,7 +444,9 @@ def option_defaults(strategy: str) -> dict[str, Any]:
     """A registered strategy's options (from its factory's signature) and their defaults; REQUIRED where none."""
     factory = _REGISTRY[strategy]
     parameters = inspect.signature(factory).parameters
-    return {name: parameters[name].default if name in parameters else REQUIRED for name in _option_names(factory)}
+    generation = GenerationOptions()
+    return {name: parameters[name].default if name in parameters else
+            getattr(generation, name) if name in GENERATION_OPTIONS else REQUIRED for name in _option_names(factory)}
 
 
 def strategy_line(name: str) -> str:

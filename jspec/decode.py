@@ -202,7 +202,7 @@ class Stream:
         model = self._model.without_tokenizer()
         tokenizer = self._model.tokenizer
         if self._max_new_tokens == 0:
-            self.output = _empty_output(self._model, self._request)
+            self.output = _empty_output(self._model, self._request, self._strategy)
             return
         state = _init_jit(model, self._strategy, *_placed(model, self._request, self._key))
         batch = self._request.num_rows
@@ -511,9 +511,14 @@ def _visible_text(tokenizer: Any, sequence: Sequence[int], stop_tokens: Any) -> 
     return tokenizer.decode(list(sequence))
 
 
-def _empty_output(model: Model, request: Prompts, strategy: Strategy | None = None) -> DecodeOutput:
-    rows_per_prompt = 1 if strategy is None else _rows_per_prompt(strategy)
+def _empty_output(model: Model, request: Prompts, strategy: Strategy) -> DecodeOutput:
+    rows_per_prompt = _rows_per_prompt(strategy)
     batch = request.num_rows * rows_per_prompt
+    k = getattr(getattr(strategy, "generation", None), "logprobs", None)
+    scores = {}
+    if k is not None:
+        empty = lambda *trailing, dtype=np.float32: np.zeros((batch, 0, *trailing), dtype)  # noqa: E731
+        scores = dict(logprobs=empty(), raw_logprobs=empty(), top_tokens=empty(k, dtype=np.int32), top_logprobs=empty(k))
     return _to_host(
         model,
         DecodeOutput(
@@ -521,6 +526,7 @@ def _empty_output(model: Model, request: Prompts, strategy: Strategy | None = No
             lengths=np.zeros(batch, np.int32),
             finish_reason=np.full(batch, int(FinishReason.LENGTH), np.int32),
             stats={"model_calls": 0, "steps": 0, "tokens_generated": np.zeros(batch, np.int32)},
+            **scores,
         ),
         request,
         0,

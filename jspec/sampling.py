@@ -30,18 +30,28 @@ class SamplingParams:
         """Per-row parameters from scalars or per-row sequences of length batch_size. A sequence covering only the
         first rows (the caller's rows of a batch bucket) is extended with its last value for the padding rows."""
 
-        def as_rows(value: Any, dtype) -> jax.Array:
-            array = jnp.asarray(value, dtype)
-            if array.ndim == 1 and 0 < array.shape[0] < batch_size:
-                array = jnp.pad(array, (0, batch_size - array.shape[0]), mode="edge")
-            return jnp.broadcast_to(array, (batch_size,))
-
         return cls(
-            temperature=as_rows(temperature, jnp.float32),
-            top_k=as_rows(top_k, jnp.int32),
-            top_p=as_rows(top_p, jnp.float32),
-            min_p=as_rows(min_p, jnp.float32),
+            temperature=as_rows(temperature, jnp.float32, batch_size),
+            top_k=as_rows(top_k, jnp.int32, batch_size),
+            top_p=as_rows(top_p, jnp.float32, batch_size),
+            min_p=as_rows(min_p, jnp.float32, batch_size),
         )
+
+    def per_position(self, width: int) -> "SamplingParams":
+        """The parameters of B rows repeated for B * width positions (row-major), for logits [B, width, V]
+        flattened to [B * width, V]."""
+        return jax.tree.map(lambda x: jnp.repeat(x, width, axis=0), self)
+
+
+def as_rows(value: Any, dtype, batch_size: int) -> jax.Array:
+    """value [batch_size, ...] from a scalar or per-row values: a leading axis covering only the first rows (the
+    caller's rows of a batch bucket) is extended with its last entry for the padding rows."""
+    array = jnp.asarray(value, dtype)
+    if array.ndim >= 1 and 0 < array.shape[0] < batch_size:
+        array = jnp.pad(array, [(0, batch_size - array.shape[0])] + [(0, 0)] * (array.ndim - 1), mode="edge")
+    if array.ndim <= 1:
+        return jnp.broadcast_to(array, (batch_size,))
+    return jnp.broadcast_to(array, (batch_size, *array.shape[1:]))
 
 
 def validate_sampling_options(batch_size: int, **values: Any) -> None:

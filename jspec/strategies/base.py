@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jspec.processors import GENERATION_OPTIONS, GenerationOptions, TokenScores
 from jspec.validation import ArgumentError
 
 static_field = lambda **kwargs: struct.field(pytree_node=False, **kwargs)  # noqa: E731
@@ -72,23 +73,29 @@ class Prompts:
 
 @struct.dataclass
 class OutputBuffer:
-    """Emitted tokens per row; the one place that applies stop tokens and the length limit."""
+    """Emitted tokens per row, and their scores when asked for; the one place that applies stop tokens and the
+    length limit (scores are kept exactly where tokens are)."""
 
     tokens: jax.Array  # [B, N] int32, -1 past each row's length
     lengths: jax.Array  # [B] int32
     finish_reason: jax.Array  # [B] int32 FinishReason
     limits: jax.Array  # [B] int32 <= N: tokens each row may emit (LENGTH when reached)
+    scores: TokenScores | None = None  # [B, N, ...]: NaN / -1 past each row's length
     stop_strings: Any = None  # jspec.stop_strings.StopStrings, or None
     tail: jax.Array | None = None  # [B, W] int32 with stop strings: each row's last W tokens (prompt included), -1: none
 
     @classmethod
-    def create(cls, batch_size: int, max_new_tokens: int, limits: jax.Array | None = None) -> "OutputBuffer":
+    def create(
+        cls, batch_size: int, max_new_tokens: int, limits: jax.Array | None = None, logprobs: int | None = None
+    ) -> "OutputBuffer":
+        """An empty buffer; logprobs: k to keep each token's scores with its k most likely tokens (None: none)."""
         full = jnp.full((batch_size,), max_new_tokens, jnp.int32)
         return cls(
             tokens=jnp.full((batch_size, max_new_tokens), -1, jnp.int32),
             lengths=jnp.zeros((batch_size,), jnp.int32),
             finish_reason=jnp.zeros((batch_size,), jnp.int32),
             limits=full if limits is None else jnp.minimum(jnp.asarray(limits, jnp.int32), full),
+            scores=None if logprobs is None else TokenScores.empty(batch_size, max_new_tokens, logprobs),
         )
 
     @property
@@ -100,6 +107,7 @@ class OutputBuffer:
         new_tokens: jax.Array,  # [B, T] int32
         num_new: jax.Array,  # [B] int32: how many leading tokens of new_tokens each row emits
         stop_tokens: jax.Array,  # [B, K] int32, -1 padded
+        scores: TokenScores | None = None,  # [B, T, ...]: the new tokens' scores (when the buffer keeps scores)
     ) -> "OutputBuffer":
         """Emit up to num_new[b] tokens per running row, stopping after the first stop token (kept) and at
         the row's limit. Finished rows are unchanged."""
@@ -120,12 +128,15 @@ class OutputBuffer:
         slots = jnp.where(kept, self.lengths[:, None] + offsets, capacity)
         rows = jnp.arange(new_tokens.shape[0])[:, None]
         tokens = self.tokens.at[rows, slots].set(new_tokens, mode="drop")
+        kept_scores = self.scores
+        if self.scores is not None:
+            kept_scores = jax.tree.map(lambda old, new: old.at[rows, slots].set(new, mode="drop"), self.scores, scores)
         lengths = self.lengths + jnp.sum(kept, axis=1, dtype=jnp.int32)
         stopped = jnp.any(kept & is_stop, axis=1)
         stop_reason = jnp.where(jnp.any(kept & is_stop_token, axis=1), FinishReason.EOS, FinishReason.STOP_STRING)
         reason = jnp.where(stopped, stop_reason, jnp.where(lengths >= self.limits, FinishReason.LENGTH, FinishReason.RUNNING))
         reason = jnp.where(self.finished, self.finish_reason, reason)
-        buffer = self.replace(tokens=tokens, lengths=lengths, finish_reason=reason.astype(jnp.int32))
+        buffer = self.replace(tokens=tokens, lengths=lengths, finish_reason=reason.astype(jnp.int32), scores=kept_scores)
         if self.stop_strings is not None:  # the last W tokens after the kept ones
             count = jnp.sum(kept, axis=1, dtype=jnp.int32)
             index = count[:, None] + jnp.arange(self.stop_strings.window, dtype=jnp.int32)[None, :]
@@ -139,12 +150,21 @@ class OutputBuffer:
         fresh = OutputBuffer.create(self.tokens.shape[0], self.tokens.shape[1], self.limits)
         checked = fresh.replace(stop_strings=stop_strings, tail=tail).append(self.tokens, self.lengths, stop_tokens)
         by_string = checked.finish_reason == FinishReason.STOP_STRING
-        return checked.replace(finish_reason=jnp.where(by_string, checked.finish_reason, self.finish_reason))
+        return checked.replace(finish_reason=jnp.where(by_string, checked.finish_reason, self.finish_reason),
+                               scores=self.scores)
 
     def finish(self, rows: jax.Array, reason: FinishReason) -> "OutputBuffer":
         """Mark running rows [B] bool as finished with `reason`."""
         mark = rows & ~self.finished
         return self.replace(finish_reason=jnp.where(mark, int(reason), self.finish_reason).astype(jnp.int32))
+
+    def decode_output(self, stats: dict[str, Any]) -> "DecodeOutput":
+        """The DecodeOutput of these tokens (and scores) with `stats`."""
+        scores = {} if self.scores is None else dict(
+            logprobs=self.scores.logprobs, raw_logprobs=self.scores.raw_logprobs,
+            top_tokens=self.scores.top_tokens, top_logprobs=self.scores.top_logprobs)
+        return DecodeOutput(tokens=self.tokens, lengths=self.lengths, finish_reason=self.finish_reason, stats=stats,
+                            **scores)
 
 
 # Stats with one entry per row (the others are per call: counts, histograms, per-depth rates).
@@ -160,6 +180,11 @@ class DecodeOutput:
     FinishReason; stats: `model_calls` (target forward calls), `steps` (loop iterations),
     `tokens_generated` [B], plus strategy-specific entries; text: decoded rows when the model has a
     tokenizer (stop tokens excluded).
+    With the option logprobs=k (else None): logprobs [B, max_new_tokens] float32, each token's log-probability
+    under the distribution it was drawn from (after processors and warpers; greedy: the processed
+    log-softmax); raw_logprobs, the same under the model's raw distribution; top_tokens / top_logprobs
+    [B, max_new_tokens, k], the k most likely tokens of the former, most likely first. NaN / -1 past each row's
+    length.
     """
 
     tokens: Any
@@ -167,6 +192,10 @@ class DecodeOutput:
     finish_reason: Any
     stats: dict[str, Any]
     text: list[str] | None = None
+    logprobs: Any = None
+    raw_logprobs: Any = None
+    top_tokens: Any = None
+    top_logprobs: Any = None
 
     def sequences(self) -> list[list[int]]:
         """Each row's emitted tokens as a list, without padding."""
@@ -181,12 +210,15 @@ class DecodeOutput:
         pick = lambda value: np.asarray(value)[rows].tolist() if isinstance(value, list) else np.asarray(value)[rows]  # noqa: E731
         stats = {name: (pick(value) if name in ROW_STATS else value) for name, value in self.stats.items()}
         text = None if self.text is None else list(np.asarray(self.text, dtype=object)[rows])
-        return DecodeOutput(tokens=np.asarray(self.tokens)[rows][:, columns], lengths=pick(self.lengths),
-                            finish_reason=pick(self.finish_reason), stats=stats, text=text)
+        per_token = {name: None if getattr(self, name) is None else np.asarray(getattr(self, name))[rows][:, columns]
+                     for name in ("tokens",) + SCORE_FIELDS}
+        return DecodeOutput(lengths=pick(self.lengths), finish_reason=pick(self.finish_reason), stats=stats, text=text,
+                            **per_token)
 
 
+SCORE_FIELDS = ("logprobs", "raw_logprobs", "top_tokens", "top_logprobs")
 jax.tree_util.register_dataclass(
-    DecodeOutput, data_fields=["tokens", "lengths", "finish_reason", "stats"], meta_fields=["text"]
+    DecodeOutput, data_fields=["tokens", "lengths", "finish_reason", "stats", *SCORE_FIELDS], meta_fields=["text"]
 )
 
 
@@ -211,11 +243,15 @@ class Strategy(Protocol):
 
 
 _REGISTRY: dict[str, Callable[..., Strategy]] = {}
+_TAKE_GENERATION_OPTIONS: set[Any] = set()  # factories whose strategies take GENERATION_OPTIONS
 
 
-def register_strategy(name: str, factory: Callable[..., Strategy]) -> None:
-    """Make `jspec.decode(..., strategy=name, **options)` build `factory(**options)`."""
+def register_strategy(name: str, factory: Callable[..., Strategy], generation_options: bool = False) -> None:
+    """Make `jspec.decode(..., strategy=name, **options)` build `factory(**options)`. generation_options: its
+    strategies have a `generation` field (`jspec.processors.GenerationOptions`): logprobs and logit processors."""
     _REGISTRY[name] = factory
+    if generation_options:
+        _TAKE_GENERATION_OPTIONS.add(factory)
 
 
 def strategy_names() -> list[str]:
@@ -223,7 +259,10 @@ def strategy_names() -> list[str]:
 
 
 def resolve_strategy(strategy: Any, options: dict[str, Any]) -> Strategy:
-    """A strategy object from a registered name and its options, or the object itself (then no options)."""
+    """A strategy object from a registered name and its options, or the object itself (then no options but the
+    generation options, `jspec.processors.GENERATION_OPTIONS`, which set its `generation` field)."""
+    generation = {name: options[name] for name in GENERATION_OPTIONS if name in options}
+    options = {name: value for name, value in options.items() if name not in generation}
     if isinstance(strategy, str):
         if strategy not in _REGISTRY:
             raise ArgumentError(f"strategy: unknown strategy {strategy!r}; known strategies are {strategy_names()}")
@@ -234,22 +273,37 @@ def resolve_strategy(strategy: Any, options: dict[str, Any]) -> Strategy:
             raise ArgumentError(
                 f"strategy {strategy!r}: unknown option(s) {unknown}; its options are {sorted(allowed) or 'none'}"
             )
-        return factory(**options)
+        return with_generation_options(factory(**options), generation, strategy)
     if options:
         raise ArgumentError(
             f"strategy: options {sorted(options)} were given with a strategy object; set them on the object instead"
         )
     if not all(hasattr(strategy, attr) for attr in ("init", "step", "done", "output")):
         raise ArgumentError(f"strategy: expected a registered name or a strategy object, got {strategy!r}")
-    return strategy
+    return with_generation_options(strategy, generation, getattr(strategy, "name", type(strategy).__name__))
+
+
+def with_generation_options(strategy: Any, options: dict[str, Any], name: str) -> Any:
+    """The strategy with these generation options set; ArgumentError naming the first when it takes none."""
+    if not options:
+        return strategy
+    if not isinstance(getattr(strategy, "generation", None), GenerationOptions):
+        takers = [n for n in strategy_names() if _REGISTRY[n] in _TAKE_GENERATION_OPTIONS]
+        raise ArgumentError(
+            f"{next(iter(options))}: not defined for strategy {name!r}: log-probabilities and logit processors apply "
+            f"to strategies that draw each token from a next-token distribution ({', '.join(takers)})"
+        )
+    return strategy.replace(generation=strategy.generation.updated(**options))
 
 
 def _option_names(factory: Callable[..., Any]) -> list[str]:
+    extra = list(GENERATION_OPTIONS) if factory in _TAKE_GENERATION_OPTIONS else []
     if dataclasses.is_dataclass(factory):
-        return [f.name for f in dataclasses.fields(factory) if f.init]
+        return [f.name for f in dataclasses.fields(factory) if f.init and f.name != "generation"] + extra
     import inspect
 
-    return [p.name for p in inspect.signature(factory).parameters.values() if p.kind == p.KEYWORD_ONLY or p.default is not p.empty]
+    parameters = inspect.signature(factory).parameters.values()
+    return [p.name for p in parameters if p.kind == p.KEYWORD_ONLY or p.default is not p.empty] + extra
 
 
 def mark_cache_full(output: OutputBuffer, cache_lengths: jax.Array, capacity: int, slots_needed: int = 1) -> OutputBuffer:

@@ -34,6 +34,7 @@ from flax import struct
 from jspec import masks, sampling, validation
 from jspec.cache import Cache
 from jspec.models.model import Model
+from jspec.processors import Processing
 from jspec.strategies.base import Prompts, prefill, static_field
 from jspec.strategies.tree import TreeTemplate
 from jspec.validation import ArgumentError
@@ -128,7 +129,8 @@ class DraftModelDrafter:
             write_slots=slots, output_indices=jnp.ones((pending.shape[0], 1), jnp.int32),
         )
         tokens, parent_logits, cache, calls = expand_tree(
-            self.draft, (), cache, root_logits[:, 0], lengths, depth_limit, key, template, state.sampling
+            self.draft, (), cache, root_logits[:, 0], lengths, depth_limit, key, template, state.sampling,
+            state.processing,
         )
         return network_proposal(template, tokens, parent_logits, depth_limit, state.cache, cache, calls)
 
@@ -164,7 +166,7 @@ class LayerSkipDrafter:
         )
         tokens, parent_logits, cache, calls = expand_tree(
             target, self.skip_layers, cache, root_logits[:, 0], lengths, depth_limit, key, template,
-            state.sampling,
+            state.sampling, state.processing,
         )
         return network_proposal(template, tokens, parent_logits, depth_limit, cache, None, calls)
 
@@ -263,8 +265,13 @@ def expand_tree(
     key: jax.Array,
     template: TreeTemplate,
     params: sampling.SamplingParams,
+    processing: Processing,
 ) -> tuple[jax.Array, jax.Array, Cache, jax.Array]:  # tokens [B, N], parent_logits [B, N, V], cache, calls []
     """Draft the template level by level with `network` (without `skip_layers`): one forward per level.
+
+    The network's logits at a node are processed (`jspec.processors`) as the target's are at that node (the
+    history plus the drafted path to it), so the draft proposes from the distribution the target is verified
+    with; `parent_logits` are the processed logits.
 
     A node that is its parent's only child is drawn from the network's warped distribution there (its argmax
     when every row is greedy); the children of a node with several are its top-k, in rank order. Node i is
@@ -283,8 +290,8 @@ def expand_tree(
     calls = jnp.int32(1)
     deepest = jnp.max(depth_limit)
     for depth, (start, end) in enumerate(template.levels, start=1):
-        parent_rows = jnp.asarray([template.parents[n] + 1 for n in range(start, end)])
-        parent_logits = node_logits[:, parent_rows]  # [B, W, V]
+        parent_positions = [template.parents[n] + 1 for n in range(start, end)]
+        parent_logits = processing(node_logits[:, jnp.asarray(parent_positions)], tokens, template, parent_positions)
         max_rank = int(template.sibling_rank[start:end].max()) + 1
         top = jax.lax.top_k(parent_logits, max_rank)[1].astype(jnp.int32)  # [B, W, max_rank]
         ranks = jnp.asarray(template.sibling_rank[start:end])
@@ -355,9 +362,7 @@ def keep_accepted_path(
 def warped_probabilities(logits: jax.Array, params: sampling.SamplingParams) -> jax.Array:
     """`sampling.probabilities` for logits [B, W, V] with per-row parameters."""
     batch, width, vocab = logits.shape
-    repeat = lambda x: jnp.repeat(x, width, axis=0)  # noqa: E731
-    flat = sampling.SamplingParams(*map(repeat, (params.temperature, params.top_k, params.top_p, params.min_p)))
-    return sampling.probabilities(logits.reshape(batch * width, vocab), flat).reshape(batch, width, vocab)
+    return sampling.probabilities(logits.reshape(batch * width, vocab), params.per_position(width)).reshape(batch, width, vocab)
 
 
 def all_greedy(params: sampling.SamplingParams) -> jax.Array:  # [] bool

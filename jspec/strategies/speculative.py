@@ -13,6 +13,15 @@ ALGORITHMS.md section 1) makes every emitted token an exact sample of the target
 At temperature 0 p and q are one-hot, so acceptance is exact match with the target's argmax, and the output is
 token for token the output of autoregressive greedy decoding.
 
+Logit processors (`jspec.processors`: penalties, logit bias, no_repeat_ngram_size, min_new_tokens) are applied to
+the target's logits at every verified position, with the history at that position being the emitted tokens plus
+the draft tokens on its path: a verified position is processed exactly as autoregressive decoding processes it,
+so p above is the processed (then warped) target distribution and the guarantees hold with processors on. The
+draft network's distributions are processed the same way (better proposals; correctness does not depend on it).
+A drafter may still propose a token a processor bans (prompt lookup copying a banned n-gram, say): p gives it
+probability 0, so verification rejects it. Log-probabilities (`logprobs=k`) are the target's: each emitted token
+is scored under the processed, warped target distribution at its position, as autoregressive decoding scores it.
+
 Drafters are objects behind one protocol (`jspec.strategies.drafters`): a draft model with its own KV cache,
 the target with layers skipped, or prompt lookup. The acceptance walk, the verification and the compaction
 of the accepted path are the same for all of them.
@@ -38,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jspec import masks, sampling, validation
+from jspec import masks, processors, sampling, validation
 from jspec.cache import Cache, scatter_rows
 from jspec.models.model import Model
 from jspec.strategies.base import (
@@ -50,6 +59,7 @@ from jspec.strategies.base import (
     register_strategy,
     static_field,
 )
+from jspec.strategies.autoregressive import emit_sampled
 from jspec.strategies.drafters import (
     Drafter,
     DraftModelDrafter,
@@ -73,6 +83,7 @@ class SpeculativeState:
     history: jax.Array  # [B, H] int32: prompt and emitted tokens; history[b, cache.lengths[b]] is pending
     output: OutputBuffer
     sampling: sampling.SamplingParams
+    processing: processors.Processing
     stop_tokens: jax.Array  # [B, K]
     key: jax.Array
     step: jax.Array  # [] int32
@@ -92,6 +103,7 @@ class Speculative:
     tree_parents: an explicit template instead (parent of each node, -1 = root, breadth-first).
     adaptive: adapt each row's draft depth (see the module docstring).
     temperature, top_k, top_p, min_p: sampling (traced; 0 temperature = greedy).
+    generation: logit processors and log-probabilities (`jspec.processors`; set through `jspec.decode`'s options).
     Shorthands (constructor only): draft, the draft model ("model"; must share the target's vocabulary);
     skip_layers, the layers the self-speculative draft leaves out; max_ngram, the longest n-gram prompt
     lookup matches.
@@ -108,6 +120,7 @@ class Speculative:
     top_k: Any = 0
     top_p: Any = 1.0
     min_p: Any = 0.0
+    generation: processors.GenerationOptions = struct.field(default_factory=processors.GenerationOptions)
     draft: dataclasses.InitVar[Model | None] = None
     skip_layers: dataclasses.InitVar[tuple[int, ...]] = ()
     max_ngram: dataclasses.InitVar[int] = 3
@@ -136,6 +149,7 @@ class Speculative:
         sampling.validate_sampling_options(
             prompts.num_rows, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p
         )
+        self.generation.validate(model.config.vocab_size, prompts.num_rows)
 
     def cache_headroom(self) -> int:
         return self.template.num_nodes + 1
@@ -148,12 +162,15 @@ class Speculative:
         cache = model.new_cache(batch, prompts.cache_size, max_chunk=template.num_nodes + 1)
         logits, cache = prefill(model, prompts, cache)
         params = sampling.SamplingParams.broadcast(batch, self.temperature, self.top_k, self.top_p, self.min_p)
-        first = sampling.sample(jax.random.fold_in(key, 0), logits, params)
+        processing = processors.Processing.create(self.generation, prompts, model.config.vocab_size, template.max_depth + 1)
+        output = OutputBuffer.create(batch, prompts.max_new_tokens, prompts.limits, self.generation.logprobs)
+        first, output, processing = emit_sampled(
+            jax.random.fold_in(key, 0), logits, jnp.ones((batch,), bool), output, processing, params,
+            prompts.stop_tokens, self.generation.logprobs)
         width = max(prompts.cache_size, prompts.tokens.shape[1])  # a cache smaller than the padded prompts is legal
         history = jnp.full((batch, width + template.num_nodes + 2), -1, jnp.int32)
         history = history.at[:, : prompts.tokens.shape[1]].set(prompts.tokens)
         history = scatter_rows(history, first[:, None], prompts.lengths[:, None])
-        output = OutputBuffer.create(batch, prompts.max_new_tokens, prompts.limits).append(first[:, None], jnp.ones_like(first), prompts.stop_tokens)
         depth = template.max_depth
         return SpeculativeState(
             cache=cache,
@@ -161,6 +178,7 @@ class Speculative:
             history=history,
             output=mark_cache_full(output, cache.lengths, cache.capacity, template.num_nodes + 1),
             sampling=params,
+            processing=processing,
             stop_tokens=prompts.stop_tokens,
             key=key,
             step=jnp.int32(1),
@@ -188,10 +206,11 @@ class Speculative:
 
         proposal = self.drafter.propose(model, state, pending, depth_limit, draft_key, template)
         logits, cache = verify(model, template, proposal.target_cache, lengths, pending, proposal.tokens, running)
+        processed = state.processing(logits, proposal.tokens, template)  # [B, N + 1, V]
         walk = jax.lax.cond(
             all_greedy(state.sampling),
-            lambda: _accept_greedy(template, logits, proposal),
-            lambda: _accept(template, warped_probabilities(logits, state.sampling), proposal, state.sampling, walk_key),
+            lambda: _accept_greedy(template, processed, proposal),
+            lambda: _accept(template, warped_probabilities(processed, state.sampling), proposal, state.sampling, walk_key),
         )
         num_accepted = jnp.where(running, walk.num_accepted, 0)
 
@@ -207,8 +226,14 @@ class Speculative:
             state.history.shape[1],
         )
         history = scatter_rows(state.history, emitted, history_slots)
-        output = state.output.append(emitted, jnp.where(running, num_accepted + 1, 0), state.stop_tokens)
+        scores = None
+        if self.generation.logprobs is not None:  # each emitted token scored at its position on the path
+            at = jnp.concatenate([jnp.zeros_like(walk.path[:, :1]), jnp.maximum(walk.path + 1, 0)], axis=1)[:, :, None]
+            scores = processors.token_scores(jnp.take_along_axis(logits, at, axis=1), jnp.take_along_axis(processed, at, axis=1),
+                                             emitted, state.sampling, self.generation.logprobs)
+        output = state.output.append(emitted, jnp.where(running, num_accepted + 1, 0), state.stop_tokens, scores)
         kept = output.lengths - state.output.lengths  # emitted this step after stop tokens / length limit
+        processing = state.processing.append(emitted, kept)
         kept_drafts = jnp.minimum(num_accepted, kept)
         output = mark_cache_full(output, new_lengths, cache.capacity, template.num_nodes + 1)
 
@@ -235,6 +260,7 @@ class Speculative:
             drafter_state=drafter_state,
             history=history,
             output=output,
+            processing=processing,
             step=state.step + 1,
             draft_depth=draft_depth,
             stats=stats,
@@ -250,9 +276,7 @@ class Speculative:
         # tokens per target call: every row's first token comes from the prefill call
         stats["mean_accepted_length"] = state.output.lengths / jnp.maximum(stats["active_steps"] + 1, 1)
         stats["acceptance_rate_by_depth"] = stats["accepted_by_depth"] / jnp.maximum(stats["tried_by_depth"], 1)
-        return DecodeOutput(
-            tokens=state.output.tokens, lengths=state.output.lengths, finish_reason=state.output.finish_reason, stats=stats
-        )
+        return state.output.decode_output(stats)
 
 
 def verify(
@@ -462,6 +486,6 @@ def self_speculative(
     )
 
 
-register_strategy("speculative", speculative)
-register_strategy("prompt_lookup", prompt_lookup_strategy)
-register_strategy("self_speculative", self_speculative)
+register_strategy("speculative", speculative, generation_options=True)
+register_strategy("prompt_lookup", prompt_lookup_strategy, generation_options=True)
+register_strategy("self_speculative", self_speculative, generation_options=True)
