@@ -1,7 +1,7 @@
 """jspec: fast LLM decoding in JAX. Every decoding algorithm is a pure, jit-compiled state transition over
 explicit KV/state pytrees, behind one call: `jspec.decode(model, prompts, strategy=...)`."""
 
-from jspec import distributed, sampling, sharding, strategies
+from jspec import distributed, images, sampling, sharding, strategies
 from jspec.cache import KVCache
 from jspec.decode import Stream, decode, enable_compilation_cache, stream, trace_count
 from jspec.loading import load, save
@@ -27,6 +27,7 @@ __all__ = [
     "decode",
     "distributed",
     "enable_compilation_cache",
+    "images",
     "load",
     "make_mesh",
     "register_strategy",

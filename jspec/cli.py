@@ -1,6 +1,7 @@
 """The `jspec` command line.
 
     jspec generate --prompt "def fib(n):" --strategy sample --temperature 0.8          # the shipped demo-code model
+    jspec generate --model demo-digits --prompt-class 3 --num-samples 16 --strategy sample --png digits.png
     jspec strategies                                                                  # name, guarantee, options
     jspec train --recipe demo-code --out runs/demo-code [--steps N] [--resume] [--mesh data=4]
     jspec build-demo --out-root runs                      # exports to runs/assets (--into-package: jspec/assets)
@@ -118,7 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = command("generate", "decode prompts with a strategy, streaming the text")
     generate.add_argument("--model", default="demo-code", help="a shipped model's name, a directory, or random:<preset>")
-    generate.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    prompts = generate.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    prompts.add_argument("--prompt-class", type=int, action="append", metavar="DIGIT",
+                         help="image models (demo-digits): prompt for a picture of this digit 0-9 (repeat for a batch)")
+    generate.add_argument("--png", metavar="PATH", help="image models: write the samples as one PNG picture (with several prompts, a row per prompt)")
     strategies = ", ".join(jspec.strategy_names())
     generate.add_argument("--strategy", default="greedy", help=f"one of {strategies} (see: jspec strategies)")
     generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt at most")
@@ -207,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     build = command("build-demo", "train the demo models and export them to Hugging Face directories")
     demo.add_output_arguments(build)
-    build.add_argument("--only", choices=list(demo.NAMES), action="append", help="train only these (repeatable)")
+    build.add_argument("--only", choices=list(demo.BUILDABLE), action="append",
+                       help=f"train only these (repeatable; default: {', '.join(demo.NAMES)})")
     build.add_argument("--resume", action="store_true", help="resume interrupted training runs")
     build.set_defaults(run=run_build_demo)
     return parser
@@ -313,12 +319,17 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens: expected an int >= 0, got {args.max_new_tokens}")
     if args.num_samples < 1:
         raise ValueError(f"--num-samples: expected an int >= 1, got {args.num_samples}")
+    _class_prompts(args)
     mesh = _mesh(args)
     options = strategy_options(args)  # checked before the model loads
     try:
         model = jspec.load(args.model, dtype=args.dtype, mesh=mesh)
     except ValueError as error:  # a mesh that does not fit the model: name the flag
         raise ValueError(f"--{error}" if str(error).startswith("mesh:") else str(error)) from None
+    if args.prompt_class or args.png:
+        from jspec import images
+
+        images.check_image_model(model, f"--model ({'--prompt-class' if args.prompt_class else '--png'} needs an image model)")
     common = dict(max_new_tokens=args.max_new_tokens, key=args.seed, stop_tokens=args.stop_token, stop=args.stop,
                   num_samples=args.num_samples, **options)
     started = time.perf_counter()
@@ -339,6 +350,13 @@ def run_generate(args: argparse.Namespace) -> int:
         print()
         output = stream.output
     elapsed = time.perf_counter() - started
+    if args.png:
+        from jspec import images
+
+        pictures = images.tokens_to_images(model, output)
+        columns = len(pictures) // len(args.prompt) if len(args.prompt) > 1 else None
+        images.write_png(args.png, images.image_grid(pictures, columns=columns))
+        print(f"[{len(pictures)} picture{'s' if len(pictures) != 1 else ''} written to {args.png}]", file=sys.stderr)
     if args.json:
         rows = len(output.sequences())
         result = {"tokens": output.sequences(), "text": output.text, "finish_reason": output.finish_reasons(),
@@ -351,6 +369,17 @@ def run_generate(args: argparse.Namespace) -> int:
         stats = ", ".join(f"{k}={v}" for k, v in output.stats.items())
         print(f"[{args.strategy}] finish={output.finish_reasons()} {stats} seconds={elapsed:.2f} (compile included)", file=sys.stderr)
     return 0
+
+
+def _class_prompts(args: argparse.Namespace) -> None:
+    """Fill args.prompt from --prompt-class (each digit's class token, e.g. `<digit_3>`); errors name the flag."""
+    from jspec import images
+
+    if args.prompt_class:  # argparse makes it exclusive with --prompt
+        bad = [digit for digit in args.prompt_class if not 0 <= digit < images.NUM_CLASSES]
+        if bad:
+            raise ValueError(f"--prompt-class: expected a digit 0-9, got {bad[0]}")
+        args.prompt = [images.class_token(digit) for digit in args.prompt_class]
 
 
 def json_logprobs(output: jspec.DecodeOutput) -> dict[str, Any]:

@@ -79,7 +79,11 @@ BAD_INPUTS = [  # (argv, or a function of the bad_dirs fixture giving it; what t
     (TINY[:-1] + ["many"], "argument --max-new-tokens: invalid int value: 'many'"),  # argparse
     (TINY + ["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
     (TINY + ["--tree", "3,x"], "argument --tree: expected comma-separated ints"),
-    (["generate"], "the following arguments are required: --prompt"),
+    (["generate"], "one of the arguments --prompt --prompt-class is required"),
+    (["generate", "--prompt-class", "12"], "--prompt-class: expected a digit 0-9, got 12"),
+    (["generate", "--prompt-class", "3", "--prompt", "x"], "argument --prompt: not allowed with argument --prompt-class"),
+    (TINY[:3] + ["--prompt-class", "3"], "--model (--prompt-class needs an image model): 'random-tiny' is not an image model"),
+    (TINY + ["--png", "x.png"], "--model (--png needs an image model): 'random-tiny' is not an image model"),
     (TINY + ["--mesh", "data=x"], "--mesh: expected the form data=N,model=M"),
     (TINY + ["--mesh", "data=2"], "--mesh: data: 2 does not divide the 1 devices"),
     (["train", "--recipe", "no-such-recipe"], "recipe: no recipe or file 'no-such-recipe'"),

@@ -94,13 +94,14 @@ def cached_token_stream(tokenizer: HFTokenizer, texts: Sequence[str], cache_dir:
     return stream
 
 
-def num_windows(num_tokens: int, seq_len: int) -> int:
-    """How many windows of seq_len + 1 tokens at stride seq_len a stream of num_tokens holds."""
-    return max(0, (num_tokens - 1) // seq_len)
+def num_windows(num_tokens: int, seq_len: int, stride: int | None = None) -> int:
+    """How many windows of seq_len + 1 tokens at `stride` (default seq_len: packed) a stream of num_tokens holds."""
+    stride = stride or seq_len
+    return max(0, (num_tokens - seq_len - 1) // stride + 1)
 
 
-def window(stream: np.ndarray, index: int, seq_len: int) -> np.ndarray:
-    start = index * seq_len
+def window(stream: np.ndarray, index: int, seq_len: int, stride: int | None = None) -> np.ndarray:
+    start = index * (stride or seq_len)
     return stream[start : start + seq_len + 1]
 
 
@@ -110,9 +111,12 @@ class PackedBatches:
     Epoch e visits every window once, in the order `permutation(seed, e)`; batch `step` takes the windows at
     flat positions step*batch_size ... (step+1)*batch_size - 1 of the concatenated epochs (batches may straddle
     epochs). Deterministic under the seed and resumable at any step.
+
+    stride: where window i starts (i * stride); default seq_len (packed: each token after the first is a target
+    once). A stream of whole examples of seq_len + 1 tokens each uses stride seq_len + 1: one example per window.
     """
 
-    def __init__(self, stream: np.ndarray, seq_len: int, batch_size: int, seed: int = 0):
+    def __init__(self, stream: np.ndarray, seq_len: int, batch_size: int, seed: int = 0, stride: int | None = None):
         if seq_len <= 0:
             raise ValueError(f"seq_len: expected a positive int, got {seq_len}")
         if batch_size <= 0:
@@ -121,7 +125,8 @@ class PackedBatches:
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.seed = seed
-        self.num_windows = num_windows(len(self.stream), seq_len)
+        self.stride = stride or seq_len
+        self.num_windows = num_windows(len(self.stream), seq_len, self.stride)
         if self.num_windows == 0:
             raise ValueError(f"stream: {len(self.stream)} tokens hold no window of seq_len + 1 = {seq_len + 1}")
         self._epoch_orders: dict[int, np.ndarray] = {}
@@ -146,7 +151,7 @@ class PackedBatches:
         return np.asarray([self.epoch_order(int(e))[int(o)] for e, o in zip(epochs, offsets)], dtype=np.int64)
 
     def batch(self, step: int) -> np.ndarray:  # [batch_size, seq_len + 1] int32
-        return np.stack([window(self.stream, int(i), self.seq_len) for i in self.window_indices(step)])
+        return np.stack([window(self.stream, int(i), self.seq_len, self.stride) for i in self.window_indices(step)])
 
     def epoch_of(self, step: int) -> float:
         return step * self.batch_size / self.num_windows
@@ -158,11 +163,11 @@ class PackedBatches:
             step += 1
 
 
-def eval_windows(stream: np.ndarray, seq_len: int, max_windows: int | None = None) -> np.ndarray:
-    """The stream's first windows in order (stride seq_len, length seq_len + 1): [N, seq_len + 1] int32."""
-    count = num_windows(len(stream), seq_len)
+def eval_windows(stream: np.ndarray, seq_len: int, max_windows: int | None = None, stride: int | None = None) -> np.ndarray:
+    """The stream's first windows in order (at `stride`, default seq_len; length seq_len + 1): [N, seq_len + 1] int32."""
+    count = num_windows(len(stream), seq_len, stride)
     if max_windows is not None:
         count = min(count, max_windows)
     if count == 0:
         raise ValueError(f"eval stream: {len(stream)} tokens hold no window of seq_len + 1 = {seq_len + 1}")
-    return np.stack([window(stream, i, seq_len) for i in range(count)]).astype(np.int32)
+    return np.stack([window(stream, i, seq_len, stride) for i in range(count)]).astype(np.int32)

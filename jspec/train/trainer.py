@@ -48,6 +48,7 @@ from jspec.train import data as data_lib
 from jspec.train.objectives import make_objective
 from jspec.validation import ArgumentError
 
+DATASETS = ("stdlib", "digits")
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "configs" / "train"
 DEFAULT_CACHE_DIR = Path(os.environ.get("JSPEC_CACHE", Path.home() / ".cache" / "jspec" / "train"))
 
@@ -67,6 +68,7 @@ class TrainConfig:
     name: str = "run"
     model: dict[str, Any] = dataclasses.field(default_factory=dict)  # TransformerConfig fields; vocab/eos from the tokenizer
     # Data.
+    dataset: str = "stdlib"  # "stdlib": this machine's Python sources (packed text); "digits": jspec.train.digits
     corpus_manifest: str | None = None  # a manifest to verify and use; None: build one from this machine's stdlib
     tokenizer: str | None = None  # a tokenizer.json; None: train one (byte-level BPE) on the training split
     tokenizer_vocab_size: int = 4096
@@ -110,6 +112,8 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)!r}")
         if self.warmup_steps < 0 or self.learning_rate <= 0:
             raise ValueError("warmup_steps must be >= 0 and learning_rate > 0")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset: expected one of {list(DATASETS)}, got {self.dataset!r}")
 
     @property
     def output_dir(self) -> Path:
@@ -164,9 +168,12 @@ class TrainResult:
 @dataclasses.dataclass
 class PreparedData:
     tokenizer: Any
-    manifest: dict[str, Any]
+    manifest: dict[str, Any]  # has a "digest" of the data (checked on resume)
     train_stream: np.ndarray
     heldout_stream: np.ndarray
+    window_stride: int | None = None  # where windows start (data.PackedBatches); None: seq_len (packed text)
+    corpus_summary: dict[str, Any] | None = None  # result.json's "corpus" (None: the stdlib manifest's figures)
+    eval_slice: str | None = None  # what the evaluation windows are (None: the stdlib held-out files, packed)
 
 
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
@@ -193,6 +200,10 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 def prepare_data(config: TrainConfig, log=print) -> PreparedData:
     """The corpus (manifest), the tokenizer and the tokenized train / held-out streams of a recipe."""
+    if config.dataset == "digits":
+        from jspec.train import digits
+
+        return digits.prepare(config, log)
     cache_dir = Path(config.cache_dir) if config.cache_dir else DEFAULT_CACHE_DIR
     if config.corpus_manifest:
         manifest = corpus_lib.load_manifest(config.corpus_manifest)
@@ -352,7 +363,9 @@ class Trainer:
         self.mesh = training_mesh(mesh, config.batch_size)
         self.model_config = model_config(config, data.tokenizer)
         self.optimizer = make_optimizer(config)
-        self.batches = data_lib.PackedBatches(data.train_stream, config.seq_len, config.batch_size, config.data_seed)
+        self.batches = data_lib.PackedBatches(
+            data.train_stream, config.seq_len, config.batch_size, config.data_seed, stride=data.window_stride
+        )
         self.base_key = jax.random.key(config.init_seed)
         self._train_step, self._eval_step = _compiled_functions(config, self.model_config, self.mesh)
 
@@ -380,7 +393,7 @@ class Trainer:
 
     def evaluate(self, params, max_windows: int | None) -> dict[str, float]:
         """Mean loss over the first `max_windows` held-out windows (in stream order; None: all of them)."""
-        windows = data_lib.eval_windows(self.data.heldout_stream, self.config.seq_len, max_windows)
+        windows = data_lib.eval_windows(self.data.heldout_stream, self.config.seq_len, max_windows, self.data.window_stride)
         loss_sum, count = 0.0, 0.0
         for start in range(0, len(windows), self.config.batch_size):
             chunk = windows[start : start + self.config.batch_size]
@@ -615,11 +628,13 @@ def train(
             "heldout_tokens": int(len(data.heldout_stream)),
             **final_eval,
             "eval_slice": (
-                f"held-out split of the corpus manifest, tokenized in manifest order with EOS after each file, cut into "
-                f"windows of seq_len+1={config.seq_len + 1} tokens at stride {config.seq_len}; first "
-                f"{final_eval.get('eval_windows')} windows; " + EVAL_METRICS.get(config.objective, f"the {config.objective!r} objective's loss")
+                (data.eval_slice or f"held-out split of the corpus manifest, tokenized in manifest order with EOS after each "
+                 f"file, cut into windows of seq_len+1={config.seq_len + 1} tokens at stride {config.seq_len}")
+                + f"; first {final_eval.get('eval_windows')} windows; "
+                + EVAL_METRICS.get(config.objective, f"the {config.objective!r} objective's loss")
             ),
-            "corpus": {k: data.manifest[k] for k in ("python_version", "num_files", "num_bytes", "num_heldout_files", "digest")},
+            "corpus": data.corpus_summary
+            or {k: data.manifest[k] for k in ("python_version", "num_files", "num_bytes", "num_heldout_files", "digest")},
             "tokenizer_sha256": data_lib.tokenizer_digest(data.tokenizer),
             "hardware": {**_hardware(), **({"mesh": describe(mesh)} if mesh is not None else {})},
         }
