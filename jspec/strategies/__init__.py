@@ -6,6 +6,7 @@ from jspec.strategies.block_diffusion import BlockDiffusion, BlockDiffusionState
 from jspec.strategies.diffusion import MaskedDiffusion, MaskedDiffusionState
 from jspec.strategies.drafters import Drafter, DraftModelDrafter, LayerSkipDrafter, PromptLookupDrafter
 from jspec.strategies.jacobi import GroupedAcceptance, JacobiDrafter
+from jspec.strategies.lookahead import LookaheadDrafter
 from jspec.strategies.speculative import Speculative, SpeculativeState
 from jspec.strategies.tree import TreeTemplate
 from jspec.strategies.base import (
@@ -33,6 +34,7 @@ __all__ = [
     "GroupedAcceptance",
     "JacobiDrafter",
     "LayerSkipDrafter",
+    "LookaheadDrafter",
     "MaskedDiffusion",
     "MaskedDiffusionState",
     "OutputBuffer",
