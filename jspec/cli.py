@@ -28,7 +28,8 @@ SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p")
 SPECULATIVE_FLAGS = ("num_draft_tokens", "tree", "skip_layers", "max_ngram", "adaptive")
 BEAM_FLAGS = ("num_beams", "length_penalty", "early_stopping", "num_return_sequences")
 DIFFUSION_FLAGS = ("block_size", "sub_block_size", "threshold", "draft_steps", "cache")
-FLAG_NAMES = {"cache": "--diffusion-cache"}  # option name -> its flag, where they differ
+JACOBI_FLAGS = ("init", "horizon", "window", "ngram_size", "guess_set_size", "lossy", "relaxed")
+FLAG_NAMES = {"cache": "--diffusion-cache", "init": "--jacobi-init"}  # option name -> its flag, where they differ
 REQUIRED = inspect.Parameter.empty  # the default of an option a strategy needs
 USER_ERRORS = (ValueError, TypeError, OSError)  # what a user's input can cause; anything else is a bug, shown in full
 
@@ -46,6 +47,9 @@ GUARANTEES = {
     "masked_diffusion": "masked diffusion with a named unmasking rule",
     "block_diffusion": "Fast-dLLM v2 block diffusion; the block cache is exact",
     "beam_search": "transformers' beam search: same sequences and sequences_scores",
+    "jacobi": "lossless: greedy Jacobi iteration, token-identical to greedy",
+    "sjd": "Speculative Jacobi Decoding, distribution-identical (lossy only with lossy=True, relaxed=gsd)",
+    "lookahead": "lossless: Lookahead n-gram pool from Jacobi trajectories, greedy and sampling",
 }
 
 
@@ -152,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     option(diffusion, "threshold", "confidence threshold in (0, 1], 0.9", type=float)
     option(diffusion, "draft_steps", "FreeDave drafts verified per forward, 8", type=int)
     option(diffusion, "cache", "none | prefix | dual (dllm); none | block | sub_block (block_diffusion)")
+    jacobi = generate.add_argument_group("Jacobi decoding (jacobi, sjd, lookahead; window size: --num-draft-tokens)")
+    option(jacobi, "init", "how empty window slots start: repeat | prompt_lookup | random | repeat_horizon")
+    option(jacobi, "horizon", "repeat_horizon: copy the token this many positions back (an image row)", type=int)
+    option(jacobi, "window", "lookahead window W (columns)", type=int)
+    option(jacobi, "ngram_size", "lookahead n-gram size N", type=int)
+    option(jacobi, "guess_set_size", "lookahead guesses per step G", type=int)
+    option(jacobi, "lossy", "allow a relaxed (lossy) acceptance", action="store_true", default=None)
+    option(jacobi, "relaxed", "relaxed acceptance: gsd (needs --lossy)")
     generate.add_argument(
         "--set", action="append", default=[], metavar="NAME=VALUE", help="any other strategy option, e.g. --set num_draft_tokens=4"
     )
@@ -219,7 +231,7 @@ def _int_tuple(text: str) -> tuple[int, ...]:
 def strategy_options(args: argparse.Namespace) -> dict[str, Any]:
     """The strategy options the flags and `--set` give, checked against `--strategy` (ValueError naming the flag,
     and for an option of other strategies, which ones take it); `--draft` is loaded only after the check."""
-    sources = {name: flag_of(name) for name in SAMPLING_FLAGS + SPECULATIVE_FLAGS + BEAM_FLAGS + DIFFUSION_FLAGS}
+    sources = {name: flag_of(name) for name in SAMPLING_FLAGS + SPECULATIVE_FLAGS + BEAM_FLAGS + DIFFUSION_FLAGS + JACOBI_FLAGS}
     options = {name: getattr(args, name) for name in sources if getattr(args, name, None) is not None}
     if getattr(args, "draft", None):
         options["draft"], sources["draft"] = args.draft, "--draft"
@@ -248,7 +260,7 @@ def _mesh(args: argparse.Namespace) -> Any:
 
 def flag_of(option: str) -> str:
     """The flag that sets a strategy option: its own (`--top-k`), else `--set NAME=...`."""
-    if option in SAMPLING_FLAGS + SPECULATIVE_FLAGS + BEAM_FLAGS + DIFFUSION_FLAGS + ("draft",):
+    if option in SAMPLING_FLAGS + SPECULATIVE_FLAGS + BEAM_FLAGS + DIFFUSION_FLAGS + JACOBI_FLAGS + ("draft",):
         return FLAG_NAMES.get(option, "--" + option.replace("_", "-"))
     return f"--set {option}"
 
