@@ -28,7 +28,16 @@ SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p")
 SPECULATIVE_FLAGS = ("num_draft_tokens", "tree", "skip_layers", "max_ngram", "adaptive")
 BEAM_FLAGS = ("num_beams", "length_penalty", "early_stopping", "num_return_sequences")
 DIFFUSION_FLAGS = ("block_size", "sub_block_size", "threshold", "draft_steps", "cache")
-JACOBI_FLAGS = ("init", "horizon", "window", "ngram_size", "guess_set_size", "lossy", "relaxed")
+JACOBI_OPTIONS = (  # name, help, argparse keywords
+    ("init", "how empty window slots start: repeat | prompt_lookup | random | repeat_horizon", {}),
+    ("horizon", "repeat_horizon: copy the token this many positions back (an image row)", {"type": int}),
+    ("window", "lookahead window W (columns)", {"type": int}),
+    ("ngram_size", "lookahead n-gram size N", {"type": int}),
+    ("guess_set_size", "lookahead guesses per step G", {"type": int}),
+    ("lossy", "allow a relaxed (lossy) acceptance", {"action": "store_true", "default": None}),
+    ("relaxed", "relaxed acceptance: gsd (needs --lossy)", {}),
+)
+JACOBI_FLAGS = tuple(name for name, _, _ in JACOBI_OPTIONS)
 FLAG_NAMES = {"cache": "--diffusion-cache", "init": "--jacobi-init"}  # option name -> its flag, where they differ
 REQUIRED = inspect.Parameter.empty  # the default of an option a strategy needs
 USER_ERRORS = (ValueError, TypeError, OSError)  # what a user's input can cause; anything else is a bug, shown in full
@@ -157,13 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     option(diffusion, "draft_steps", "FreeDave drafts verified per forward, 8", type=int)
     option(diffusion, "cache", "none | prefix | dual (dllm); none | block | sub_block (block_diffusion)")
     jacobi = generate.add_argument_group("Jacobi decoding (jacobi, sjd, lookahead; window size: --num-draft-tokens)")
-    option(jacobi, "init", "how empty window slots start: repeat | prompt_lookup | random | repeat_horizon")
-    option(jacobi, "horizon", "repeat_horizon: copy the token this many positions back (an image row)", type=int)
-    option(jacobi, "window", "lookahead window W (columns)", type=int)
-    option(jacobi, "ngram_size", "lookahead n-gram size N", type=int)
-    option(jacobi, "guess_set_size", "lookahead guesses per step G", type=int)
-    option(jacobi, "lossy", "allow a relaxed (lossy) acceptance", action="store_true", default=None)
-    option(jacobi, "relaxed", "relaxed acceptance: gsd (needs --lossy)")
+    for name, help, kwargs in JACOBI_OPTIONS:
+        option(jacobi, name, help, **kwargs)
     generate.add_argument(
         "--set", action="append", default=[], metavar="NAME=VALUE", help="any other strategy option, e.g. --set num_draft_tokens=4"
     )
