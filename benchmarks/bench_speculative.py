@@ -48,13 +48,7 @@ def time_jspec(target, prompts, strategy, options, new_tokens, temperature, repe
 
 def per_call_breakdown(target, draft, prompt_len: int, width: int, repeats: int = 20) -> dict[str, float]:
     """Milliseconds per jitted forward call at batch 1: target 1 token, target verify (width), draft 1 token."""
-    def forward_ms(model, chunk):
-        cache = model.new_cache(1, prompt_len + 64)
-        cache = cache.with_lengths(jnp.asarray([prompt_len]))
-        tokens = jnp.ones((1, chunk), jnp.int32)
-        positions = prompt_len + jnp.arange(chunk)[None]
-        run = jax.jit(lambda m, c: m.forward(tokens, positions, c)[0])
-        return 1000 * bench.time_call(lambda: run(model, cache), repeats).median_seconds
+    forward_ms = lambda model, chunk: bench.forward_ms(model, 1, prompt_len, chunk, repeats)  # noqa: E731
 
     return {
         "target 1 token (ms)": forward_ms(target, 1),

@@ -33,8 +33,18 @@ SPECULATIVE_FLAGS = ("num_draft_tokens", "tree", "skip_layers", "max_ngram", "ad
 BEAM_FLAGS = ("num_beams", "length_penalty", "early_stopping", "num_return_sequences")
 DIFFUSION_FLAGS = ("block_size", "sub_block_size", "threshold", "draft_steps", "cache")
 GENERATION_FLAGS = GENERATION_OPTIONS  # logprobs and logit processors (jspec.processors)
-OPTION_FLAGS = SAMPLING_FLAGS + SPECULATIVE_FLAGS + BEAM_FLAGS + DIFFUSION_FLAGS + GENERATION_FLAGS
-FLAG_NAMES = {"cache": "--diffusion-cache"}  # option name -> its flag, where they differ
+JACOBI_OPTIONS = (  # name, help, argparse keywords
+    ("init", "how empty window slots start: repeat | prompt_lookup | random | repeat_horizon", {}),
+    ("horizon", "repeat_horizon: copy the token this many positions back (an image row)", {"type": int}),
+    ("window", "lookahead window W (columns)", {"type": int}),
+    ("ngram_size", "lookahead n-gram size N", {"type": int}),
+    ("guess_set_size", "lookahead guesses per step G", {"type": int}),
+    ("lossy", "allow a relaxed (lossy) acceptance", {"action": "store_true", "default": None}),
+    ("relaxed", "relaxed acceptance: gsd (needs --lossy)", {}),
+)
+JACOBI_FLAGS = tuple(name for name, _, _ in JACOBI_OPTIONS)
+OPTION_FLAGS = SAMPLING_FLAGS + SPECULATIVE_FLAGS + BEAM_FLAGS + DIFFUSION_FLAGS + GENERATION_FLAGS + JACOBI_FLAGS
+FLAG_NAMES = {"cache": "--diffusion-cache", "init": "--jacobi-init"}  # option name -> its flag, where they differ
 REQUIRED = inspect.Parameter.empty  # the default of an option a strategy needs
 USER_ERRORS = (ValueError, TypeError, OSError)  # what a user's input can cause; anything else is a bug, shown in full
 
@@ -52,6 +62,9 @@ GUARANTEES = {
     "masked_diffusion": "masked diffusion with a named unmasking rule",
     "block_diffusion": "Fast-dLLM v2 block diffusion; the block cache is exact",
     "beam_search": "transformers' beam search: same sequences and sequences_scores",
+    "jacobi": "lossless: greedy Jacobi iteration, token-identical to greedy",
+    "sjd": "Speculative Jacobi Decoding, distribution-identical (lossy only with lossy=True, relaxed=gsd)",
+    "lookahead": "lossless: Lookahead n-gram pool from Jacobi trajectories, greedy and sampling",
 }
 
 
@@ -173,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
            metavar="ID=BIAS")
     option(processing, "min_new_tokens", "stop tokens are banned until a row has this many new tokens", type=int)
     option(processing, "no_repeat_ngram_size", "ban tokens that would repeat an n-gram of this size", type=int)
+    jacobi = generate.add_argument_group("Jacobi decoding (jacobi, sjd, lookahead; window size: --num-draft-tokens)")
+    for name, help, kwargs in JACOBI_OPTIONS:
+        option(jacobi, name, help, **kwargs)
     generate.add_argument(
         "--set", action="append", default=[], metavar="NAME=VALUE", help="any other strategy option, e.g. --set num_draft_tokens=4"
     )

@@ -38,6 +38,15 @@ def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | 
     return int(value)
 
 
+def check_float(name: str, value: Any, ok: Callable[[float], bool], expected: str) -> float:
+    """A real number (int or float, not a bool or a string), finite, with ok(value) true; `expected` says the range."""
+    if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, (bool, np.bool_)):
+        fail(name, expected, value)
+    if not np.isfinite(value) or not ok(float(value)):
+        fail(name, expected, value)
+    return float(value)
+
+
 def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         fail(name, "True or False", value)

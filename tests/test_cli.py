@@ -37,7 +37,7 @@ def test_bad_option_is_a_clear_error(capsys):
     assert cli.main(["generate", "--model", "random:random-tiny", "--prompt", "a", "--set", "num_draft_tokens=4"]) == 2
     err = capsys.readouterr().err
     assert "--set num_draft_tokens: strategy 'greedy' has no option 'num_draft_tokens'" in err
-    assert "it is an option of prompt_lookup, self_speculative, speculative" in err
+    assert "it is an option of jacobi, prompt_lookup, self_speculative, sjd, speculative" in err
 
 
 # --- user errors: one line on stderr naming the argument, exit status 2, never a traceback ---------------------

@@ -5,6 +5,8 @@ from jspec.strategies.beam_search import BeamSearch, BeamSearchState
 from jspec.strategies.block_diffusion import BlockDiffusion, BlockDiffusionState
 from jspec.strategies.diffusion import MaskedDiffusion, MaskedDiffusionState
 from jspec.strategies.drafters import Drafter, DraftModelDrafter, LayerSkipDrafter, PromptLookupDrafter
+from jspec.strategies.jacobi import GroupedAcceptance, JacobiDrafter
+from jspec.strategies.lookahead import LookaheadDrafter
 from jspec.strategies.speculative import Speculative, SpeculativeState
 from jspec.strategies.tree import TreeTemplate
 from jspec.strategies.base import (
@@ -29,7 +31,10 @@ __all__ = [
     "DraftModelDrafter",
     "Drafter",
     "FinishReason",
+    "GroupedAcceptance",
+    "JacobiDrafter",
     "LayerSkipDrafter",
+    "LookaheadDrafter",
     "MaskedDiffusion",
     "MaskedDiffusionState",
     "OutputBuffer",

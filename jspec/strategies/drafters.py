@@ -9,7 +9,18 @@ parameters are traced leaves) with four pure functions:
     commit(drafter_state, template, path, lengths) -> drafter state    after the acceptance walk
 
 `propose` may draft into the target cache (layer skip does): whatever it writes past the committed lengths is
-overwritten by the verification, which writes every slot the verification reads. `Proposal.sampled_from_parent`
+overwritten by the verification, which writes every slot the verification reads.
+
+Drafters that draft from the verification forward itself (no network of their own) may also define
+
+    extra_layout(template) -> (offsets [E], visibility [E, N + 1 + E]) or None   tokens of their own in that forward
+    observe(drafter_state, verified: Verified) -> drafter state                   after the step, with its outputs
+
+`extra_layout` (numpy, static) adds E tokens after the draft nodes in the verification forward: `Proposal.extra_tokens`
+[B, E], at positions lengths + offsets, each seeing the committed prefix and the chunk entries `visibility` marks
+(over [pending, nodes, extra]); the nodes never see them, so the verification is unchanged. `observe` receives
+that forward's logits (nodes and extra tokens), the accepted lengths and the updated history (Jacobi windows
+refresh from them, Lookahead's n-gram pool grows from them). `Proposal.sampled_from_parent`
 tells the acceptance walk which nodes were drawn from the draft distribution (q = the draft's warped
 distribution) and which were taken as top-k (q one-hot): that is what keeps the walk lossless.
 
@@ -58,6 +69,7 @@ class Proposal:
     drafter_state: Any  # the drafter's state after drafting
     draft_calls: jax.Array  # [] int32: draft forward calls made
     sampled_from_parent: tuple[bool, ...] = static_field()  # per node: drawn from the draft distribution (else top-k)
+    extra_tokens: jax.Array | None = None  # [B, E] int32: the drafter's own tokens in the verification (extra_layout)
 
     def proposal_probs(self, node: jax.Array, params: sampling.SamplingParams, vocab_size: int) -> jax.Array:
         """q [B, V] of node [B]: the draft distribution where the node was sampled from it, else one-hot."""
@@ -67,6 +79,20 @@ class Proposal:
             return one_hot
         sampled = jnp.asarray(self.sampled_from_parent)[node]
         return jnp.where(sampled[:, None], sampling.probabilities(self.parent_logits[rows, node], params), one_hot)
+
+
+@struct.dataclass
+class Verified:
+    """What one step's verification showed, for a drafter's `observe` (all rows; finished rows included)."""
+
+    logits: jax.Array  # [B, N + 1, V] target logits at (pending, nodes)
+    extra_logits: jax.Array | None  # [B, E, V] target logits at the drafter's extra tokens (None: none)
+    num_accepted: jax.Array  # [B] int32: nodes accepted this step (0 for finished rows)
+    history: jax.Array  # [B, H] int32 after the step: prompt and emitted tokens
+    lengths: jax.Array  # [B] int32 after the step: history[b, lengths[b]] is the new pending token
+    running: jax.Array  # [B] bool: rows that ran this step
+    sampling: sampling.SamplingParams
+    key: jax.Array  # independent of the keys of the drafting and of the acceptance walk
 
 
 class Drafter(Protocol):
@@ -363,6 +389,12 @@ def warped_probabilities(logits: jax.Array, params: sampling.SamplingParams) -> 
     """`sampling.probabilities` for logits [B, W, V] with per-row parameters."""
     batch, width, vocab = logits.shape
     return sampling.probabilities(logits.reshape(batch * width, vocab), params.per_position(width)).reshape(batch, width, vocab)
+
+
+def sample_positions(key: jax.Array, logits: jax.Array, params: sampling.SamplingParams) -> jax.Array:
+    """`sampling.sample` at every position of logits [B, W, V] with per-row parameters: [B, W] int32."""
+    batch, width, vocab = logits.shape
+    return sampling.sample(key, logits.reshape(batch * width, vocab), params.per_position(width)).reshape(batch, width)
 
 
 def all_greedy(params: sampling.SamplingParams) -> jax.Array:  # [] bool

@@ -66,6 +66,7 @@ from jspec.strategies.drafters import (
     LayerSkipDrafter,
     PromptLookupDrafter,
     Proposal,
+    Verified,
     all_greedy,
     drafter_from_options,
     keep_accepted_path,
@@ -104,6 +105,8 @@ class Speculative:
     adaptive: adapt each row's draft depth (see the module docstring).
     temperature, top_k, top_p, min_p: sampling (traced; 0 temperature = greedy).
     generation: logit processors and log-probabilities (`jspec.processors`; set through `jspec.decode`'s options).
+    relaxed: None (exact acceptance, lossless), or a relaxed acceptance rule with `masses(p, q, token, embeddings)`
+        (`jspec.strategies.jacobi.GroupedAcceptance`): LOSSY, reported as stats["lossy"] = True.
     Shorthands (constructor only): draft, the draft model ("model"; must share the target's vocabulary);
     skip_layers, the layers the self-speculative draft leaves out; max_ngram, the longest n-gram prompt
     lookup matches.
@@ -121,6 +124,7 @@ class Speculative:
     top_p: Any = 1.0
     min_p: Any = 0.0
     generation: processors.GenerationOptions = struct.field(default_factory=processors.GenerationOptions)
+    relaxed: Any = None  # a pytree: its thresholds are traced
     draft: dataclasses.InitVar[Model | None] = None
     skip_layers: dataclasses.InitVar[tuple[int, ...]] = ()
     max_ngram: dataclasses.InitVar[int] = 3
@@ -151,15 +155,27 @@ class Speculative:
         )
         self.generation.validate(model.config.vocab_size, prompts.num_rows)
 
+    @property
+    def extra_layout(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The drafter's own tokens in the verification forward (offsets [E], visibility [E, N + 1 + E]), or None."""
+        layout = getattr(self.drafter, "extra_layout", None)
+        return None if layout is None else layout(self.template)
+
+    @property
+    def chunk_width(self) -> int:
+        """Tokens of one verification forward: pending, the draft nodes and the drafter's extra tokens."""
+        extra = self.extra_layout
+        return self.template.num_nodes + 1 + (0 if extra is None else len(extra[0]))
+
     def cache_headroom(self) -> int:
-        return self.template.num_nodes + 1
+        return self.chunk_width
 
     # --- the state machine ---------------------------------------------------------------------------
 
     def init(self, model: Model, prompts: Prompts, key: jax.Array) -> SpeculativeState:
         batch = prompts.batch_size
         template = self.template
-        cache = model.new_cache(batch, prompts.cache_size, max_chunk=template.num_nodes + 1)
+        cache = model.new_cache(batch, prompts.cache_size, max_chunk=self.chunk_width)
         logits, cache = prefill(model, prompts, cache)
         params = sampling.SamplingParams.broadcast(batch, self.temperature, self.top_k, self.top_p, self.min_p)
         processing = processors.Processing.create(self.generation, prompts, model.config.vocab_size, template.max_depth + 1)
@@ -168,7 +184,7 @@ class Speculative:
             jax.random.fold_in(key, 0), logits, jnp.ones((batch,), bool), output, processing, params,
             prompts.stop_tokens, self.generation.logprobs)
         width = max(prompts.cache_size, prompts.tokens.shape[1])  # a cache smaller than the padded prompts is legal
-        history = jnp.full((batch, width + template.num_nodes + 2), -1, jnp.int32)
+        history = jnp.full((batch, width + self.chunk_width + 1), -1, jnp.int32)
         history = history.at[:, : prompts.tokens.shape[1]].set(prompts.tokens)
         history = scatter_rows(history, first[:, None], prompts.lengths[:, None])
         depth = template.max_depth
@@ -176,7 +192,7 @@ class Speculative:
             cache=cache,
             drafter_state=self.drafter.init(model, prompts, template),
             history=history,
-            output=mark_cache_full(output, cache.lengths, cache.capacity, template.num_nodes + 1),
+            output=mark_cache_full(output, cache.lengths, cache.capacity, self.chunk_width),
             sampling=params,
             processing=processing,
             stop_tokens=prompts.stop_tokens,
@@ -205,12 +221,17 @@ class Speculative:
         depth_limit = jnp.where(running, state.draft_depth, 0)
 
         proposal = self.drafter.propose(model, state, pending, depth_limit, draft_key, template)
-        logits, cache = verify(model, template, proposal.target_cache, lengths, pending, proposal.tokens, running)
+        extra = self.extra_layout
+        extra = None if extra is None else (proposal.extra_tokens, *extra)
+        chunk_logits, cache = verify(model, template, proposal.target_cache, lengths, pending, proposal.tokens, running, extra)
+        logits = chunk_logits[:, : template.num_nodes + 1]
         processed = state.processing(logits, proposal.tokens, template)  # [B, N + 1, V]
+        embeddings = None if self.relaxed is None else model.params["embed"]
         walk = jax.lax.cond(
             all_greedy(state.sampling),
             lambda: _accept_greedy(template, processed, proposal),
-            lambda: _accept(template, warped_probabilities(processed, state.sampling), proposal, state.sampling, walk_key),
+            lambda: _accept(template, warped_probabilities(processed, state.sampling), proposal, state.sampling, walk_key,
+                            self.relaxed, embeddings),
         )
         num_accepted = jnp.where(running, walk.num_accepted, 0)
 
@@ -235,7 +256,14 @@ class Speculative:
         kept = output.lengths - state.output.lengths  # emitted this step after stop tokens / length limit
         processing = state.processing.append(emitted, kept)
         kept_drafts = jnp.minimum(num_accepted, kept)
-        output = mark_cache_full(output, new_lengths, cache.capacity, template.num_nodes + 1)
+        output = mark_cache_full(output, new_lengths, cache.capacity, self.chunk_width)
+        observe = getattr(self.drafter, "observe", None)
+        if observe is not None:
+            drafter_state = observe(drafter_state, Verified(
+                logits=processed, extra_logits=None if extra is None else chunk_logits[:, template.num_nodes + 1 :],
+                num_accepted=num_accepted, history=history, lengths=new_lengths, running=running,
+                sampling=state.sampling, key=jax.random.fold_in(step_key, 2),
+            ))
 
         draft_depth = state.draft_depth
         if self.adaptive:
@@ -276,6 +304,7 @@ class Speculative:
         # tokens per target call: every row's first token comes from the prefill call
         stats["mean_accepted_length"] = state.output.lengths / jnp.maximum(stats["active_steps"] + 1, 1)
         stats["acceptance_rate_by_depth"] = stats["accepted_by_depth"] / jnp.maximum(stats["tried_by_depth"], 1)
+        stats["lossy"] = jnp.asarray(self.relaxed is not None)  # a relaxed acceptance changes the distribution
         return state.output.decode_output(stats)
 
 
@@ -287,21 +316,32 @@ def verify(
     pending: jax.Array,  # [B] int32
     tokens: jax.Array,  # [B, N] int32: the drafted nodes
     running: jax.Array,  # [B] bool: finished rows write nowhere (slot = capacity, dropped)
-) -> tuple[jax.Array, Cache]:  # logits [B, N + 1, V] at (pending, nodes), cache with them written
+    extra: tuple[jax.Array, np.ndarray, np.ndarray] | None = None,  # a drafter's tokens [B, E], offsets, visibility
+) -> tuple[jax.Array, Cache]:  # logits [B, N + 1 + E, V] at (pending, nodes, extra), cache with them written
     """One target forward over [pending, nodes], each node at position lengths + depth and slot lengths + 1 + i.
 
     Every query sees the committed prefix, the root (pending), its ancestors and itself. For a chain that is the
     causal mask by slot (slot lengths + t sees the slots up to its own), so a chain passes no mask and short
-    chains run through the Pallas decode kernels; a tree passes its ancestor mask.
+    chains run through the Pallas decode kernels; a tree passes its ancestor mask. `extra` appends a drafter's
+    own tokens (Lookahead's window) at positions lengths + offsets [E], slots after the nodes, each seeing the
+    prefix and the chunk entries of its visibility row [E, N + 1 + E]; no node sees them, so the nodes' logits
+    are those of the plain verification.
     """
-    width = template.num_nodes + 1
-    offsets = jnp.asarray([0, *template.depths.tolist()], jnp.int32)  # [N + 1]
+    offsets = np.asarray([0, *template.depths.tolist()], np.int32)  # [N + 1]
+    visibility = template.ancestors
+    chunk = jnp.concatenate([pending[:, None], tokens], axis=1)  # [B, N + 1]
+    if extra is not None:
+        extra_tokens, extra_offsets, extra_visibility = extra
+        offsets = np.concatenate([offsets, np.asarray(extra_offsets, np.int32)])
+        hidden = np.zeros((template.num_nodes + 1, len(extra_offsets)), bool)  # nodes never see the extra tokens
+        visibility = np.concatenate([np.concatenate([visibility, hidden], axis=1), extra_visibility], axis=0)
+        chunk = jnp.concatenate([chunk, extra_tokens], axis=1)
+    width = chunk.shape[1]
     slots = jnp.where(running[:, None], lengths[:, None] + jnp.arange(width, dtype=jnp.int32), cache.capacity)
     mask = None
-    if not template.is_chain:
-        mask = masks.prefix_and_block_mask(lengths, jnp.asarray(template.ancestors), lengths, cache.capacity)
-    chunk = jnp.concatenate([pending[:, None], tokens], axis=1)  # [B, N + 1]
-    return model.forward(chunk, lengths[:, None] + offsets, cache, mask, write_slots=slots)
+    if not (template.is_chain and extra is None):
+        mask = masks.prefix_and_block_mask(lengths, jnp.asarray(visibility), lengths, cache.capacity)
+    return model.forward(chunk, lengths[:, None] + jnp.asarray(offsets), cache, mask, write_slots=slots)
 
 
 @struct.dataclass
@@ -326,13 +366,21 @@ def _accept_greedy(template: TreeTemplate, logits: jax.Array, proposal: Proposal
     return _walk(proposal, path, accepted_at, tried_at, choice[rows, current + 1])
 
 
-def _accept(template: TreeTemplate, target_probs: jax.Array, proposal: Proposal, params: sampling.SamplingParams, key: jax.Array) -> Walk:
-    """Walk the tree from the root with the multi-draft rejection rule (module docstring)."""
+def _accept(
+    template: TreeTemplate, target_probs: jax.Array, proposal: Proposal, params: sampling.SamplingParams, key: jax.Array,
+    relaxed: Any = None, embeddings: jax.Array | None = None,
+) -> Walk:
+    """Walk the tree from the root with the multi-draft rejection rule (module docstring). A child is accepted when
+    u * q(token) < p(token); a `relaxed` rule replaces those two masses by its own (lossy)."""
     rows = jnp.arange(target_probs.shape[0])
 
     def try_child(probs, current, child, token, offered, draw):
         q = proposal.proposal_probs(child, params, probs.shape[-1])  # [B, V]
-        take = offered & (draw(key) * q[rows, token] < probs[rows, token])
+        if relaxed is None:
+            p_mass, q_mass = probs[rows, token], q[rows, token]
+        else:
+            p_mass, q_mass = relaxed.masses(probs, q, token, embeddings)
+        take = offered & (draw(key) * q_mass < p_mass)
         return take, jnp.where((offered & ~take)[:, None], residual_distribution(probs, q), probs)
 
     def enter(probs, accepted, chosen):
