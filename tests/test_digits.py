@@ -79,26 +79,50 @@ def test_shipped_digits_model_reaches_its_heldout_loss(digits_model):
 MIN_RATE = 0.8
 
 
-@shipped
-def test_samples_look_like_the_digits_asked_for(digits_model):
-    """A classifier of real digits (logistic regression, trained here on all 1797 real images) labels at least 80% of
-    100 samples (10 per digit, autoregressive sampling at temperature 1) as the digit the prompt asked for."""
+@pytest.fixture(scope="module")
+def classifier():
+    """Logistic regression trained here on all 1797 real images (not shipped)."""
     from sklearn.datasets import load_digits
     from sklearn.linear_model import LogisticRegression
 
     real = load_digits()
-    classifier = LogisticRegression(max_iter=5000).fit(real.data / 16.0, real.target)
-    assert classifier.score(real.data / 16.0, real.target) > 0.95
-    pictures, output = images.generate_digits(digits_model, list(range(10)), "sample", num_samples=10, key=0, temperature=1.0)
+    fitted = LogisticRegression(max_iter=5000).fit(real.data / 16.0, real.target)
+    assert fitted.score(real.data / 16.0, real.target) > 0.95
+    return fitted
+
+
+def labelled_as_asked(model, classifier, strategy: str, **options) -> tuple[float, jspec.DecodeOutput]:
+    """The share of 100 samples (10 per digit, temperature 1) the classifier labels as the digit asked for."""
+    pictures, output = images.generate_digits(model, list(range(10)), strategy, num_samples=10, key=0, temperature=1.0,
+                                              **options)
     assert pictures.shape == (100, 8, 8) and all(len(row) == 64 for row in output.sequences())
+    predicted = classifier.predict(pictures.reshape(100, 64) / 16.0)
+    return float(np.mean(predicted == np.repeat(np.arange(10), 10))), output
+
+
+@shipped
+def test_samples_look_like_the_digits_asked_for(digits_model, classifier):
+    """At least 80% of 100 samples (autoregressive sampling at temperature 1) are labelled as the digit asked for."""
+    rate, output = labelled_as_asked(digits_model, classifier, "sample")
     pixel_ids = {digits_model.tokenizer.token_to_id(t) for t in images.PIXEL_TOKENS}
     not_pixels = sum(token not in pixel_ids for row in output.sequences() for token in row)
     assert not_pixels < 0.01 * 6400  # sampling at temperature 1 draws a class token now and then (drawn as background)
-    predicted = classifier.predict(pictures.reshape(100, 64) / 16.0)
-    rate = float(np.mean(predicted == np.repeat(np.arange(10), 10)))
     print(f"demo-digits: {rate:.0%} of 100 samples labelled as asked")
     assert rate >= MIN_RATE
     assert len({tuple(row) for row in output.sequences()}) > 90  # samples, not copies of one picture per class
+
+
+@shipped
+def test_sjd_samples_are_as_recognisable_as_autoregressive_ones(digits_model, classifier):
+    """SJD (lossless in distribution) draws digits labelled as asked at the autoregressive rate, within sampling
+    noise: |difference| <= 3 standard errors of a difference of two rates over 100 samples each."""
+    autoregressive, _ = labelled_as_asked(digits_model, classifier, "sample")
+    sjd, output = labelled_as_asked(digits_model, classifier, "sjd", init="repeat_horizon", horizon=8)
+    noise = 3 * np.sqrt(2 * autoregressive * (1 - autoregressive) / 100)
+    print(f"demo-digits: autoregressive {autoregressive:.0%}, sjd {sjd:.0%} (noise bound {noise:.2f}), "
+          f"sjd target calls {output.stats['model_calls']}")
+    assert abs(sjd - autoregressive) <= max(noise, 0.05)
+    assert not output.stats["lossy"]
 
 
 # --- jspec.images ------------------------------------------------------------------------------------------
