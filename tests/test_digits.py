@@ -246,3 +246,14 @@ def test_generate_prompt_class_writes_a_png_of_the_samples(tmp_path, capsys, dig
     assert printed["prompt_index"] == [0] * 4 + [1] * 4
     header, pixels = read_png(path.read_bytes())
     assert np.array_equal(pixels, images.image_grid(want, columns=4))  # a row of 4 samples per class
+
+
+@shipped
+@pytest.mark.parametrize("strategy, options", [("jacobi", dict(init="repeat_horizon", horizon=8)),
+                                               ("lookahead", dict(window=5, ngram_size=4, guess_set_size=5))])
+def test_jacobi_and_lookahead_greedy_equal_greedy_on_digits(digits_model, strategy, options):
+    prompts = [images.class_prompt(digits_model, digit) for digit in (0, 3, 7, 9)]
+    greedy = jspec.decode(digits_model, prompts, max_new_tokens=64)
+    out = jspec.decode(digits_model, prompts, strategy, max_new_tokens=64, **options)
+    np.testing.assert_array_equal(out.tokens, greedy.tokens)
+    assert out.stats["model_calls"] < greedy.stats["model_calls"]
