@@ -208,3 +208,17 @@ def test_a_jacobi_window_must_be_a_chain(target):
     with pytest.raises(ValueError, match="chain"):
         jspec.decode(target, PROMPTS[:2], strategy, max_new_tokens=4)
     jax.clear_caches()
+
+
+@pytest.mark.parametrize("strategy, options", [("jacobi", dict(num_draft_tokens=4)), ("sjd", dict(temperature=0.0)),
+                                               ("lookahead", dict(window=3, ngram_size=3, guess_set_size=2))])
+def test_logit_processors_and_logprobs_equal_greedy_with_them(strategy, options):
+    """The issue-20 options (processors, logprobs) apply to every verified position, so greedy equality holds with
+    them too, log-probabilities included."""
+    model = tiny_model("llama", seed=3)
+    processors = dict(repetition_penalty=1.5, no_repeat_ngram_size=2, logit_bias={5: -2.0}, logprobs=2)
+    want = jspec.decode(model, PROMPTS, max_new_tokens=12, **processors)
+    got = jspec.decode(model, PROMPTS, strategy, max_new_tokens=12, **processors, **options)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+    np.testing.assert_array_equal(got.top_tokens, want.top_tokens)

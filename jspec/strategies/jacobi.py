@@ -225,5 +225,5 @@ def sjd_strategy(
                        top_p=top_p, min_p=min_p, relaxed=rule)
 
 
-register_strategy("jacobi", jacobi_strategy)
-register_strategy("sjd", sjd_strategy)
+register_strategy("jacobi", jacobi_strategy, generation_options=True)
+register_strategy("sjd", sjd_strategy, generation_options=True)

@@ -173,4 +173,4 @@ def lookahead_strategy(
                        top_p=top_p, min_p=min_p)
 
 
-register_strategy("lookahead", lookahead_strategy)
+register_strategy("lookahead", lookahead_strategy, generation_options=True)
