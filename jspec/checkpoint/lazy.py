@@ -67,7 +67,9 @@ class LazyTensor:
         return self.read(())
 
     def _read(self, bounds: tuple[tuple[int, int], ...]) -> np.ndarray:
-        raise NotImplementedError
+        """The block [start, stop) per dimension; every subclass (InMemory, FileTensor, Transposed, Stacked, Cast)
+        defines it: this base is abstract."""
+        raise NotImplementedError(f"{type(self).__name__} is a LazyTensor without _read")
 
     def transpose(self, axes: tuple[int, ...] | None = None) -> "LazyTensor":
         axes = tuple(reversed(range(self.ndim))) if axes is None else tuple(axes)
