@@ -35,21 +35,19 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import functools
-import json
 import os
+import pathlib
 import statistics
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from jspec.bench import detect_peak_tbps, environment, print_table, write_json  # noqa: E402
 from pallas_kernels import mla_decode_attention, mla_decode_attention_reference  # noqa: E402
-
-PEAK_TBPS_BY_DEVICE_KIND = (("h200", 4.8), ("h100", 3.35))  # substring of device_kind (lower case) -> TB/s
 
 # Attention dims of released MLA models (HF config fields): heads, kv_lora_rank, qk_rope_head_dim,
 # qk_nope_head_dim, v_head_dim.
@@ -57,14 +55,6 @@ MLA_MODELS = {
     "deepseek_v3": dict(heads=128, rank=512, rope_dim=64, nope_dim=128, v_dim=128),
     "deepseek_v2_lite": dict(heads=16, rank=512, rope_dim=64, nope_dim=128, v_dim=128),
 }
-
-
-def detect_peak_tbps(device_kind: str) -> float | None:
-    kind = device_kind.lower()
-    for key, tbps in PEAK_TBPS_BY_DEVICE_KIND:
-        if key in kind:
-            return tbps
-    return None
 
 
 def kv_bytes_per_token(heads: int, rank: int, rope_dim: int, nope_dim: int, v_dim: int, itemsize: int) -> dict:
@@ -154,8 +144,7 @@ def main(argv=None):
         if jax.default_backend() == "cpu":
             parser.error("no accelerator found: run on a GPU/TPU, or pass --quick for the CPU interpret-mode run")
 
-    device = jax.devices()[0]
-    device_kind = getattr(device, "device_kind", str(device))
+    device_kind = environment()["device"]
     peak_tbps = args.peak_tbps if args.peak_tbps is not None else detect_peak_tbps(device_kind)
     dtype = jnp.dtype(args.dtype)
     itemsize = dtype.itemsize
@@ -196,37 +185,28 @@ def main(argv=None):
     note = "  [QUICK: Pallas interpret mode on CPU, timings meaningless]" if args.quick else ""
     print(f"device: {device_kind}  jax {jax.__version__}  dtype {dtype.name}  H {args.heads}  r {rank}  "
           f"Dr {rope_dim}  T {args.tokens}  block {args.block_size}  peak {peak_tbps} TB/s{note}")
-    header = (f"{'context':>8} {'batch':>5} {'method':<14} {'compile_s':>9} {'median_ms':>10} {'vs_ref':>7} "
-              f"{'vs_native':>9} {'cache_MB':>9} {'TB/s':>7} {'%peak':>6} {'max_err':>8}")
-    print(header)
-    print("-" * len(header))
-    for r in records:
-        peak = "-" if r["fraction_of_peak"] is None else f"{100 * r['fraction_of_peak']:.1f}"
-        print(f"{r['context']:>8} {r['batch']:>5} {r['method']:<14} {r['compile_s']:>9.2f} {r['median_ms']:>10.3f} "
-              f"{r['speedup_vs_xla_reference']:>6.2f}x {r['speedup_vs_xla_native']:>8.2f}x "
-              f"{r['cache_bytes'] / 1e6:>9.1f} {r['achieved_tbps']:>7.3f} {peak:>6} "
-              f"{r['max_abs_err_vs_reference']:>8.1e}")
+    print_table([dict(r, cache_mb=r["cache_bytes"] / 1e6,
+                      pct_peak=None if r["fraction_of_peak"] is None else 100 * r["fraction_of_peak"])
+                 for r in records],
+                ["context", "batch", "method", "compile_s", "median_ms", "speedup_vs_xla_reference",
+                 "speedup_vs_xla_native", "cache_mb", "achieved_tbps", "pct_peak", "max_abs_err_vs_reference"])
 
-    kv_table = {name: kv_bytes_per_token(**dims, itemsize=itemsize) for name, dims in MLA_MODELS.items()}
-    kv_table["benchmark"] = kv_bytes_per_token(args.heads, rank, rope_dim, args.nope_dim, args.v_dim, itemsize)
+    kv_table = [dict(config=name, **kv_bytes_per_token(**dims, itemsize=itemsize)) for name, dims in MLA_MODELS.items()]
+    kv_table.append(dict(config="benchmark", **kv_bytes_per_token(args.heads, rank, rope_dim, args.nope_dim,
+                                                                  args.v_dim, itemsize)))
     print(f"\nKV cache bytes per token and layer ({dtype.name}): MLA latent + RoPE key vs MHA per-head K and V")
-    print(f"{'config':<18} {'H':>4} {'r':>5} {'Dr':>4} {'MLA_B':>7} {'MHA_B':>8} {'MHA/MLA':>8}")
-    for name, row in kv_table.items():
-        print(f"{name:<18} {row['heads']:>4} {row['rank']:>5} {row['rope_dim']:>4} {row['mla_bytes']:>7} "
-              f"{row['mha_bytes']:>8} {row['mha_over_mla']:>7.1f}x")
+    print_table(kv_table, ["config", "heads", "rank", "rope_dim", "nope_dim", "v_dim", "mla_bytes", "mha_bytes",
+                           "mha_over_mla"])
 
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out_path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                        f"mla_attention_{'quick_' if args.quick else ''}{stamp}.json")
-    os.makedirs(os.path.dirname(out_path), exist_ok=True)
-    with open(out_path, "w") as f:
-        json.dump(dict(
-            benchmark="mla_attention", quick=args.quick, device_kind=device_kind, platform=jax.default_backend(),
-            jax_version=jax.__version__, dtype=dtype.name, heads=args.heads, rank=rank, rope_dim=rope_dim,
-            tokens=args.tokens, block_size=args.block_size, num_splits=args.num_splits,
-            query_tile_rows=args.query_tile_rows, rounds=rounds, warmup=warmup, peak_tbps=peak_tbps,
-            timestamp=stamp, records=records, kv_bytes_per_token=kv_table), f, indent=2)
-    print(f"wrote {out_path}")
+    out_path = pathlib.Path(args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                     f"mla_attention_{'quick_' if args.quick else ''}{stamp}.json"))
+    written = write_json(out_path.stem, dict(
+        benchmark="mla_attention", quick=args.quick, dtype=dtype.name, heads=args.heads, rank=rank,
+        rope_dim=rope_dim, tokens=args.tokens, block_size=args.block_size, num_splits=args.num_splits,
+        query_tile_rows=args.query_tile_rows, rounds=rounds, warmup=warmup, peak_tbps=peak_tbps, timestamp=stamp,
+        records=records, kv_bytes_per_token={row["config"]: row for row in kv_table}), out_path.parent)
+    print(f"wrote {written}")
     return records
 
 

@@ -166,12 +166,17 @@ def check_seq_lens(seq_lens, batch: int, cache_len: int) -> None:
         raise ValueError(f"seq_lens must lie in [0, S = {cache_len}]; got {lens.tolist()}")
 
 
+def check_static_float(name: str, value, expected: str = "a Python float") -> float:
+    """``float(value)`` for a Python (or NumPy) real number; else ValueError naming ``name`` and ``expected``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise ValueError(f"{name} must be {expected}; got {value!r}")
+    return float(value)
+
+
 def resolve_sm_scale(sm_scale, head_dim: int) -> float:
     if sm_scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(sm_scale, (bool, np.bool_)) or not isinstance(sm_scale, (int, float, np.floating, np.integer)):
-        raise ValueError(f"sm_scale must be None or a Python float; got {sm_scale!r}")
-    return float(sm_scale)
+    return check_static_float("sm_scale", sm_scale, "None or a Python float")
 
 
 def validate_decode_inputs(q, k, v, seq_lens, block_size: int, backend: str | None):

@@ -37,11 +37,9 @@ from pallas_kernels.sparse_decode_attention import block_list_attention, resolve
 
 
 def _check_scale(scale) -> float:
-    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.floating, np.integer)):
-        raise ValueError(
-            f"scale must be a Python float (MLA's softmax scale, e.g. qk_head_dim**-0.5 times the YaRN mscale "
-            f"factor; not (kv_lora_rank + qk_rope_head_dim)**-0.5); got {scale!r}")
-    return float(scale)
+    return _common.check_static_float(
+        "scale", scale, "a Python float (MLA's softmax scale: qk_head_dim**-0.5 times the YaRN mscale factor, not "
+        "(kv_lora_rank + qk_rope_head_dim)**-0.5)")
 
 
 def validate_mla_inputs(q_latent, q_rope, latent, k_rope, seq_lens, block_size: int, backend: str | None):

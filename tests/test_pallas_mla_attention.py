@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
-from test_pallas_decode_attention import TOL, assert_close, backend_kwargs
+from test_pallas_decode_attention import TOL, assert_close, backend_kwargs, load_benchmark
 from test_pallas_sparse_attention import fake_tpu_info  # noqa: F401  (fixture)
 
 from pallas_kernels import mla_decode_attention, mla_decode_attention_reference
@@ -243,14 +243,9 @@ def test_mla_triton_width_rules():
 
 def test_benchmark_quick_mode(tmp_path):
     """benchmarks/bench_mla_attention.py --quick runs end to end on CPU (interpret mode) and writes JSON."""
-    import importlib.util
     import json
-    import pathlib
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_mla_attention.py"
-    spec = importlib.util.spec_from_file_location("bench_mla_attention", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_mla_attention")
     out = tmp_path / "quick.json"
     bench.main(["--quick", "--contexts", "128", "--batches", "2", "--rounds", "1", "--out", str(out)])
     result = json.loads(out.read_text())
