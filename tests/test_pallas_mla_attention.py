@@ -187,6 +187,19 @@ def test_mla_lowers_to_mosaic_tpu(fake_tpu_info, num_splits):  # noqa: F811
     assert "tpu_custom_call" in lower_mla("tpu", "tpu", num_splits)
 
 
+def test_gpu_launch_defaults():
+    """On GPU (compiled Triton) the H * T query rows go 16 per program for r = 512 and the splits fill ~128
+    programs; TPU and interpret mode keep one tile and one split."""
+    from pallas_kernels.sparse_decode_attention import resolve_launch
+    common = dict(batch=1, num_kv_heads=1, rows=128, head_dim=512, max_entries=512, num_splits=None,
+                  query_tile_rows=None)
+    assert resolve_launch("triton", False, **common) == (16, 16)          # 8 tiles x 16 splits = 128 programs
+    assert resolve_launch("triton", False, **dict(common, head_dim=64)) == (128, 128)   # one tile, 128 splits
+    assert resolve_launch("triton", True, **common) == (1, 128)
+    assert resolve_launch("tpu", False, **common) == (1, 128)
+    assert resolve_launch("triton", False, **dict(common, query_tile_rows=512)) == (128, 128)  # clamped: one tile
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Argument validation
 # ----------------------------------------------------------------------------------------------------------
