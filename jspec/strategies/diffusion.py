@@ -17,8 +17,10 @@ Unmasking rules (`unmasking`: a name, or one of the policy objects of jspec/stra
   static forward), and accept the longest chain in which each draft is exactly the static step from the previous
   one. The accepted chain is the static trajectory, so the output equals "static" token for token (same key at
   temperature > 0), with fewer forwards; the accepted draft's predictions are the next step's, so no forward is
-  wasted. Because each draft is computed exactly as the static forward computes that state (not packed with the
-  others along the sequence, which changes the attention's reductions), this holds in bfloat16 as in float32.
+  wasted. Each draft is computed by the static forward's arithmetic for that state (not packed with the others
+  along the sequence, which changes the attention's reductions); only the forward's number of rows differs, so
+  this holds in bfloat16 as in float32 where the backend computes a row independently of the batch size, and
+  otherwise up to the first near-tie of static decoding at the backend's discrepancy (README).
 
 Attention context (`cache`: a name, or one of the policy objects below):
 - "none" (`NoContextCache`): every forward reads the whole canvas bidirectionally (exact).
