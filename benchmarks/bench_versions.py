@@ -44,14 +44,13 @@ def worker() -> None:
     target, draft = jspec.load("demo-code"), jspec.load("demo-code-draft")
 
     def diffusion(case: str):
-        """Each code prompt alone (batch 1), in the shipped dtype: an output whose stats are the sums."""
+        """One output per code prompt, each decoded alone (batch 1) in the model's shipped dtype (bfloat16)."""
         dllm = jspec.load("demo-code-dllm")  # cached by jspec.load
         strategy, *rest = case.split()
         cache = rest[-2]
         options = {"draft_steps": int(rest[0].split("=")[1])} if strategy == "freedave" else {}
-        outs = [jspec.decode(dllm, [prompt], strategy, max_new_tokens=64, block_size=32, cache=cache, **options)
+        return [jspec.decode(dllm, [prompt], strategy, max_new_tokens=64, block_size=32, cache=cache, **options)
                 for prompt in CODE_PROMPTS]
-        return outs
 
     cases = {
         "greedy b1": lambda: jspec.decode(target, [PROMPT], max_new_tokens=128, stop_tokens=[]),
