@@ -1,8 +1,10 @@
 """Two checkouts of jspec side by side in one run: decode speed, compile time against depth, cache bytes per row.
 
 Each checkout runs in its own long-lived worker process (PYTHONPATH = that checkout); the driver interleaves the
-timed calls (A, B, A, B, ... per case and round) and reports the ratio of total times, so load changes on the
-machine fall on both alike. The workers use only the API both versions share (`jspec.load`, `jspec.decode`,
+timed calls (per round: case 1 before, after, case 2 before, after, ...) and reports the ratio of total times, so
+load changes on the machine fall on both versions and on every case alike (ratios between cases of one version
+are interleaved too). Diffusion cases (DIFFUSION_CASES: dllm_static and freedave on demo-code-dllm in its shipped
+bfloat16, the four code prompts one after another at batch 1) report forwards as well. The workers use only the API both versions share (`jspec.load`, `jspec.decode`,
 `Model.random`, a strategy's `init`).
 
     git worktree add /tmp/jspec-before <commit>
@@ -21,6 +23,13 @@ from pathlib import Path
 
 PROMPT = "def fib(n):\n    if n < 2:\n        return n\n"
 CASES = ["greedy b1", "greedy b8", "chain k=4 b1", "tree 2,2,1 b1"]
+CODE_PROMPTS = [
+    "class LRUCache:\n    def __init__(self, capacity):\n        self.capacity = capacity\n",
+    "import os\nimport sys\n\n\ndef main(",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n        self.",
+    "def read_lines(path):\n    with open(path) as f:\n        return",
+]
+DIFFUSION_CASES = [f"{strategy} {cache} bf16" for cache in ("none", "dual") for strategy in ("dllm_static", "freedave k=4")]
 
 
 def worker() -> None:
@@ -33,6 +42,16 @@ def worker() -> None:
     from jspec.strategies.base import resolve_strategy
 
     target, draft = jspec.load("demo-code"), jspec.load("demo-code-draft")
+
+    def diffusion(case: str):
+        """One output per code prompt, each decoded alone (batch 1) in the model's shipped dtype (bfloat16)."""
+        dllm = jspec.load("demo-code-dllm")  # cached by jspec.load
+        strategy, *rest = case.split()
+        cache = rest[-2]
+        options = {"draft_steps": int(rest[0].split("=")[1])} if strategy == "freedave" else {}
+        return [jspec.decode(dllm, [prompt], strategy, max_new_tokens=64, block_size=32, cache=cache, **options)
+                for prompt in CODE_PROMPTS]
+
     cases = {
         "greedy b1": lambda: jspec.decode(target, [PROMPT], max_new_tokens=128, stop_tokens=[]),
         "greedy b8": lambda: jspec.decode(target, [PROMPT + "x" * i for i in range(8)], max_new_tokens=64, stop_tokens=[]),
@@ -86,8 +105,10 @@ def worker() -> None:
             answer = session()
         elif request["op"] == "run":
             start = time.perf_counter()
-            out = cases[request["case"]]()
-            answer = [time.perf_counter() - start, out.sequences()]
+            case = request["case"]
+            outs = diffusion(case) if case in DIFFUSION_CASES else [cases[case]()]
+            answer = [time.perf_counter() - start, [row for out in outs for row in out.sequences()],
+                      sum(int(out.stats["model_calls"]) for out in outs)]
         elif request["op"] == "compile":
             answer = compile_seconds(request["layers"], request["strategy"])
         else:
@@ -113,7 +134,7 @@ def main() -> None:
     parser.add_argument("--after", type=Path, default=Path("."))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--layers", type=int, nargs="*", default=[2, 8, 32], help="compile-time depths (none: skip)")
-    parser.add_argument("--cases", nargs="*", default=CASES, help=f"timed cases, from {CASES}")
+    parser.add_argument("--cases", nargs="*", default=CASES, help=f"timed cases, from {CASES + DIFFUSION_CASES}")
     parser.add_argument("--session", action="store_true", help="first: a 20-call session's compiles and seconds")
     parser.add_argument("--windows", type=int, nargs="*", default=[64, 256], help="cache-size windows (none: skip)")
     args = parser.parse_args()
@@ -128,16 +149,18 @@ def main() -> None:
             compiles, seconds = w.ask(op="session")
             print(f"{name:7s} compiles {compiles:3d}   total seconds {seconds:7.1f}")
 
-    print("\ncase             before s   after s   after/before   same tokens")
-    for case in args.cases:
-        totals, tokens = {"before": 0.0, "after": 0.0}, {}
-        for name, w in workers.items():
-            tokens[name] = w.ask(op="run", case=case)[1]  # compile run
-        for _ in range(args.rounds):
+    totals = {case: {"before": 0.0, "after": 0.0} for case in args.cases}
+    first = {case: {name: w.ask(op="run", case=case) for name, w in workers.items()} for case in args.cases}  # compile
+    for _ in range(args.rounds):
+        for case in args.cases:
             for name, w in workers.items():  # interleaved: before, after, before, after, ...
-                totals[name] += w.ask(op="run", case=case)[0]
-        print(f"{case:15s}  {totals['before']:8.3f}  {totals['after']:8.3f}   {totals['after'] / totals['before']:12.3f}"
-              f"   {tokens['before'] == tokens['after']}")
+                totals[case][name] += w.ask(op="run", case=case)[0]
+    print(f"\n{args.rounds} interleaved rounds\ncase                     before s   after s   after/before   same tokens"
+          "   forwards before  after")
+    for case in args.cases:
+        seconds, (before, after) = totals[case], first[case].values()
+        print(f"{case:23s}  {seconds['before']:8.3f}  {seconds['after']:8.3f}   {seconds['after'] / seconds['before']:12.3f}"
+              f"   {str(before[1] == after[1]):11s}   {before[2]:15d}  {after[2]:5d}")
 
     def compare(title: str, header: str, op: str, sizes, key: str, fmt: str) -> None:
         """One table row per (size, strategy): the same request to both workers."""

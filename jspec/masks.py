@@ -73,21 +73,19 @@ def block_diffusion_training_mask(length: int, block_size: int) -> jax.Array:  #
     return jnp.concatenate([top, bottom], axis=0)
 
 
-def packed_branches_mask(
-    num_branches: int,
+def span_and_context_mask(
     in_sequence: jax.Array,  # [B, L] bool: span entries that are real positions (not past the sequence end)
-    write_base: int,  # cache slot of branch 0's first entry; branch k occupies [base + k L, base + (k + 1) L)
+    write_base: int,  # cache slot of the span's first entry: the span occupies [base, base + L)
     num_key_slots: int,
     context: jax.Array | None = None,  # [B, C] bool: slots (from 0) every query also reads
-) -> jax.Array:  # [B, K L, S] bool
-    """K branches of the same span packed along the sequence (FreeDave's draft verification): each query reads
-    the shared context and every real entry of its own branch (bidirectionally), never another branch."""
+) -> jax.Array:  # [B, L, S] bool
+    """A span written at [base, base + L) that reads itself bidirectionally (its real entries) and the kept
+    context (a masked-diffusion forward; FreeDave runs one such span per draft branch, each as its own row)."""
     length = in_sequence.shape[1]
-    relative = jnp.arange(num_key_slots) - write_base
-    key_branch = jnp.where((relative >= 0) & (relative < num_branches * length), relative // length, -1)  # [S]
-    key_real = jnp.take_along_axis(in_sequence, jnp.clip(relative % length, 0, length - 1)[None, :], axis=1)  # [B, S]
-    query_branch = jnp.arange(num_branches * length) // length
-    visible = (key_branch[None, None, :] == query_branch[None, :, None]) & key_real[:, None, :]
+    relative = jnp.arange(num_key_slots) - write_base  # [S]
+    in_span = (relative >= 0) & (relative < length)
+    key_real = in_span[None, :] & jnp.take_along_axis(in_sequence, jnp.clip(relative, 0, length - 1)[None, :], axis=1)  # [B, S]
+    visible = jnp.broadcast_to(key_real[:, None, :], (in_sequence.shape[0], length, num_key_slots))
     if context is not None:
         visible |= jnp.pad(context, ((0, 0), (0, num_key_slots - context.shape[1])))[:, None, :]
     return visible

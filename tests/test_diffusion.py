@@ -144,15 +144,12 @@ def test_block_diffusion_training_mask_matches_a_hand_built_example():
     np.testing.assert_array_equal(np.asarray(masks.block_diffusion_training_mask(4, 2)), expected)
 
 
-def test_packed_branches_mask_matches_a_hand_built_example():
-    # 2 branches of a 3-entry span written at slots 4..9; the third entry of the span is past the sequence end;
-    # context: slots 0 and 1 (of 0..3)
+def test_span_and_context_mask_matches_a_hand_built_example():
+    # a 3-entry span written at slots 4..6 of 8; its third entry is past the sequence end; context: slots 0 and 1
     in_sequence = jnp.array([[True, True, False]])
     context = jnp.array([[True, True, False, False]])
-    got = np.asarray(masks.packed_branches_mask(2, in_sequence, 4, 10, context)[0])
-    branch0 = [1, 1, 0, 0, 1, 1, 0, 0, 0, 0]
-    branch1 = [1, 1, 0, 0, 0, 0, 0, 1, 1, 0]
-    np.testing.assert_array_equal(got, np.array([branch0] * 3 + [branch1] * 3, bool))
+    got = np.asarray(masks.span_and_context_mask(in_sequence, 4, 8, context)[0])
+    np.testing.assert_array_equal(got, np.array([[1, 1, 0, 0, 1, 1, 0, 0]] * 3, bool))
 
 
 def test_complementary_training_masks_cover_every_token_exactly_once():

@@ -84,5 +84,7 @@ def attend(
     scores = scores * (head_dim**-0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, MASKED_SCORE)
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, values)
+    # accumulated in float32 and rounded once: a bfloat16-output batched dot on XLA:CPU rounds differently with
+    # the batch size, so a row's output would depend on how many rows run beside it
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, values, preferred_element_type=jnp.float32).astype(values.dtype)
     return out.reshape(batch, length, num_heads, head_dim)

@@ -13,10 +13,14 @@ Unmasking rules (`unmasking`: a name, or one of the policy objects of jspec/stra
   threshold, and at least the most confident one. threshold = 1 is "static".
 - "freedave" (`FreeDaveUnmasking`): FreeDave (arXiv 2510.00294): from the predictions of the current state,
   draft the next `draft_steps` static states (the top-1, top-2, ... most confident positions filled), run all of
-  them in ONE forward (packed as branches: each reads the shared context and only its own branch), and accept
-  the longest chain in which each draft is exactly the static step from the previous one. The accepted chain is
-  the static trajectory, so the output equals "static" token for token (same key at temperature > 0), with fewer
-  forwards; the accepted draft's predictions are the next step's, so no forward is wasted.
+  them in ONE forward (each draft a batch row of its own, with the tokens, positions, mask and cache shape of a
+  static forward), and accept the longest chain in which each draft is exactly the static step from the previous
+  one. The accepted chain is the static trajectory, so the output equals "static" token for token (same key at
+  temperature > 0), with fewer forwards; the accepted draft's predictions are the next step's, so no forward is
+  wasted. Each draft is computed by the static forward's arithmetic for that state (not packed with the others
+  along the sequence, which changes the attention's reductions); only the forward's number of rows differs, so
+  this holds in bfloat16 as in float32 where the backend computes a row independently of the batch size, and
+  otherwise up to the first near-tie of static decoding at the backend's discrepancy (README).
 
 Attention context (`cache`: a name, or one of the policy objects below):
 - "none" (`NoContextCache`): every forward reads the whole canvas bidirectionally (exact).
@@ -51,9 +55,9 @@ from jspec.validation import ArgumentError
 
 @dataclasses.dataclass(frozen=True)
 class ContextCache:
-    """What a masked-diffusion forward reads besides the tokens it runs. Every forward writes its branches'
-    entries at cache slots [kept_slots, kept_slots + K * span_length); a whole-canvas forward also rebuilds
-    the kept context at slots [0, kept_slots)."""
+    """What a masked-diffusion forward reads besides the tokens it runs. A live forward writes each branch's
+    entries at cache slots [kept_slots, kept_slots + span_length) of that branch's copy of the row (scratch, read
+    only inside the forward); a whole-canvas forward rebuilds the kept context at slots [0, kept_slots)."""
 
     carries_predictions: ClassVar[bool] = False  # a block-completing forward also predicts the next block
 
@@ -151,7 +155,7 @@ class MaskedDiffusionState:
     canvas: jax.Array  # [B, W] int32: prompt, generated positions (mask token until decided), padding
     gen_start: jax.Array  # [B] int32: slot of the first generated position (= prompt length)
     block: jax.Array  # [B] int32: the row's current block
-    cache: Cache  # kept context (prefix / dual) at slots [0, W), then branch scratch slots
+    cache: Cache  # kept context (prefix / dual) at slots [0, W), then one span of scratch slots
     cache_block: jax.Array  # [B] int32: the block the kept context was computed at (-1: none)
     predicted: jax.Array  # [B, 2 * block_size] int32: predictions for the current block and the next (FreeDave)
     confidence: jax.Array  # [B, 2 * block_size] float32
@@ -215,7 +219,7 @@ class MaskedDiffusion:
         window = 2 * self.block_size
         shifted = int(model.config.shifted_logits)
         span_length = self.cache.span_length(width, prompts.max_new_tokens, self.block_size, shifted)
-        capacity = self.cache.kept_slots(width) + self.unmasking.num_branches * span_length
+        capacity = self.cache.kept_slots(width) + span_length  # the same for every rule (branches are batch rows)
         return MaskedDiffusionState(
             canvas=canvas.astype(jnp.int32),
             gen_start=gen_start,
@@ -289,30 +293,34 @@ class MaskedDiffusion:
         spans: jax.Array,  # [B, K, L] int32: each branch's tokens
         span_start: jax.Array,  # [B] int32: slot of each span's first token
         context: jax.Array | None,  # [B, W] bool: kept slots every query reads (None: none)
-        write_base: int,  # cache slot of branch 0's first token
+        write_base: int,  # cache slot of each span's first token
         writing: jax.Array,  # [B] bool: rows whose entries are written (others' writes are dropped)
         decided: jax.Array,  # [B, K] int32: each branch's decision index (sampling noise)
-    ) -> tuple[jax.Array, jax.Array, Cache]:  # predicted [B, K, 2bs], confidence [B, K, 2bs], cache
-        """One model call over K packed branches; predictions for the window [block start, + 2 * block_size)."""
-        cache = state.cache
+    ) -> tuple[jax.Array, jax.Array, Cache]:  # predicted [B, K, 2bs], confidence [B, K, 2bs], cache [B K rows]
+        """One model call in which each of the K branches is a batch row of its own (row b * K + k: row b's
+        span with branch k's tokens, over a copy of row b's cache): every branch runs with the tokens, positions,
+        mask and cache shape of a one-branch (static) forward, so it is computed as the static decoder computes
+        that state. Predictions for the window [block start, + 2 * block_size); the cache comes back with B * K
+        rows (B when K = 1)."""
         batch, branches, length = spans.shape
+        rows = jnp.repeat(jnp.arange(batch, dtype=jnp.int32), branches)  # [B K]: the row each branch row copies
+        cache = state.cache if branches == 1 else state.cache.gather_rows(rows)
         capacity = cache.capacity
         offsets = jnp.arange(length, dtype=jnp.int32)
         span_slots = span_start[:, None] + offsets[None, :]  # [B, L]
         in_sequence = span_slots < self._gen_end(state)[:, None]  # [B, L]
-        tokens = spans.reshape(batch, branches * length)
-        positions = jnp.tile(span_slots, (1, branches))
-        written = write_base + jnp.arange(branches * length, dtype=jnp.int32)
-        write_slots = jnp.where(writing[:, None], written[None, :], capacity)
-
-        visible = masks.packed_branches_mask(branches, in_sequence, write_base, capacity, context)
+        write_slots = jnp.where(writing[:, None], write_base + offsets[None, :], capacity)  # [B, L]
+        visible = masks.span_and_context_mask(in_sequence, write_base, capacity, context)  # [B, L, S]
 
         window = 2 * self.block_size
         window_index = self._block_start(state)[:, None] - span_start[:, None] + jnp.arange(window, dtype=jnp.int32)[None, :]
         shifted = int(model.config.shifted_logits)
         logit_index = jnp.clip(window_index - shifted, 0, length - 1)  # [B, 2bs]: the logits predicting each
-        output_indices = (jnp.arange(branches, dtype=jnp.int32)[None, :, None] * length + logit_index[:, None, :]).reshape(batch, -1)
-        logits, cache = model.forward(tokens, positions, cache, visible, write_slots=write_slots, output_indices=output_indices)
+        per_branch = lambda x: x[rows]  # noqa: E731  # [B, ...] -> [B K, ...]
+        logits, cache = model.forward(
+            spans.reshape(batch * branches, length), per_branch(span_slots), cache, per_branch(visible),
+            write_slots=per_branch(write_slots), output_indices=per_branch(logit_index),
+        )
         logits = logits.reshape(batch, branches, window, -1)
         window_slots = self._block_start(state)[:, None] + jnp.arange(window, dtype=jnp.int32)[None, :]
         predicted, confidence = unmasking.predict(logits, window_slots, decided, state.temperature, state.key, model.config.mask_token_id)
@@ -366,8 +374,9 @@ class MaskedDiffusion:
         blocks, ahead = self.unmasking.branches(block, masked, state.predicted[:, :bs], state.confidence[:, :bs])
         spans, span_start, context, base = self._live_spans(model, state, blocks)
         decided = state.decided[:, None] + ahead[None, :]  # [B, K]
-        predicted, confidence, cache = self._forward(model, state, spans, span_start, context, base, running, decided)
-        state = state.replace(cache=cache, model_calls=state.model_calls + 1, block_forwards=self._count_forward(state, running))
+        # the branches' entries are scratch (read only inside this forward): the kept context stays as it is
+        predicted, confidence, _ = self._forward(model, state, spans, span_start, context, base, running, decided)
+        state = state.replace(model_calls=state.model_calls + 1, block_forwards=self._count_forward(state, running))
         return self._accept(state, running, blocks, predicted, confidence)
 
     # --- decisions --------------------------------------------------------------------------------------

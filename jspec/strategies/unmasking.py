@@ -93,8 +93,8 @@ class Acceptance(NamedTuple):
 class UnmaskingRule:
     """Which masked positions of the current block a masked-diffusion step decides.
 
-    A step runs `num_branches` states of the block in one forward (packed, each reading the shared context and
-    only itself) and `accept`s one of them. This base class is the one-branch case: the branch is the current
+    A step runs `num_branches` states of the block in one forward (each state a batch row of its own, computed
+    as a one-branch forward computes it) and `accept`s one of them. This base class is the one-branch case: the branch is the current
     state, and `select` picks positions from its fresh predictions. Rules are pytrees: fields that users tune
     per call (a threshold) are traced, the rest static.
     """

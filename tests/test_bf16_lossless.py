@@ -1,0 +1,59 @@
+"""Lossless in the dtype users run: every lossless strategy, with the shipped demo models in bfloat16, reproduces
+its reference token for token (greedy autoregressive decoding; dllm_static for FreeDave).
+
+In bfloat16 a verification forward over more tokens (or FreeDave's draft rows) can round differently from the
+reference's forwards where XLA:CPU reduces differently for another shape, so token identity holds while no
+decision of the reference is a near-tie at that discrepancy (README, diffusion section); these prompts decode
+identically in every strategy and cache mode."""
+
+from __future__ import annotations
+
+import pytest
+
+import jspec
+
+CODE = [
+    "class LRUCache:\n    def __init__(self, capacity):\n        self.capacity = capacity\n",
+    "import os\nimport sys\n\n\ndef main(",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n        self.",
+    "def read_lines(path):\n    with open(path) as f:\n        return",
+]
+
+
+@pytest.fixture(scope="module")
+def demo_pair():
+    return jspec.load("demo-code", dtype="bfloat16"), jspec.load("demo-code-draft", dtype="bfloat16")
+
+
+@pytest.fixture(scope="module")
+def greedy_reference(demo_pair):
+    target, _ = demo_pair
+    return jspec.decode(target, CODE, max_new_tokens=32, stop_tokens=[]).sequences()
+
+
+@pytest.mark.parametrize("strategy, options", [
+    ("speculative", dict(num_draft_tokens=4)),
+    ("speculative", dict(tree=(2, 2, 1))),
+    ("prompt_lookup", dict(num_draft_tokens=4)),
+    ("self_speculative", dict(skip_layers=(1,), num_draft_tokens=3)),
+    ("jacobi", dict(num_draft_tokens=4)),
+    ("lookahead", dict(window=4, ngram_size=3, guess_set_size=3)),
+    ("sjd", dict(num_draft_tokens=4, temperature=0.0)),  # greedy SJD is Jacobi decoding
+], ids=["chain", "tree", "prompt_lookup", "layer_skip", "jacobi", "lookahead", "sjd_greedy"])
+def test_speculative_family_equals_greedy_in_bfloat16(demo_pair, greedy_reference, strategy, options):
+    target, draft = demo_pair
+    if strategy == "speculative":
+        options = dict(options, draft=draft)
+    got = jspec.decode(target, CODE, strategy, max_new_tokens=32, stop_tokens=[], **options)
+    assert got.sequences() == greedy_reference
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+def test_freedave_equals_static_in_the_shipped_bfloat16(cache):
+    dllm = jspec.load("demo-code-dllm")
+    assert dllm.config.dtype == "bfloat16"  # as shipped
+    options = dict(max_new_tokens=32, block_size=16, cache=cache)
+    static = jspec.decode(dllm, CODE, "dllm_static", **options)
+    free = jspec.decode(dllm, CODE, "freedave", draft_steps=4, **options)
+    assert free.sequences() == static.sequences()
+    assert int(free.stats["model_calls"]) < int(static.stats["model_calls"])
