@@ -40,14 +40,15 @@ from jspec import bench
 from jspec.bench import heldout_prompts
 from jspec.loading import ASSETS_DIR
 from jspec.strategies.drafters import DraftModelDrafter, LayerSkipDrafter
+from jspec.validation import ArgumentError
 
 
-def strategies(draft, skip_layers, quick: bool, temperature: float) -> list[tuple[str, str, dict]]:
+def strategies(draft, skip_layers, quick: bool, temperature: float, auto_depth: bool) -> list[tuple[str, str, dict]]:
     chains = (2, 4) if quick else (2, 3, 4, 6, 8)
     out = [("autoregressive", "greedy", {})]
     out += [(f"chain k={k}", "speculative", dict(draft=draft, num_draft_tokens=k)) for k in chains]
     out += [("chain k=6 adaptive", "speculative", dict(draft=draft, num_draft_tokens=6, adaptive=True))]
-    if accepts_auto_depth(draft):
+    if auto_depth:
         out += [("chain auto", "speculative", dict(draft=draft, num_draft_tokens="auto"))]
     trees = ((2, 2, 1, 1),) if quick else ((2, 2, 1, 1), (3, 2, 1, 1, 1), (4, 2, 2, 1))
     out += [(f"tree {','.join(map(str, t))}", "speculative", dict(draft=draft, tree=t)) for t in trees]
@@ -58,11 +59,12 @@ def strategies(draft, skip_layers, quick: bool, temperature: float) -> list[tupl
     return out
 
 
-def accepts_auto_depth(draft) -> bool:
-    """Whether this jspec's speculative strategy takes num_draft_tokens="auto" (depth chosen per step)."""
+def accepts_auto_depth(target, draft) -> bool:
+    """Whether this jspec's speculative strategy takes num_draft_tokens="auto" (depth chosen per step): a 2-token
+    decode with it succeeds."""
     try:
-        jspec.strategies.resolve_strategy("speculative", dict(draft=draft, num_draft_tokens="auto"))
-    except Exception:  # noqa: BLE001  (an older jspec rejects it with its own error type)
+        jspec.decode(target, [[1, 2, 3]], "speculative", draft=draft, num_draft_tokens="auto", max_new_tokens=2)
+    except (ArgumentError, TypeError, ValueError):  # an older jspec refuses the option
         return False
     return True
 
@@ -262,11 +264,12 @@ def main() -> None:
     print(f"{bench.environment()}\ntarget {target.num_parameters() / 1e6:.2f}M, draft {draft.num_parameters() / 1e6:.2f}M parameters; "
           f"self-speculative skips layers {skip_layers} (top-1 agreement {agreement:.2f} on other held-out text)")
 
+    auto_depth = accepts_auto_depth(target, draft)
     timer, measured = PerCallTimer(args.prompt_tokens), []
     for temperature in args.temperatures:
         for batch in args.batch_sizes:
             groups = [prompts[:batch]] if batch > 1 else [[p] for p in prompts]
-            settings = strategies(draft, skip_layers, args.quick, temperature)
+            settings = strategies(draft, skip_layers, args.quick, temperature, auto_depth)
             runners = {name: jspec_runner(target, strategy, options, args.new_tokens, temperature)
                        for name, strategy, options in settings}
             if temperature == 0 and batch == 1 and not args.no_transformers:
