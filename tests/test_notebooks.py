@@ -74,9 +74,14 @@ def execute_notebook(path: Path, workdir: Path):
             cell.source = without_shell_lines(cell.source)
     if path.name in CHECKS:
         notebook.cells.append(nbformat.v4.new_code_cell(CHECKS[path.name]))
-    client = nbclient.NotebookClient(notebook, km=native_kernel_manager(), timeout=CELL_TIMEOUT_S,
+    manager = native_kernel_manager()
+    client = nbclient.NotebookClient(notebook, km=manager, timeout=CELL_TIMEOUT_S,
                                      resources={"metadata": {"path": str(workdir)}})
-    client.execute(env=kernel_environment(path.name))
+    try:
+        client.execute(env=kernel_environment(path.name))
+    finally:  # nbclient shuts down only the kernels of managers it made itself
+        if manager.has_kernel:
+            manager.shutdown_kernel(now=True)
     return notebook
 
 
