@@ -41,7 +41,7 @@ class Benchmark:
 
 
 BENCHMARKS = (
-    Benchmark("speculative", "bench_speculative.py", (), ("--quick", "--prompts", "4", "--repeats", "2"),
+    Benchmark("speculative", "bench_speculative.py", (), ("--quick", "--prompts", "2", "--new-tokens", "64", "--repeats", "2"),
               "draft chain / tree, prompt lookup, layer skip vs autoregressive (and transformers), interleaved"),
     Benchmark("jacobi", "bench_jacobi.py", (), ("--quick",), "Jacobi, SJD, GSD, lookahead vs autoregressive, interleaved"),
     Benchmark("diffusion", "bench_diffusion.py", (), ("--quick", "--prompts", "2", "--repeats", "2"),
@@ -58,7 +58,8 @@ BENCHMARKS = (
 def run_benchmark(benchmark: Benchmark, quick: bool, timeout: float) -> dict:
     """Run one benchmark script from the repository root; its status, seconds and the tail of its output."""
     command = [sys.executable, str(ROOT / "benchmarks" / benchmark.script), *(benchmark.quick if quick else benchmark.full)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {"OMP_WAIT_POLICY": "PASSIVE",  # torch's OpenMP threads spin-wait on a shared CPU (bench_vs_transformers.py)
+           **os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     print(f"--- {benchmark.name}: {' '.join(command[1:])}", flush=True)
     started = time.perf_counter()
     try:
@@ -267,7 +268,8 @@ def write_readme(results: dict, plots: list[Path], runs: list[dict], quick: bool
              + (f" in {total_seconds / 60:.1f} minutes" if total_seconds else "") + f" on {time.strftime('%Y-%m-%d')}; "
              f"environment: {json.dumps(environment)}. Each speedup is a ratio against a baseline measured in the same "
              "run on the same weights and prompts (see each script's docstring); on a shared CPU the figures move "
-             "from run to run, so read them as the shape of the results, not as this hardware's best.", ""]
+             "from run to run, so read them as the shape of the results, not as this hardware's best. The scripts run "
+             "with OMP_WAIT_POLICY=PASSIVE unless it was set (torch's threads otherwise spin on a shared CPU).", ""]
     if runs:
         lines += ["Last runs:", "", "| benchmark | command | status | seconds |", "|---|---|---|---|"]
         lines += [f"| {r['name']} | `{r['command']}` | {r['status']} | {r['seconds']:.0f} |" for r in runs]
