@@ -253,6 +253,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-transformers", action="store_true")
     args = parser.parse_args()
+    if max(args.batch_sizes) > args.prompts:
+        parser.error(f"--batch-sizes: batch {max(args.batch_sizes)} needs at least that many --prompts, got {args.prompts}")
 
     target, draft = jspec.load(args.target), jspec.load(args.draft)
     plain = target.without_tokenizer()

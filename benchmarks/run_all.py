@@ -41,7 +41,7 @@ class Benchmark:
 
 
 BENCHMARKS = (
-    Benchmark("speculative", "bench_speculative.py", (), ("--quick", "--prompts", "2", "--new-tokens", "64", "--repeats", "2"),
+    Benchmark("speculative", "bench_speculative.py", (), ("--quick", "--new-tokens", "64", "--repeats", "1"),
               "draft chain / tree, prompt lookup, layer skip vs autoregressive (and transformers), interleaved"),
     Benchmark("jacobi", "bench_jacobi.py", (), ("--quick",), "Jacobi, SJD, GSD, lookahead vs autoregressive, interleaved"),
     Benchmark("diffusion", "bench_diffusion.py", (), ("--quick", "--prompts", "2", "--repeats", "2"),
@@ -73,14 +73,17 @@ def run_benchmark(benchmark: Benchmark, quick: bool, timeout: float) -> dict:
     print(output[-3000:], flush=True)
     print(f"--- {benchmark.name}: {status} in {seconds:.0f} s", flush=True)
     return {"name": benchmark.name, "command": "python benchmarks/" + " ".join([benchmark.script, *command[2:]]),
-            "status": status, "seconds": seconds}
+            "status": status, "seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def record_runs(runs: list[dict]) -> list[dict]:
-    """Merge these runs into RESULTS/runs.json (one entry per benchmark, the latest), in BENCHMARKS order."""
+    """Merge these runs into RESULTS/runs.json (one entry per benchmark, the one that finished last), in BENCHMARKS
+    order."""
     path = RESULTS / "runs.json"
     recorded = {r["name"]: r for r in (json.loads(path.read_text()) if path.is_file() else [])}
-    recorded.update({r["name"]: r for r in runs})
+    for run in runs:
+        if run.get("finished", "") >= recorded.get(run["name"], {}).get("finished", ""):
+            recorded[run["name"]] = run
     merged = [recorded[b.name] for b in BENCHMARKS if b.name in recorded]
     path.write_text(json.dumps(merged, indent=2) + "\n")
     return merged
@@ -261,10 +264,10 @@ TABLE_COLUMNS = {
 }
 
 
-def write_readme(results: dict, plots: list[Path], runs: list[dict], quick: bool, total_seconds: float | None) -> Path:
+def write_readme(results: dict, plots: list[Path], runs: list[dict], command: str, total_seconds: float | None) -> Path:
     environment = next((r["environment"] for r in results.values() if "environment" in r), {})
     lines = ["# Benchmark results", "",
-             "Written by `python benchmarks/run_all.py" + (" --quick" if quick else "") + "`"
+             f"Written by `{command}`"
              + (f" in {total_seconds / 60:.1f} minutes" if total_seconds else "") + f" on {time.strftime('%Y-%m-%d')}; "
              f"environment: {json.dumps(environment)}. Each speedup is a ratio against a baseline measured in the same "
              "run on the same weights and prompts (see each script's docstring); on a shared CPU the figures move "
@@ -310,7 +313,8 @@ def main() -> None:
     runs = record_runs(runs)
     results = load_results()
     plots = make_plots(results)
-    readme = write_readme(results, plots, runs, args.quick, None if args.plots_only else time.perf_counter() - started)
+    command = "python benchmarks/run_all.py " + " ".join(sys.argv[1:])
+    readme = write_readme(results, plots, runs, command.strip(), None if args.plots_only else time.perf_counter() - started)
     print("\n".join(f"{r['name']}: {r['status']} ({r['seconds']:.0f} s)" for r in runs))
     print(f"wrote {', '.join(p.name for p in plots)} and {readme}")
 

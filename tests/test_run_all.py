@@ -45,6 +45,6 @@ def test_plots_and_readme_from_benchmark_json(run_all, tmp_path):
                                        "speedup_diffusion.png", "forwards_per_token.png", "tokens_per_second_vs_batch.png"}
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
     runs = [{"name": "speculative", "command": "python benchmarks/bench_speculative.py --quick", "status": "ok", "seconds": 1.0}]
-    readme = run_all.write_readme(RESULTS, plots, runs, quick=True, total_seconds=60.0).read_text()
+    readme = run_all.write_readme(RESULTS, plots, runs, "python benchmarks/run_all.py --quick", 60.0).read_text()
     assert all(f"]({p.name})" in readme for p in plots)  # every plot shown
     assert "| jspec chain k=2 | 500 | 0.6 |" in readme and "| 1.4 |" in readme  # rows as tables, predicted included
