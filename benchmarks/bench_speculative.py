@@ -1,9 +1,25 @@
-"""Speculative decoding on the demo pair against jspec autoregressive decoding and transformers.
+"""Speculative decoding on the demo pair against jspec autoregressive decoding and transformers, interleaved in one run.
 
-Prompts are code from held-out standard-library files (the demo models never trained on them). Every
-speedup is a ratio against jspec autoregressive decoding measured in the same run, on the same weights and
-prompts; transformers' assisted generation (`assistant_model`) and prompt-lookup decoding run on the same
-weights (the demo directories are Hugging Face checkpoints) at batch 1, greedy.
+Prompts are code from held-out standard-library files (the demo models never trained on them). For each temperature
+and batch size every setting decodes the same prompt group in turn (autoregressive, chain k=2, ..., then the next
+prompt and the next round: A, B, C, A, B, C, ...), each program compiled before the timed rounds; a speedup is the
+ratio of total times against autoregressive decoding in the same rounds. At batch 1, greedy, transformers' generate,
+assisted generation (`assistant_model`) and prompt-lookup decoding on the same weights (the demo directories are
+Hugging Face checkpoints) run in the same rounds.
+
+Beside the measured speedup every jspec row prints:
+- predicted: the speedup its measured counts and per-call costs imply,
+      (AR target calls x t_target(1)) / (target calls x t_target(width) + draft calls x t_draft),
+  counts per token from this run's decodes, t_target(w) a jitted target forward of w tokens per row and t_draft the
+  mean cost of the drafter's calls (a draft-model or layer-skipped forward of each level's width; 0 for prompt
+  lookup), all timed alone in this run at the same batch size (default causal mask);
+- measured/predicted: how much of the prediction the decode loop delivers (the rest goes to what the forwards above
+  leave out: the acceptance walk, cache compaction, drafting without a network, the loop itself);
+- memory-bound: the same counts when a verification costs one forward and a draft call its parameter bytes' share
+  of the target's (the regime of an accelerator whose forward is bound by reading the weights):
+      AR target calls / (target calls + draft calls x draft bytes / target bytes).
+At batch 8 a call serves every row, so calls per token follow the slowest row. Greedy outputs are checked token for
+token against autoregressive decoding (the benchmark stops if one differs).
 
     python benchmarks/bench_speculative.py                 # full table
     python benchmarks/bench_speculative.py --quick         # fewer settings, for a smoke run
@@ -12,59 +28,178 @@ weights (the demo directories are Hugging Face checkpoints) at batch 1, greedy.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
+from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import jspec
 from jspec import bench
 from jspec.bench import heldout_prompts
 from jspec.loading import ASSETS_DIR
+from jspec.strategies.drafters import DraftModelDrafter, LayerSkipDrafter
+from jspec.validation import ArgumentError
 
 
-def strategies(draft, skip_layers, quick: bool):
+def strategies(draft, skip_layers, quick: bool, temperature: float, auto_depth: bool) -> list[tuple[str, str, dict]]:
     chains = (2, 4) if quick else (2, 3, 4, 6, 8)
     out = [("autoregressive", "greedy", {})]
     out += [(f"chain k={k}", "speculative", dict(draft=draft, num_draft_tokens=k)) for k in chains]
     out += [("chain k=6 adaptive", "speculative", dict(draft=draft, num_draft_tokens=6, adaptive=True))]
+    if auto_depth:
+        out += [("chain auto", "speculative", dict(draft=draft, num_draft_tokens="auto"))]
     trees = ((2, 2, 1, 1),) if quick else ((2, 2, 1, 1), (3, 2, 1, 1, 1), (4, 2, 2, 1))
     out += [(f"tree {','.join(map(str, t))}", "speculative", dict(draft=draft, tree=t)) for t in trees]
     out += [("prompt lookup k=10", "prompt_lookup", dict(num_draft_tokens=10))]
-    out += [("prompt lookup k=4", "prompt_lookup", dict(num_draft_tokens=4))]
+    if temperature == 0:
+        out += [("prompt lookup k=4", "prompt_lookup", dict(num_draft_tokens=4))]
     out += [(f"self-spec skip {','.join(map(str, skip_layers))} k=3", "self_speculative", dict(skip_layers=skip_layers, num_draft_tokens=3))]
     return out
 
 
-def time_jspec(target, prompts, strategy, options, new_tokens, temperature, repeats):
-    sampling = {} if strategy == "greedy" else {"temperature": temperature}
+def accepts_auto_depth(target, draft) -> bool:
+    """Whether this jspec's speculative strategy takes num_draft_tokens="auto" (depth chosen per step): a 2-token
+    decode with it succeeds."""
+    try:
+        jspec.decode(target, [[1, 2, 3]], "speculative", draft=draft, num_draft_tokens="auto", max_new_tokens=2)
+    except (ArgumentError, TypeError, ValueError):  # an older jspec refuses the option
+        return False
+    return True
+
+
+def parameter_bytes(tree) -> int:
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(tree))
+
+
+@dataclasses.dataclass(frozen=True)
+class CallCosts:
+    """What one setting's calls cost: the verification width, the draft forwards of one full step (width of each
+    call), the network that drafts (None: no network) and its parameter bytes as a share of the target's."""
+
+    verify_width: int
+    draft_widths: tuple[int, ...] = ()
+    draft_network: Any = None
+    skip_layers: tuple[int, ...] = ()
+    draft_bytes_share: float = 0.0
+
+
+def call_costs(target, strategy: str, options: dict) -> CallCosts:
+    """The calls one step of a jspec setting makes: a draft model's root forward covers the last committed token and
+    the pending one (2 tokens), a layer-skipped target's the pending one; then one forward per template level but the
+    last, of that level's width."""
+    if strategy == "greedy":
+        return CallCosts(verify_width=1)
+    resolved = jspec.strategies.resolve_strategy(strategy, options)
+    template, drafter = resolved.template, resolved.drafter
+    level_widths = tuple(end - start for start, end in template.levels[:-1])
+    if isinstance(drafter, DraftModelDrafter):
+        share = parameter_bytes(drafter.draft.params) / parameter_bytes(target.params)
+        return CallCosts(resolved.chunk_width, (2, *level_widths), drafter.draft.without_tokenizer(), (), share)
+    if isinstance(drafter, LayerSkipDrafter):
+        layers = parameter_bytes(target.params["groups"]) / target.config.num_layers  # one layer's bytes
+        share = 1 - len(drafter.skip_layers) * layers / parameter_bytes(target.params)
+        return CallCosts(resolved.chunk_width, (1, *level_widths), target.without_tokenizer(), drafter.skip_layers, share)
+    return CallCosts(verify_width=resolved.chunk_width)  # prompt lookup: no network
+
+
+class PerCallTimer:
+    """Per-call milliseconds of jitted forwards (`bench.forward_call`): every forward the rows need is registered
+    first, then all are timed together, interleaved (A, B, C, A, B, C, ...), and each gets the median of its calls."""
+
+    def __init__(self, prompt_tokens: int, rounds: int = 20):
+        self.prompt_tokens, self.rounds, self.calls, self.ms = prompt_tokens, rounds, {}, {}
+
+    def forward(self, network, name: str, batch: int, width: int, skip_layers: tuple[int, ...] = ()) -> tuple:
+        """Register a forward (`name`: which network) and return its key into `ms`."""
+        key = (name, batch, width, skip_layers)
+        if key not in self.calls:
+            options = {"skip_layers": skip_layers} if skip_layers else {}
+            self.calls[key] = bench.forward_call(network, batch, self.prompt_tokens, width, **options)
+        return key
+
+    def draft_call(self, costs: CallCosts, batch: int) -> list[tuple]:
+        """Keys of the drafter's calls over one full step; their mean is the cost of one draft call."""
+        if costs.draft_network is None:
+            return []
+        name = "target" if costs.skip_layers else "draft"
+        return [self.forward(costs.draft_network, name, batch, w, costs.skip_layers) for w in costs.draft_widths]
+
+    def measure(self) -> None:
+        for call in self.calls.values():
+            jax.block_until_ready(call())  # compile
+        runs = {key: [] for key in self.calls}
+        for _ in range(self.rounds):
+            for key, call in self.calls.items():
+                started = time.perf_counter()
+                jax.block_until_ready(call())
+                runs[key].append(1000 * (time.perf_counter() - started))
+        self.ms = {key: float(np.median(times)) for key, times in runs.items()}
+
+    def mean_ms(self, keys: list[tuple]) -> float:
+        return float(np.mean([self.ms[key] for key in keys])) if keys else 0.0
+
+    def table(self) -> dict[str, float]:
+        return {f"{name} b={b} w={w}" + (f" skip {','.join(map(str, s))}" if s else ""): v
+                for (name, b, w, s), v in sorted(self.ms.items())}
+
+
+@dataclasses.dataclass
+class Totals:
+    seconds: float = 0.0
+    calls: int = 0
+    draft_calls: int = 0
+    tokens: int = 0
+    first_call_seconds: float = 0.0
+    outputs: list = dataclasses.field(default_factory=list)
+    accepted_by_depth: np.ndarray | None = None
+    tried_by_depth: np.ndarray | None = None
+
+    def add(self, seconds: float, out: dict) -> None:
+        self.seconds += seconds
+        self.calls += out.get("calls", 0)
+        self.draft_calls += out.get("draft_calls", 0)
+        self.tokens += out["tokens"]
+        self.outputs += out["outputs"]
+        if out.get("accepted_by_depth") is not None:
+            accepted, tried = out["accepted_by_depth"], out["tried_by_depth"]
+            self.accepted_by_depth = accepted if self.accepted_by_depth is None else self.accepted_by_depth + accepted
+            self.tried_by_depth = tried if self.tried_by_depth is None else self.tried_by_depth + tried
+
+    def acceptance_by_depth(self) -> list[float] | None:
+        if self.tried_by_depth is None:
+            return None
+        return (self.accepted_by_depth / np.maximum(self.tried_by_depth, 1)).tolist()
+
+
+def jspec_runner(target, strategy, options, new_tokens, temperature) -> Callable[[list[list[int]]], dict]:
     if strategy == "greedy" and temperature > 0:
-        strategy, sampling = "sample", {"temperature": temperature}
-    call = lambda: jspec.decode(target, prompts, strategy, max_new_tokens=new_tokens, stop_tokens=[], key=0, **options, **sampling)  # noqa: E731
-    timing = bench.time_call(call, repeats)
-    return timing, timing.result
+        strategy = "sample"
+    sampling = {} if temperature == 0 and strategy == "greedy" else {"temperature": temperature}
+
+    def run(group):
+        out = jspec.decode(target, group, strategy, max_new_tokens=new_tokens, stop_tokens=[], key=0, **options, **sampling)
+        jax.block_until_ready(out.tokens)
+        stats = out.stats
+        result = {"calls": int(np.max(stats["model_calls"])), "draft_calls": int(np.max(stats.get("draft_calls", 0))),
+                  "tokens": int(np.sum(out.lengths)), "outputs": out.sequences()}
+        if "accepted_by_depth" in stats:
+            result["accepted_by_depth"] = np.asarray(stats["accepted_by_depth"], np.int64)
+            result["tried_by_depth"] = np.asarray(stats["tried_by_depth"], np.int64)
+        return result
+
+    return run
 
 
-def per_call_breakdown(target, draft, prompt_len: int, width: int, repeats: int = 20) -> dict[str, float]:
-    """Milliseconds per jitted forward call at batch 1: target 1 token, target verify (width), draft 1 token."""
-    forward_ms = lambda model, chunk: bench.forward_ms(model, 1, prompt_len, chunk, repeats)  # noqa: E731
-
-    return {
-        "target 1 token (ms)": forward_ms(target, 1),
-        f"target verify {width} tokens (ms)": forward_ms(target, width),
-        "draft 1 token (ms)": forward_ms(draft, 1),
-    }
-
-
-def transformers_rows(prompts, new_tokens, repeats):
-    """transformers generate / assisted generation / prompt lookup on the exported demo weights, batch 1."""
+def transformers_runners(new_tokens) -> dict[str, Callable[[list[list[int]]], dict]]:
+    """transformers generate / assisted generation / prompt lookup on the exported demo weights, batch 1, greedy."""
     try:
         import torch
         from transformers import AutoModelForCausalLM
     except ImportError:
         print("transformers/torch not installed: skipping the transformers comparison")
-        return []
+        return {}
     torch.manual_seed(0)
     target = AutoModelForCausalLM.from_pretrained(ASSETS_DIR / "demo-code", dtype=torch.float32).eval()
     draft = AutoModelForCausalLM.from_pretrained(ASSETS_DIR / "demo-code-draft", dtype=torch.float32).eval()
@@ -73,22 +208,36 @@ def transformers_rows(prompts, new_tokens, repeats):
         "transformers assisted (draft)": {"assistant_model": draft},
         "transformers prompt lookup k=10": {"prompt_lookup_num_tokens": 10},
     }
-    results = []
-    for name, extra in settings.items():
-        outputs = []
 
-        def run():
-            outputs.clear()
+    def runner(extra):
+        def run(group):
+            outputs = []
             with torch.no_grad():
-                for prompt in prompts:
-                    ids = torch.tensor([prompt])
-                    out = target.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **extra)
-                    outputs.append(out[0, len(prompt) :].tolist())
-            return 0
+                for prompt in group:
+                    out = target.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                          do_sample=False, pad_token_id=0, **extra)
+                    outputs.append(out[0, len(prompt):].tolist())
+            return {"tokens": sum(map(len, outputs)), "outputs": outputs}
+        return run
 
-        timing = bench.time_call(run, repeats)
-        results.append((name, timing, [list(o) for o in outputs]))
-    return results
+    return {name: runner(extra) for name, extra in settings.items()}
+
+
+def interleaved_totals(runners: dict[str, Callable], groups, rounds: int) -> dict[str, Totals]:
+    """Every runner on every group, A, B, C, A, B, C, ... for `rounds` rounds, after one untimed (compiling) call
+    each on the first group."""
+    totals = {name: Totals() for name in runners}
+    for name, run in runners.items():
+        started = time.perf_counter()
+        run(groups[0])
+        totals[name].first_call_seconds = time.perf_counter() - started
+    for _ in range(rounds):
+        for group in groups:
+            for name, run in runners.items():
+                started = time.perf_counter()
+                out = run(group)
+                totals[name].add(time.perf_counter() - started, out)
+    return totals
 
 
 def main() -> None:
@@ -100,75 +249,84 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.8])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds over the prompts")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-transformers", action="store_true")
     args = parser.parse_args()
+    if max(args.batch_sizes) > args.prompts:
+        parser.error(f"--batch-sizes: batch {max(args.batch_sizes)} needs at least that many --prompts, got {args.prompts}")
 
     target, draft = jspec.load(args.target), jspec.load(args.draft)
+    plain = target.without_tokenizer()
     prompts = heldout_prompts(target.tokenizer, args.prompts, args.prompt_tokens)
     from jspec.strategies.calibration import calibrate_skip_layers
 
     calibration_text = np.asarray(heldout_prompts(target.tokenizer, args.prompts + 8, args.prompt_tokens)[args.prompts :])
-    skip_layers, agreement = calibrate_skip_layers(target.without_tokenizer(), calibration_text, max(1, target.config.num_layers // 3))
+    skip_layers, agreement = calibrate_skip_layers(plain, calibration_text, max(1, target.config.num_layers // 3))
     print(f"{bench.environment()}\ntarget {target.num_parameters() / 1e6:.2f}M, draft {draft.num_parameters() / 1e6:.2f}M parameters; "
           f"self-speculative skips layers {skip_layers} (top-1 agreement {agreement:.2f} on other held-out text)")
 
-    rows, greedy_batch1 = [], None
+    auto_depth = accepts_auto_depth(target, draft)
+    timer, measured = PerCallTimer(args.prompt_tokens), []
     for temperature in args.temperatures:
         for batch in args.batch_sizes:
-            batch_prompts = [prompts[:batch]] if batch > 1 else [[p] for p in prompts]
-            baseline = None
-            for name, strategy, options in strategies(draft, skip_layers, args.quick):
-                if temperature > 0 and strategy == "prompt_lookup" and name.endswith("k=4"):
-                    continue
-                seconds, compile_seconds, calls, tokens, outputs = 0.0, 0.0, 0, 0, []
-                for group in batch_prompts:
-                    timing, out = time_jspec(target, group, strategy, options, args.new_tokens, temperature, args.repeats)
-                    seconds += timing.median_seconds
-                    compile_seconds += timing.compile_seconds
-                    calls += out.stats["model_calls"]
-                    tokens += int(np.sum(out.lengths))
-                    outputs += out.sequences()
-                if baseline is None:
-                    baseline = seconds
-                    reference_outputs = outputs
-                if temperature == 0 and outputs != reference_outputs:
+            groups = [prompts[:batch]] if batch > 1 else [[p] for p in prompts]
+            settings = strategies(draft, skip_layers, args.quick, temperature, auto_depth)
+            runners = {name: jspec_runner(target, strategy, options, args.new_tokens, temperature)
+                       for name, strategy, options in settings}
+            if temperature == 0 and batch == 1 and not args.no_transformers:
+                runners.update(transformers_runners(args.new_tokens))
+            totals = interleaved_totals(runners, groups, args.repeats)
+            for name, strategy, options in settings:
+                if temperature == 0 and totals[name].outputs != totals["autoregressive"].outputs:
                     raise SystemExit(f"{name}: greedy output differs from autoregressive: the benchmark is invalid")
-                row = {
-                    "T": temperature,
-                    "batch": batch,
-                    "method": f"jspec {name}",
-                    "tokens/s": tokens / seconds,
-                    "target calls/token": calls * (batch if batch > 1 else 1) / tokens,
-                    "speedup vs jspec AR": baseline / seconds,
-                    "compile s": compile_seconds,
-                }
-                rows.append(row)
-                print(row, flush=True)
-            if temperature == 0 and batch == 1:
-                greedy_batch1 = (baseline, reference_outputs)
+            measured.append((temperature, batch, len(groups), settings, totals))
+            print(f"T={temperature} batch {batch}: decoded", flush=True)
 
-    if greedy_batch1 is not None and not args.no_transformers:
-        baseline, reference_outputs = greedy_batch1
-        for name, timing, outputs in transformers_rows(prompts, args.new_tokens, args.repeats):
-            agree = sum(a == b for a, b in zip(outputs, reference_outputs))
-            rows.append({
-                "T": 0.0,
-                "batch": 1,
-                "method": name,
-                "tokens/s": len(prompts) * args.new_tokens / timing.median_seconds,
-                "speedup vs jspec AR": baseline / timing.median_seconds,
-                "same tokens as jspec": f"{agree}/{len(prompts)}",
-            })
-            print(rows[-1], flush=True)
+    costs_of = {}  # (T, batch, setting) -> its calls, the key of its verification forward, the keys of its draft calls
+    for temperature, batch, _, settings, _ in measured:  # register every forward, then time them all together
+        for name, strategy, options in settings:
+            costs = call_costs(target, strategy, options)
+            costs_of[temperature, batch, name] = (
+                costs, timer.forward(plain, "target", batch, costs.verify_width), timer.draft_call(costs, batch))
+    timer.measure()
+    rows = []
+    for temperature, batch, num_groups, settings, totals in measured:
+        base = totals["autoregressive"]
+        t_ar = timer.ms[timer.forward(plain, "target", batch, 1)]
+        ar_calls_per_token = base.calls / base.tokens
+        for name, total in totals.items():
+            row = {
+                "T": temperature, "batch": batch, "method": name if name.startswith("transformers") else f"jspec {name}",
+                "tokens/s": total.tokens / total.seconds,
+                "speedup (measured)": base.seconds / total.seconds,
+                "compile s": max(total.first_call_seconds - total.seconds / (args.repeats * num_groups), 0.0),
+            }
+            if (temperature, batch, name) in costs_of:
+                costs, verify_key, draft_keys = costs_of[temperature, batch, name]
+                calls_per_token, draft_calls_per_token = total.calls / total.tokens, total.draft_calls / total.tokens
+                cost_per_token = calls_per_token * timer.ms[verify_key] + draft_calls_per_token * timer.mean_ms(draft_keys)
+                predicted = ar_calls_per_token * t_ar / cost_per_token
+                row.update({
+                    "target calls/token": calls_per_token * batch,
+                    "draft calls/token": draft_calls_per_token * batch,
+                    "predicted": predicted,
+                    "measured/predicted": row["speedup (measured)"] / predicted,
+                    "memory-bound": ar_calls_per_token / (calls_per_token + draft_calls_per_token * costs.draft_bytes_share),
+                    "verify width": costs.verify_width,
+                    "acceptance by depth": total.acceptance_by_depth(),
+                })
+            else:
+                same = sum(a == b for a, b in zip(total.outputs, base.outputs))
+                row["same tokens as jspec"] = f"{same}/{len(base.outputs)}"
+            rows.append(row)
 
-    breakdown = per_call_breakdown(target.without_tokenizer(), draft.without_tokenizer(), args.prompt_tokens, 5)
-    print("\nper-call time at batch 1 (median of 20):", {k: round(v, 3) for k, v in breakdown.items()})
+    print(f"\nper-call ms, jitted forwards timed interleaved (median of {timer.rounds}):", {k: round(v, 3) for k, v in timer.table().items()})
     print()
-    bench.print_table(rows, ["T", "batch", "method", "tokens/s", "target calls/token", "speedup vs jspec AR", "compile s", "same tokens as jspec"])
-    path = bench.write_json("speculative", {"args": vars(args), "skip_layers": list(skip_layers), "rows": rows, "per_call_ms": breakdown})
-    print(f"wrote {path}")
+    bench.print_table(rows, ["T", "batch", "method", "tokens/s", "target calls/token", "draft calls/token", "speedup (measured)",
+                             "predicted", "measured/predicted", "memory-bound", "compile s", "same tokens as jspec"])
+    payload = {"args": vars(args), "skip_layers": list(skip_layers), "rows": rows, "per_call_ms": timer.table()}
+    print(f"wrote {bench.write_json('speculative', payload)}")
 
 
 if __name__ == "__main__":

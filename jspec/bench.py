@@ -41,16 +41,22 @@ def time_call(fn: Callable[[], Any], repeats: int = 5) -> Timing:
     return Timing(compile_seconds=max(first - median, 0.0), median_seconds=median, runs=runs, result=result)
 
 
-def forward_ms(model: Any, batch_size: int, prompt_len: int, width: int, repeats: int = 20) -> float:
-    """Milliseconds per jitted forward of `width` tokens per row over a cache holding `prompt_len` tokens (median of
-    `repeats`, default causal mask): the cost of one decode step (width 1) or one verification (width > 1)."""
+def forward_call(model: Any, batch_size: int, prompt_len: int, width: int, **forward_options: Any) -> Callable[[], Any]:
+    """A call of a jitted forward of `width` tokens per row over a cache holding `prompt_len` tokens (default causal
+    mask): one decode step (width 1) or one verification (width > 1). `forward_options` go to `model.forward`
+    (e.g. skip_layers=(1,): a self-speculative draft call)."""
     import jax.numpy as jnp
 
     cache = model.new_cache(batch_size, prompt_len + width + 64).with_lengths(jnp.full((batch_size,), prompt_len))
     tokens = jnp.ones((batch_size, width), jnp.int32)
     positions = jnp.broadcast_to(prompt_len + jnp.arange(width)[None], (batch_size, width))
-    run = jax.jit(lambda m, c: m.forward(tokens, positions, c)[0])
-    return 1000 * time_call(lambda: run(model, cache), repeats).median_seconds
+    run = jax.jit(lambda m, c: m.forward(tokens, positions, c, **forward_options)[0])
+    return lambda: run(model, cache)
+
+
+def forward_ms(model: Any, batch_size: int, prompt_len: int, width: int, repeats: int = 20, **forward_options: Any) -> float:
+    """Milliseconds per `forward_call` (median of `repeats`)."""
+    return 1000 * time_call(forward_call(model, batch_size, prompt_len, width, **forward_options), repeats).median_seconds
 
 
 def heldout_prompts(tokenizer, count: int, prompt_tokens: int, min_continuation: int = 64) -> list[list[int]]:
