@@ -488,7 +488,7 @@ def fill_skipped_recurrences(
     return cache.replace(entries=tuple(entries))
 
 
-def forward(
+def run(
     params: Params,
     config: RecurrentConfig,
     tokens: jax.Array,  # [B, T] int32
@@ -498,18 +498,35 @@ def forward(
     *,
     write_slots: jax.Array | None = None,  # [B, T]; None: lengths + t
     output_indices: jax.Array | None = None,  # [B, K] chunk indices whose logits are wanted; None: all
-    num_recurrences: Any = None,  # traced int r; None: config.mean_recurrence
+    num_recurrences: Any = None,  # traced int r (the most, with an exit criterion); None: config.mean_recurrence
     init_scale: Any = 0.0,
-    key: jax.Array | None = None,
-) -> tuple[jax.Array, Cache | None]:  # logits [B, T or K, V] float32, cache
-    """The whole model on a chunk: prelude, r recurrences from s_0, coda and head. With a cache, the chunk's K/V
-    are written at `write_slots` (lengths are not changed: the caller commits), as `transformer.forward`."""
+    key: jax.Array | None = None,  # for s_0 when init_scale is not 0
+    criterion: str = "none",  # static exit criterion (see `recur`)
+    threshold: Any = 0.0,
+    running: jax.Array | None = None,  # [B] bool: rows that compute (others write nothing)
+) -> tuple[jax.Array, Cache | None, jax.Array]:  # logits [B, T or K, V] float32, cache, recurrences run [B]
+    """The whole model on a chunk: prelude, up to r recurrences from s_0 (each row to its own exit), coda and head.
+    With a cache, the chunk's K/V are written at `write_slots` (lengths are not changed: the caller commits), as
+    `transformer.forward` does."""
     r = config.mean_recurrence if num_recurrences is None else num_recurrences
     context = attention_context(config, positions, cache, write_slots, mask)
+    if running is not None and cache is not None:
+        context = dataclasses.replace(context, write_slots=jnp.where(running[:, None], context.write_slots, cache.capacity))
     embedded, cache = embed(params, config, tokens, cache, context)
     state = initial_state(config, key if _nonzero(init_scale) else None, positions, init_scale, embedded.dtype)
-    state, cache, _, _ = recur(params, config, embedded, state, r, cache, context)
-    logits, cache = readout(params, config, state, cache, context, output_indices)
+    state, cache, count, exit_logits = recur(params, config, embedded, state, r, cache, context, criterion, threshold,
+                                             running)
+    if exit_logits is None:
+        logits, cache = readout(params, config, state, cache, context, output_indices)
+    else:  # the "kl" criterion read out (and wrote the coda's K/V) at each row's exit
+        logits = exit_logits if output_indices is None else jnp.take_along_axis(exit_logits, output_indices[:, :, None], axis=1)
+    return logits, cache, count
+
+
+def forward(params: Params, config: RecurrentConfig, tokens: jax.Array, positions: jax.Array, cache: Cache | None = None,
+            mask: jax.Array | None = None, **options: Any) -> tuple[jax.Array, Cache | None]:
+    """`run` without its recurrence counts: the `transformer.forward` signature (logits, cache)."""
+    logits, cache, _ = run(params, config, tokens, positions, cache, mask, **options)
     return logits, cache
 
 
@@ -571,11 +588,17 @@ class RecurrentModel:
         `skip_layers` is refused (a recurrent model has no layer to skip)."""
         if options.pop("skip_layers", ()):
             raise ValueError("skip_layers: a recurrent-depth model has no layers to skip")
+        logits, cache, _ = self.run(tokens, positions, cache, mask, **options)
+        return logits, cache
+
+    def run(self, tokens: jax.Array, positions: jax.Array, cache: Cache | None = None, mask: jax.Array | None = None,
+            **options: Any) -> tuple[jax.Array, Cache | None, jax.Array]:
+        """`recurrent.run` (logits, cache, recurrences per row) with this model's parameters and options."""
         bound = dict(num_recurrences=self.num_recurrences, init_scale=self.options.init_scale, key=self.options.key)
-        logits, cache = forward(self.params, self.config, tokens, positions, cache, mask, **{**bound, **options})
+        logits, cache, count = run(self.params, self.config, tokens, positions, cache, mask, **{**bound, **options})
         if self.sharding is not None and cache is not None:
             cache = self.sharding.constrain(cache, self.cache_axes)
-        return logits, cache
+        return logits, cache, count
 
     def new_cache(self, batch_size: int, capacity: int, *, max_chunk: int | None = None,
                   cache: str | None = None, recurrences: int | None = None) -> Cache:
@@ -586,7 +609,7 @@ class RecurrentModel:
         kind = cache or self.options.cache
         if recurrences is None:
             recurrences = self.options.cache_recurrences
-        if recurrences is None:
+        if recurrences is None and kind == "exact":
             recurrences = int(self.num_recurrences)
         made = new_cache(self.config, batch_size, capacity, cache_recurrence_slots(kind, recurrences))
         if self.sharding is not None:
