@@ -296,3 +296,19 @@ def test_huginn_config_refuses_what_it_cannot_compute():
         huginn.config_from_huginn({"injection_type": "add", "n_embd": 32, "n_heads": 4})
     with pytest.raises(ValueError, match="missing tensors"):
         huginn.params_from_huginn({}, CONFIG)
+
+
+# --- the shipped demo --------------------------------------------------------------------------------------------
+
+
+def test_shipped_demo_loss_falls_with_recurrences():
+    """demo-code-recurrent (a Huginn directory in jspec/assets) loads as a recurrent-depth model, and more
+    recurrences than one lower its held-out loss (the r=1 model is the shallowest network it can be)."""
+    from jspec.train import recurrence_eval
+
+    shipped = jspec.load("demo-code-recurrent")
+    assert isinstance(shipped, rc.RecurrentModel) and shipped.config.mean_recurrence == 4
+    windows = recurrence_eval.heldout_windows(shipped.tokenizer, 256, 4)
+    losses = {r: recurrence_eval.heldout_loss(shipped, windows, r) for r in (1, 2, 4)}
+    print("held-out loss by r:", losses)
+    assert losses[2] < losses[1] and losses[4] < losses[1]

@@ -24,7 +24,7 @@ from flax import struct
 from jspec import processors, sampling
 from jspec.cache import Cache
 from jspec.models import recurrent
-from jspec.strategies.autoregressive import emit_sampled
+from jspec.strategies.autoregressive import AutoregressiveState, emit_sampled
 from jspec.strategies.base import (
     DecodeOutput,
     FinishReason,
@@ -74,17 +74,8 @@ def validate_recurrence_options(strategy: Any, model: Any, name: str) -> None:
 
 
 @struct.dataclass
-class RecurrentState:
-    cache: Cache
-    pending: jax.Array  # [B] int32: the last emitted token, not yet in the cache
-    output: OutputBuffer
-    sampling: sampling.SamplingParams
-    processing: processors.Processing
-    stop_tokens: jax.Array  # [B, K]
-    key: jax.Array
+class RecurrentState(AutoregressiveState):
     state_key: jax.Array  # draws the initial states s_0
-    step: jax.Array  # [] int32
-    model_calls: jax.Array  # [] int32
     recurrences: jax.Array  # [B] int32: core iterations spent on each row's emitted tokens
     sequential_recurrences: jax.Array  # [] int32: core iterations run one after another (the batch's loop)
 
