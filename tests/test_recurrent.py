@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -289,6 +290,46 @@ def test_huginn_weights_use_interleaved_rope(model, tmp_path):
     ours = np.einsum("thd,shd->hts", _rope(qj, CONFIG.rope_theta), _rope(kj, CONFIG.rope_theta))
     assert np.max(np.abs(ours - reference_scores)) < 1e-4
     assert set(tensors) == set(saved)
+
+
+REFERENCE_DIR = os.environ.get("JSPEC_HUGINN_REFERENCE")  # a directory holding recpre/raven_{modeling,config}_minimal.py
+
+
+@pytest.mark.skipif(not REFERENCE_DIR, reason="set JSPEC_HUGINN_REFERENCE to a checkout of seal-rg/recurrent-pretraining")
+def test_reference_modeling_file_gives_the_same_logits(tmp_path):
+    """The reference RavenForCausalLM (seal-rg/recurrent-pretraining, recpre/raven_modeling_minimal.py, written for
+    transformers 4.47: two shims for transformers 5) on a tiny random config, its state dict and config written as
+    a Huginn directory, against jspec's forward of that directory (s_0 = 0, r = 1 and 3)."""
+    import sys
+    import types
+
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, REFERENCE_DIR)
+    from recpre import raven_modeling_minimal as reference
+    from recpre.raven_config_minimal import RavenConfig
+
+    reference.RavenForCausalLM._tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+    reference.CausalLMOutputRecurrentLatents = lambda **fields: types.SimpleNamespace(**fields)
+    config = RavenConfig(n_embd=32, n_heads=4, n_layers=4, block_size=64, vocab_size=61, intermediate_size=48,
+                         n_layers_in_prelude=1, n_layers_in_recurrent_block=2, n_layers_in_coda=1, mean_recurrence=4,
+                         mean_backprop_depth=2, torch_dtype="float32")
+    torch.manual_seed(0)
+    model = reference.RavenForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "qk_bias" in name:
+                parameter.normal_(0, 0.1)
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    loaded = jspec.load(tmp_path)
+    ids = torch.tensor([SEQUENCE])
+    for r in (1, 3):
+        with torch.no_grad():
+            expected = model(ids, num_steps=torch.tensor([r]), init_scale=0.0).logits.numpy()
+        ours, _ = loaded.forward(jnp.asarray(ids.numpy()), jnp.arange(len(SEQUENCE))[None], num_recurrences=r)
+        assert np.max(np.abs(np.asarray(ours) - expected)) < 1e-4
 
 
 def test_huginn_config_refuses_what_it_cannot_compute():
