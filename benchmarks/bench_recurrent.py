@@ -40,6 +40,7 @@ def decoders(quick: bool) -> list[tuple[str, str, dict]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="demo-code-recurrent", help="a recurrent-depth model name or directory")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--prompts", type=int, default=None)
     parser.add_argument("--new-tokens", type=int, default=None)
@@ -51,8 +52,8 @@ def main() -> None:
     rounds = args.rounds or (1 if args.quick else 2)
     num_windows = args.windows or (16 if args.quick else 64)
 
-    model = jspec.load("demo-code-recurrent")
-    print(f"demo-code-recurrent: {model.num_parameters():,} parameters; jax {jax.__version__} on {jax.default_backend()}")
+    model = jspec.load(args.model)
+    print(f"{args.model}: {model.num_parameters():,} parameters; jax {jax.__version__} on {jax.default_backend()}")
 
     windows = recurrence_eval.heldout_windows(model.tokenizer, 256, num_windows)
     losses = []
