@@ -20,7 +20,8 @@ Weights (torch Linear weights are [out, in]; jspec stores [in, out]):
     transformer.{...}.{i}.mlp.proj.weight [D, F]           down
     transformer.adapter.weight [D, 2D]                     adapter
     transformer.ln_f.weight [D]                            final_norm
-    lm_head.weight [V, D]                                  tied to wte (Huginn-0125); lm_head [D, V] otherwise
+    lm_head.weight [V, D]                                  tied to wte (Huginn-0125: ignored on load, not written);
+                                                           lm_head [D, V] otherwise
     freqs_cis                                              a RoPE table buffer: ignored on load, written on save
 Huginn applies RoPE to interleaved feature pairs (2j, 2j+1) of each head; jspec rotates halves (j, j + Dh/2).
 Reordering each head's q and k features as [0, 2, 4, ..., 1, 3, 5, ...] maps one onto the other and leaves every
@@ -192,8 +193,8 @@ def _layer_shape(config: RecurrentConfig, name: str) -> tuple[int, ...]:
 
 
 def params_to_huginn(params: dict[str, Any], config: RecurrentConfig) -> dict[str, np.ndarray]:
-    """Huginn tensors (torch layout, float32 or the params' dtype) from the parameter pytree; the inverse of
-    `params_from_huginn`, plus the tied lm_head and the RoPE buffer `freqs_cis` the reference registers."""
+    """Huginn tensors (torch layout, the params' dtype) from the parameter pytree; the inverse of
+    `params_from_huginn`, plus the RoPE buffer `freqs_cis` the reference registers (a tied lm_head is left out)."""
     inverse = np.argsort(_head_order(config))
     host = lambda x: np.asarray(x)  # noqa: E731
     tensors: dict[str, np.ndarray] = {"transformer.wte.weight": host(params["embed"])}
@@ -213,7 +214,8 @@ def params_to_huginn(params: dict[str, Any], config: RecurrentConfig) -> dict[st
                 tensors[prefix + "attn.qk_bias"] = bias.reshape(2, 1, config.num_heads, config.head_size)
     tensors["transformer.adapter.weight"] = host(params["adapter"]).T
     tensors["transformer.ln_f.weight"] = host(params["final_norm"])
-    tensors["lm_head.weight"] = host(params["embed"] if config.tie_embeddings else params["lm_head"].T)
+    if not config.tie_embeddings:  # tied: left out, as transformers' save_pretrained does (the model ties it on load)
+        tensors["lm_head.weight"] = host(params["lm_head"]).T
     tensors["freqs_cis"] = rope_buffer(config)
     return {name: np.ascontiguousarray(value) for name, value in tensors.items()}
 
