@@ -87,16 +87,21 @@ def reference_greedy(params, config, prompt, r, new):
     return tokens[len(prompt):]
 
 
+@jax.jit
+def _cached_forward(model, tokens, positions, cache, r):
+    return model.forward(tokens, positions, cache, num_recurrences=r)
+
+
 def cached_logits(model, tokens, r, cache_kind, prefill=4):
     """Logits of `tokens` [T] through the cache: a prefill of `prefill` tokens, then one token at a time."""
     tokens = jnp.asarray(tokens)[None]
     cache = model.new_cache(1, 32, cache=cache_kind, recurrences=8)
     positions = jnp.arange(tokens.shape[1])[None]
-    logits, cache = model.forward(tokens[:, :prefill], positions[:, :prefill], cache, num_recurrences=r)
+    logits, cache = _cached_forward(model, tokens[:, :prefill], positions[:, :prefill], cache, r)
     cache = cache.with_lengths(cache.lengths + prefill)
     out = [logits]
     for t in range(prefill, tokens.shape[1]):
-        logits, cache = model.forward(tokens[:, t:t + 1], positions[:, t:t + 1], cache, num_recurrences=r)
+        logits, cache = _cached_forward(model, tokens[:, t:t + 1], positions[:, t:t + 1], cache, r)
         cache = cache.with_lengths(cache.lengths + 1)
         out.append(logits)
     return np.asarray(jnp.concatenate(out, axis=1)[0])
