@@ -43,7 +43,14 @@ JACOBI_OPTIONS = (  # name, help, argparse keywords
     ("relaxed", "relaxed acceptance: gsd (needs --lossy)", {}),
 )
 JACOBI_FLAGS = tuple(name for name, _, _ in JACOBI_OPTIONS)
-OPTION_FLAGS = SAMPLING_FLAGS + SPECULATIVE_FLAGS + BEAM_FLAGS + DIFFUSION_FLAGS + GENERATION_FLAGS + JACOBI_FLAGS
+RECURRENT_OPTIONS = (  # name, help, argparse keywords
+    ("num_recurrences", "core iterations per token (recurrent_adaptive: at most); default the model's mean", {"type": int}),
+    ("inner_recurrence", "diffusion_forcing: core iterations per step, 4", {"type": int}),
+    ("max_wavefront", "diffusion_forcing: positions in flight at most, 128", {"type": int}),
+)
+RECURRENT_FLAGS = tuple(name for name, _, _ in RECURRENT_OPTIONS)
+OPTION_FLAGS = (SAMPLING_FLAGS + SPECULATIVE_FLAGS + BEAM_FLAGS + DIFFUSION_FLAGS + GENERATION_FLAGS + JACOBI_FLAGS
+                + RECURRENT_FLAGS)
 FLAG_NAMES = {"cache": "--diffusion-cache", "init": "--jacobi-init"}  # option name -> its flag, where they differ
 REQUIRED = inspect.Parameter.empty  # the default of an option a strategy needs
 USER_ERRORS = (ValueError, TypeError, OSError)  # what a user's input can cause; anything else is a bug, shown in full
@@ -65,6 +72,9 @@ GUARANTEES = {
     "jacobi": "lossless: greedy Jacobi iteration, token-identical to greedy",
     "sjd": "Speculative Jacobi Decoding, distribution-identical (lossy only with lossy=True, relaxed=gsd)",
     "lookahead": "lossless: Lookahead n-gram pool from Jacobi trajectories, greedy and sampling",
+    "recurrent": "recurrent-depth models: r core iterations per token; the exact cache equals full recomputation",
+    "recurrent_adaptive": "recurrent-depth models: per-token early exit; threshold 0 is recurrent at the maximum r",
+    "diffusion_forcing": "recurrent-depth models: parallel window sampler (lossy; one-per-step schedule = recurrent)",
 }
 
 
@@ -189,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     jacobi = generate.add_argument_group("Jacobi decoding (jacobi, sjd, lookahead; window size: --num-draft-tokens)")
     for name, help, kwargs in JACOBI_OPTIONS:
         option(jacobi, name, help, **kwargs)
+    recurrent = generate.add_argument_group("recurrent depth (recurrent, recurrent_adaptive, diffusion_forcing; e.g. "
+                                            "with demo-code-recurrent)")
+    for name, help, kwargs in RECURRENT_OPTIONS:
+        option(recurrent, name, help, **kwargs)
     generate.add_argument(
         "--set", action="append", default=[], metavar="NAME=VALUE", help="any other strategy option, e.g. --set num_draft_tokens=4"
     )

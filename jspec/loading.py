@@ -117,12 +117,19 @@ def _sharded(model: Model, mesh: Any, rules: Mapping[str, Any] | None) -> Model:
 
 
 def save(model: Model, path: str | Path, *, overwrite: bool = False) -> Path:
-    """Write `model` as a jspec orbax checkpoint that `jspec.load(path)` reads back bit for bit.
+    """Write `model` as a jspec orbax checkpoint that `jspec.load(path)` reads back bit for bit (a recurrent-depth
+    model: as a Huginn-0125 directory, `jspec.checkpoint.huginn`, which it also reads back bit for bit in float32).
 
     path: a new or empty directory. A non-empty one raises ValueError (and is left untouched) unless `overwrite`,
     which replaces it atomically: an interrupted save never leaves a half-written directory, and an interrupted
     overwrite keeps the old content. See `jspec.checkpoint.orbax_store`.
     """
+    from jspec.models.recurrent import RecurrentModel
+
+    if isinstance(model, RecurrentModel):  # recurrent-depth models are written in the Huginn-0125 format
+        from jspec.checkpoint.huginn import save_huginn
+
+        return save_huginn(model, path, overwrite=overwrite)
     from jspec.checkpoint import orbax_store
 
     return orbax_store.save(model, path, overwrite=overwrite)

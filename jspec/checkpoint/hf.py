@@ -510,6 +510,10 @@ def load_hf(path: str | Path, dtype: str | None = None, *, mesh: Any = None, rul
         hf_config = json.loads(config_path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"load_hf: {config_path} is not valid JSON ({error})") from None
+    from jspec.checkpoint import huginn
+
+    if huginn.is_huginn_config(hf_config):  # a recurrent-depth model (Huginn-0125): its own family and format
+        return huginn.load_huginn(path, dtype, mesh=mesh, rules=rules)
     generation_path = path / "generation_config.json"
     generation = json.loads(generation_path.read_text()) if generation_path.is_file() else None
     config = config_from_hf(hf_config, dtype=dtype, name=hf_config.get("_name_or_path") or path.name, generation_config=generation)

@@ -7,6 +7,7 @@ from jspec.strategies.diffusion import MaskedDiffusion, MaskedDiffusionState
 from jspec.strategies.drafters import Drafter, DraftModelDrafter, LayerSkipDrafter, PromptLookupDrafter
 from jspec.strategies.jacobi import GroupedAcceptance, JacobiDrafter
 from jspec.strategies.lookahead import LookaheadDrafter
+from jspec.strategies.recurrent import DiffusionForcing, RecurrentDepth
 from jspec.strategies.speculative import Speculative, SpeculativeState
 from jspec.strategies.tree import TreeTemplate
 from jspec.strategies.base import (
@@ -28,6 +29,7 @@ __all__ = [
     "BlockDiffusion",
     "BlockDiffusionState",
     "DecodeOutput",
+    "DiffusionForcing",
     "DraftModelDrafter",
     "Drafter",
     "FinishReason",
@@ -39,6 +41,7 @@ __all__ = [
     "MaskedDiffusionState",
     "OutputBuffer",
     "PromptLookupDrafter",
+    "RecurrentDepth",
     "Prompts",
     "Speculative",
     "SpeculativeState",

@@ -175,7 +175,8 @@ class OutputBuffer:
 
 # Stats with one entry per row (the others are per call: counts, histograms, per-depth rates).
 ROW_STATS = frozenset({"tokens_generated", "active_steps", "emitted_drafts", "emitted_corrections",
-                       "mean_accepted_length", "block_forwards", "sequence_scores"})
+                       "mean_accepted_length", "block_forwards", "sequence_scores", "recurrences_per_token",
+                       "recurrences_per_frozen_position"})
 
 
 @dataclasses.dataclass

@@ -13,13 +13,15 @@ the recipe's `objective_options`, and is then a pure function
 - metrics: at least "loss_sum" and "token_count" (float32 scalars), so evaluation can average over many
   batches exactly; anything else is logged.
 
-Registered here: "causal_lm", "masked_diffusion" (LLaDA / MDLM, optionally Dream's shifted logits) and
-"block_diffusion" (Fast-dLLM v2: [noisy ; clean] with complementary masks and token shift). Others register
-beside them (`register_objective(name, factory)`) without touching the trainer.
+Registered here: "causal_lm", "masked_diffusion" (LLaDA / MDLM, optionally Dream's shifted logits),
+"block_diffusion" (Fast-dLLM v2: [noisy ; clean] with complementary masks and token shift) and "recurrent_lm"
+(a recurrent-depth model with Huginn's recurrence sampling). Evaluation passes the batch with "evaluation": True,
+for objectives that compute differently there (recurrent_lm: a fixed r). Others register beside them (`register_objective(name, factory)`) without touching the trainer.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Protocol
 
 import jax
@@ -183,6 +185,74 @@ def block_diffusion(config: TransformerConfig, min_mask_ratio: float = 1e-3) -> 
     return objective
 
 
+def recurrent_nll(
+    params: Any, config: Any, tokens: jax.Array, num_recurrences: Any, init_scale: Any = 0.0, key: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:  # tokens [B, L + 1] -> (loss_sum, token_count, accuracy)
+    """Next-token cross-entropy of a recurrent-depth model run at r = num_recurrences (no gradient split)."""
+    from jspec.models import recurrent
+
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    logits, _ = recurrent.forward(params, config, inputs, _positions(*inputs.shape), num_recurrences=num_recurrences,
+                                  init_scale=init_scale, key=key)
+    losses = token_cross_entropy(logits, targets)
+    accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == targets)
+    return jnp.sum(losses), jnp.float32(losses.size), accuracy
+
+
+def sample_recurrences(key: jax.Array, mean: int, backprop_depth: int, max_recurrence: int,
+                       sigma: float = 0.5) -> tuple[jax.Array, jax.Array]:
+    """Huginn's "poisson-lognormal-filling" draw: lambda ~ LogNormal(ln(mean) - sigma^2 / 2, sigma), r ~ Poisson(lambda)
+    + 1 (capped at max_recurrence); returns (recurrences without gradient max(r - k, 0), with gradient min(k, r))."""
+    rate_key, count_key = jax.random.split(key)
+    rate = jnp.exp(math.log(mean) - sigma**2 / 2 + sigma * jax.random.normal(rate_key, ()))
+    total = jnp.minimum(jax.random.poisson(count_key, rate) + 1, max_recurrence).astype(jnp.int32)
+    return jnp.maximum(total - backprop_depth, 0), jnp.minimum(total, backprop_depth)
+
+
+def recurrent_lm(config: Any, init_scale: float = 1.0, max_recurrence: int | None = None, sigma: float = 0.5) -> Objective:
+    """Next-token cross-entropy of a recurrent-depth model (jspec.models.recurrent) with Huginn's recurrence sampling:
+    per step one r drawn by `sample_recurrences` (mean config.mean_recurrence, at most max_recurrence, default 4x
+    the mean); the first max(r - k, 0) recurrences run without gradient, the last min(k, r) with it (truncated
+    backpropagation, k = config.mean_backprop_depth); the initial state is random at `init_scale` (1, as Huginn).
+    Evaluation: r = config.mean_recurrence, s_0 = 0 (what decoding uses by default)."""
+    from jspec.models import recurrent
+
+    depth = config.mean_backprop_depth
+    cap = max_recurrence or 4 * config.mean_recurrence
+
+    def objective(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple[jax.Array, Metrics]:
+        tokens = batch["tokens"]
+        if batch.get("evaluation", False):
+            loss_sum, count, accuracy = recurrent_nll(params, config, tokens, config.mean_recurrence)
+            return loss_sum / count, {"loss_sum": loss_sum, "token_count": count, "accuracy": accuracy}
+        draw_key, state_key = jax.random.split(key)
+        without_grad, with_grad = sample_recurrences(draw_key, config.mean_recurrence, depth, cap, sigma)
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        positions = _positions(*inputs.shape)
+        context = recurrent.attention_context(config, positions, None, None, None)
+        embedded, _ = recurrent.embed(params, config, inputs, None, context)
+        state = recurrent.initial_state(config, state_key, positions, init_scale, embedded.dtype)
+        frozen = jax.lax.stop_gradient((params, embedded))
+        state, _, _, _ = recurrent.recur(*frozen[:1], config, frozen[1], state, without_grad, None, context)
+        state = jax.lax.stop_gradient(state)
+
+        def grad_step(state, index):
+            step = lambda s: recurrent.core_step(params, config, s, embedded, 0, None, context)[0]  # noqa: E731
+            return jax.lax.cond(index < with_grad, step, lambda s: s, state), None
+
+        state, _ = jax.lax.scan(grad_step, state, jnp.arange(depth))
+        logits, _ = recurrent.readout(params, config, state, None, context)
+        losses = token_cross_entropy(logits, targets)
+        loss_sum, count = jnp.sum(losses), jnp.float32(losses.size)
+        accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == targets)
+        metrics = {"loss_sum": loss_sum, "token_count": count, "accuracy": accuracy,
+                   "recurrences": (without_grad + with_grad).astype(jnp.float32)}
+        return loss_sum / count, metrics
+
+    return objective
+
+
 register_objective("causal_lm", causal_lm)
+register_objective("recurrent_lm", recurrent_lm)
 register_objective("masked_diffusion", masked_diffusion)
 register_objective("block_diffusion", block_diffusion)

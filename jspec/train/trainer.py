@@ -39,7 +39,6 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jspec.models import transformer
 from jspec.models.config import TransformerConfig
 from jspec.models.model import Model
 from jspec.sharding import DATA, MODEL, auto_mesh, describe, parse_mesh, place, to_host
@@ -269,8 +268,25 @@ def initial_model(name: str) -> Model:
     return _INITIAL_MODELS[name]
 
 
+def model_class(model_cfg: Any) -> Any:
+    """The model class of a config's family: `RecurrentModel` for a `RecurrentConfig`, else `Model`."""
+    from jspec.models.recurrent import RecurrentConfig, RecurrentModel
+
+    return RecurrentModel if isinstance(model_cfg, RecurrentConfig) else Model
+
+
 def model_config(config: TrainConfig, tokenizer: Any) -> TransformerConfig:
     values = dict(config.model)
+    from jspec.models.recurrent import RecurrentConfig, is_recurrent_config
+
+    if is_recurrent_config(values):  # a recurrent-depth model (jspec.models.recurrent); no init_from / mask token
+        values.setdefault("name", config.name)
+        values.setdefault("vocab_size", tokenizer.vocab_size)
+        values.setdefault("eos_token_ids", list(tokenizer.eos_token_ids))
+        values.setdefault("pad_token_id", tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else 0)
+        values.setdefault("max_position_embeddings", max(config.seq_len, 2048))
+        values["dtype"] = "float32"
+        return RecurrentConfig.from_dict(values)
     if config.init_from:
         start = initial_model(config.init_from).config.to_dict()
         architecture = {"hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "head_dim"}
@@ -344,7 +360,7 @@ def _compiled_functions(config: TrainConfig, model_cfg: TransformerConfig, mesh:
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     def evaluate(params, tokens: jax.Array):
-        _, metrics = objective(cast(params), {"tokens": tokens}, jax.random.fold_in(base_key, 2))
+        _, metrics = objective(cast(params), {"tokens": tokens, "evaluation": True}, jax.random.fold_in(base_key, 2))
         return metrics["loss_sum"], metrics["token_count"]
 
     if len(_COMPILED) >= _COMPILED_MAX:
@@ -388,7 +404,8 @@ class Trainer:
         if self.config.init_from:
             params = grown_vocabulary(initial_model(self.config.init_from).params, self.model_config.vocab_size)
         else:
-            params = transformer.init_params(self.model_config, jax.random.fold_in(self.base_key, 0), self.config.init_scale)
+            params = model_class(self.model_config).random(
+                self.model_config, jax.random.fold_in(self.base_key, 0), self.config.init_scale).params
         return self.place_state(TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params)))
 
     def evaluate(self, params, max_windows: int | None) -> dict[str, float]:
@@ -599,7 +616,7 @@ def train(
         )
     store.close()
     recent = [h["loss"] for h in history if "loss" in h][-50:]
-    model = Model(params=to_host(state.params), config=trainer.model_config, tokenizer=data.tokenizer)
+    model = model_class(trainer.model_config)(params=to_host(state.params), config=trainer.model_config, tokenizer=data.tokenizer)
     model = model.replace(params=jax.tree.map(jnp.asarray, model.params))
     result = TrainResult(
         model=model,
@@ -614,9 +631,9 @@ def train(
         out_dir=out,
     )
     if steps_done >= config.steps:
-        from jspec.checkpoint import orbax_store
+        from jspec.loading import save
 
-        orbax_store.save(model, out / "model", overwrite=True)
+        save(model, out / "model", overwrite=True)  # an orbax checkpoint (a recurrent-depth model: a Huginn directory)
         summary = {
             "name": config.name,
             "steps": steps_done,
