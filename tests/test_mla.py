@@ -49,9 +49,14 @@ def test_absorbed_equals_expanded():
     rope_key = jax.random.normal(keys[3], (batch, slots, mla.qk_rope_head_dim))
     kv_b = 0.3 * jax.random.normal(keys[4], (mla.kv_lora_rank, heads * (mla.qk_nope_head_dim + mla.v_head_dim)))
     mask = jnp.arange(slots)[None, None, :] <= jnp.array([[5, 6, 7], [8, 9, 10]])[:, :, None]
-    expanded = expanded_attention(q_nope, q_rope, latent, rope_key, kv_b, mask, config)
-    w_uk, w_uv = split_kv_b(kv_b, config)
-    absorbed = absorbed_attention(q_nope, q_rope, latent, rope_key, w_uk, w_uv, mask, softmax_scale(config))
+
+    @jax.jit
+    def both(q_nope, q_rope, latent, rope_key, kv_b, mask):
+        expanded = expanded_attention(q_nope, q_rope, latent, rope_key, kv_b, mask, config)
+        w_uk, w_uv = split_kv_b(kv_b, config)
+        return expanded, absorbed_attention(q_nope, q_rope, latent, rope_key, w_uk, w_uv, mask, softmax_scale(config))
+
+    expanded, absorbed = both(q_nope, q_rope, latent, rope_key, kv_b, mask)
     assert expanded.shape == absorbed.shape == (batch, length, heads, mla.v_head_dim)
     assert float(jnp.abs(expanded - absorbed).max()) < 1e-5
 
@@ -70,15 +75,23 @@ def test_cache_holds_only_latents_and_decode_equals_full_forward():
 
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (2, 10)), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(10), (2, 10))
-    full, _ = model.forward(tokens, positions)  # expanded form over the chunk
-    logits, cache = model.forward(tokens[:, :6], positions[:, :6], cache)  # prefill: expanded over the cache
+    forward = jax.jit(lambda model, tokens, positions, cache: model.forward(tokens, positions, cache))
+    full, _ = forward(model, tokens, positions, None)  # expanded form over the chunk
+    logits, cache = forward(model, tokens[:, :6], positions[:, :6], cache)  # prefill: expanded over the cache
     steps = [logits]
     cache = cache.with_lengths(jnp.full((2,), 6))
     for t in range(6, 10):  # decode: absorbed
-        logits, cache = model.forward(tokens[:, t:t + 1], positions[:, t:t + 1], cache)
+        logits, cache = forward(model, tokens[:, t:t + 1], positions[:, t:t + 1], cache)
         cache = cache.with_lengths(cache.lengths + 1)
         steps.append(logits)
     assert float(jnp.abs(jnp.concatenate(steps, axis=1) - full).max()) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def greedy_reference():
+    target = random_model(0, num_layers=2)
+    prompts = [[5, 17, 3, 99, 42, 7, 5, 17], [9, 2, 44], [1, 2, 3, 1, 2]]
+    return target, prompts, jspec.decode(target, prompts, "greedy", max_new_tokens=12, stop_tokens=[]).sequences()
 
 
 @pytest.mark.parametrize("strategy, options", [
@@ -89,10 +102,8 @@ def test_cache_holds_only_latents_and_decode_equals_full_forward():
     ("speculative", dict(num_draft_tokens=2, gqa_draft=True)),
     ("self_speculative", dict(skip_layers=(1,), num_draft_tokens=2)),
 ])
-def test_strategies_on_an_mla_target_equal_greedy(strategy, options):
-    target = random_model(0, num_layers=2)
-    prompts = [[5, 17, 3, 99, 42, 7, 5, 17], [9, 2, 44], [1, 2, 3, 1, 2]]
-    greedy = jspec.decode(target, prompts, "greedy", max_new_tokens=12, stop_tokens=[]).sequences()
+def test_strategies_on_an_mla_target_equal_greedy(strategy, options, greedy_reference):
+    target, prompts, greedy = greedy_reference
     options = dict(options)
     if strategy == "speculative":
         if options.pop("gqa_draft", False):
