@@ -48,8 +48,9 @@ def tpla(
     rules: Mapping[str, Any] | None = None,
 ) -> Any:
     """The model with its MLA layers decoding by TPLA on `mesh` (axes "data", "model": `jspec.make_mesh`): the
-    transform folded in, the latent cache and kv_b's latent rows split over "model", everything else placed by the
-    usual rules (`jspec.shard`). calibration: token ids [N, T] (ints) whose latents give the "pca" transform.
+    transform folded in, the latent cache and kv_b's latent rows split over "model", the attention head projections
+    replicated (each device computes every head on its latent slice), everything else (MLP, vocabulary, batch)
+    placed by the usual rules (`jspec.shard`); `rules` overrides any of these. calibration: token ids [N, T] (ints) whose latents give the "pca" transform.
     Raises ArgumentError naming the argument for a model without MLA layers, an unknown transform or rope placement,
     a missing calibration, or a latent (or split RoPE) size the model axis does not divide."""
     config = model.config
@@ -60,7 +61,8 @@ def tpla(
     rotations = latent_rotations(model, transform, calibration)
     folded = fold_latent_rotation(model, rotations)
     folded = folded.replace(kernels=folded.kernels.replace(latent_parallel=None, sharding=None))
-    plan = {"latent": "model", "rope_dim": "model" if rope == "split" else None}
+    # every device computes every head on its latent slice: the head projections are replicated over "model"
+    plan = {"latent": "model", "rope_dim": "model" if rope == "split" else None, "q_heads": None}
     placed = shard(folded, mesh, {**plan, **dict(rules or {})})
     return placed.replace(kernels=placed.kernels.replace(latent_parallel=options))
 
