@@ -136,7 +136,7 @@ def test_config_validation_names_the_field():
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-torch.set_num_threads(1)
+from test_hf import hf_greedy, hf_logits, randomize_weights  # noqa: E402  (tests/ is on the path under pytest)
 
 HF_BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=4, q_lora_rank=32, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
@@ -163,34 +163,17 @@ def build_hf(family: str, seed: int = 0):
     config_class, model_class, overrides = FAMILIES[family]
     config = getattr(transformers, config_class)(**{**HF_BASE, **overrides})
     torch.manual_seed(seed)
-    model = getattr(transformers, model_class)(config).eval()
+    model = randomize_weights(getattr(transformers, model_class)(config).eval())
     with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith("norm.weight"):
-                parameter.copy_(1.0 + 0.2 * torch.randn_like(parameter))
-            else:
-                parameter.normal_(0.0, 0.3)
         for name, buffer in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # exercise the selection-only bias
                 buffer.copy_(0.3 * torch.randn_like(buffer))
     return model
 
 
-def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
-
-
 def jspec_logits(model: jspec.Model, tokens: np.ndarray) -> np.ndarray:
     tokens = jnp.asarray(tokens, jnp.int32)
     return np.asarray(model.forward(tokens, jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape))[0])
-
-
-def hf_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
-    model.generation_config.eos_token_id = None
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=new_tokens, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -34,7 +34,8 @@ from jax.sharding import PartitionSpec as P
 
 from jspec import masks
 from jspec.cache import move_slots, scatter_layer_rows, take_rows
-from jspec.models.config import yarn_mscale, YarnScaling
+from jspec.models.attention.full import FullContext
+from jspec.models.config import YarnScaling, yarn_mscale
 from jspec.models.layers import MASKED_SCORE, apply_rope, attend, rms_norm, rope_tables
 
 MAX_CHAIN_TOKENS = 8  # longest chunk (tokens per row) that attends in the absorbed (decode) form
@@ -51,12 +52,11 @@ class LatentEntry:
     def write(self, layer: jax.Array, latent: jax.Array, rope_key: jax.Array, slots: jax.Array) -> "LatentEntry":
         """Scatter one layer's chunk latents [B, T, r] and RoPE keys [B, T, dr] to slots [B, T] (out of range:
         dropped)."""
-        return self.replace(latent=scatter_layer_rows(self.latent, layer, latent, slots),
-                            rope_key=scatter_layer_rows(self.rope_key, layer, rope_key, slots))
+        chunk = LatentEntry(latent=latent, rope_key=rope_key)
+        return jax.tree.map(lambda buffer, update: scatter_layer_rows(buffer, layer, update, slots), self, chunk)
 
     def compact(self, source_slots: jax.Array, destination_start: jax.Array, capacity: int) -> "LatentEntry":
-        return self.replace(latent=move_slots(self.latent, source_slots, destination_start),
-                            rope_key=move_slots(self.rope_key, source_slots, destination_start))
+        return jax.tree.map(lambda leaf: move_slots(leaf, source_slots, destination_start), self)  # [L, B, S, ...]
 
     def gather_rows(self, rows: jax.Array) -> "LatentEntry":
         return jax.tree.map(lambda leaf: take_rows(leaf, rows), self)
@@ -82,13 +82,10 @@ class LatentParallel:
 
 
 @dataclasses.dataclass(frozen=True)
-class MLAContext:
-    cos: jax.Array  # [B, T, dr]
-    sin: jax.Array  # [B, T, dr]
-    mask: jax.Array | None  # [B, T, S] bool; None on the kernel path
-    write_slots: jax.Array | None  # [B, T]
-    absorbed: bool  # decode-sized chunk over a cache: the absorbed form
-    use_kernels: bool
+class MLAContext(FullContext):
+    """FullContext's fields (cos and sin [B, T, dr]) and whether the chunk attends in the absorbed form."""
+
+    absorbed: bool = False  # decode-sized chunk over a cache
 
 
 def softmax_scale(config: Any) -> float:
@@ -198,7 +195,7 @@ class MLAAttention:
             if mask is None:
                 query_slots = jnp.broadcast_to(jnp.arange(length)[None, :], (batch, length))
                 mask = masks.causal_mask(query_slots, length)
-            return MLAContext(cos, sin, mask, None, False, False)
+            return MLAContext(cos, sin, mask, None, use_kernels=False, absorbed=False)
         if type(entry) is not LatentEntry:
             raise ValueError(f"cache: an MLA layer needs a LatentEntry, the cache holds {type(entry).__name__}; "
                              "create caches with model.new_cache(...)")
@@ -206,7 +203,7 @@ class MLAAttention:
         use_kernels = False  # no MLA decode kernel is wired yet (see kernel_attend)
         if mask is None and not use_kernels:
             mask = masks.causal_mask(write_slots, capacity)
-        return MLAContext(cos, sin, mask, write_slots, absorbed, use_kernels)
+        return MLAContext(cos, sin, mask, write_slots, use_kernels=use_kernels, absorbed=absorbed)
 
     def apply(self, params, config, normed, entry, layer, context: MLAContext):
         q_nope, q_rope = self.queries(params, config, normed, context)
