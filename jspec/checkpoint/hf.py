@@ -122,7 +122,8 @@ def config_from_hf(
     mla = moe = None
     if hf_deepseek.is_deepseek(architecture):
         mla, moe = hf_deepseek.mla_moe_from_hf(architecture, field, num_layers)
-        head_dim = mla.qk_rope_head_dim  # transformers' head_dim for DeepSeek: the RoPE dims
+        # MLA layers do not use head_dim (transformers sets it to the RoPE dims); kept at its default when that is valid
+        head_dim = hidden_size // num_heads if (hidden_size // num_heads) % 2 == 0 else mla.qk_rope_head_dim
 
     if field("hidden_act", "silu") not in _ACTIVATIONS:
         raise ValueError(f"config.json ({architecture}): hidden_act {field('hidden_act')!r} is not supported; jspec's MLP is SwiGLU (silu)")
