@@ -9,6 +9,7 @@ from jspec.models import Model, RopeScaling, TransformerConfig
 from jspec.sharding import make_mesh, shard
 from jspec.strategies import Autoregressive, DecodeOutput, FinishReason, register_strategy, strategy_names
 from jspec.tokenizer import ByteTokenizer
+from jspec.tpla import tpla
 from jspec.validation import ArgumentError
 
 __version__ = "0.1.0"
@@ -38,5 +39,6 @@ __all__ = [
     "stream",
     "strategies",
     "strategy_names",
+    "tpla",
     "trace_count",
 ]

@@ -43,7 +43,8 @@ DEFAULT_RULES: Mapping[str, str | None] = {
     "vocab": MODEL,
 }
 UNITS = {"q_heads": "attention heads", "kv_heads": "KV heads", "mlp": "MLP hidden units",
-         "vocab": "vocabulary entries", "batch": "batch rows"}
+         "vocab": "vocabulary entries", "batch": "batch rows", "latent": "MLA latent dims (kv_lora_rank)",
+         "rope_dim": "MLA RoPE key dims (qk_rope_head_dim)"}
 # Logical axes that are replicated (not an error) when their count does not divide the mesh axis.
 REPLICABLE = frozenset({"kv_heads"})
 

@@ -73,7 +73,11 @@ def build_hf(family: str, seed: int = 0):
     config_class, model_class, overrides, _ = FAMILIES[family]
     config = getattr(transformers, config_class)(**{**BASE, **overrides})
     torch.manual_seed(seed)
-    model = getattr(transformers, model_class)(config).eval()
+    return randomize_weights(getattr(transformers, model_class)(config).eval())
+
+
+def randomize_weights(model):
+    """Norm weights ~ 1 + N(0, 0.2^2), every other weight ~ N(0, 0.3^2), o_proj biases zero (in place)."""
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if name.endswith("norm.weight"):

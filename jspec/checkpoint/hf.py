@@ -1,6 +1,8 @@
 """Hugging Face checkpoint directories in and out: config.json, safetensors weights, tokenizer.json.
 
-Supported architectures: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM. The
+Supported architectures: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, and
+DeepseekV2ForCausalLM / DeepseekV3ForCausalLM (MLA and MoE layers; their fields and tensors are described in
+jspec/checkpoint/hf_deepseek.py). The
 config is read the way transformers 5 reads it (its class defaults for missing fields, RoPE settings in the
 new `rope_parameters` or the old `rope_theta` + `rope_scaling` layout) and mapped onto `TransformerConfig`.
 
@@ -46,15 +48,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from jspec import sharding
-from jspec.checkpoint import lazy, safetensors
+from jspec.checkpoint import hf_deepseek, lazy, safetensors
 from jspec.checkpoint.directories import check_destination, write_directory
-from jspec.models.config import DTYPES, RopeScaling, TransformerConfig
+from jspec.models.config import DTYPES, RopeScaling, TransformerConfig, YarnScaling
 from jspec.models import transformer
 from jspec.models.model import Model
 from jspec.tokenizer import HFTokenizer
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", *hf_deepseek.ARCHITECTURES)
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                **hf_deepseek.MODEL_TYPES}
 _ARCH_MODEL_TYPES = {arch: model_type for model_type, arch in _MODEL_TYPES.items()}
 
 # transformers 5's class defaults for the fields a hand-written config.json may leave out
@@ -63,6 +66,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "MistralForCausalLM": dict(num_key_value_heads=8, head_dim=None, max_position_embeddings=4096 * 32, bos_token_id=1, eos_token_id=2, sliding_window=4096),
     "Qwen2ForCausalLM": dict(num_key_value_heads=32, head_dim=None, max_position_embeddings=32768, bos_token_id=None, eos_token_id=None),
     "Qwen3ForCausalLM": dict(num_key_value_heads=32, head_dim=128, max_position_embeddings=32768, bos_token_id=None, eos_token_id=None),
+    **hf_deepseek.DEFAULTS,
 }
 _ACTIVATIONS = ("silu", "swish")
 DIFFUSION_KEY = "jspec_diffusion"  # config.json entry for jspec's diffusion-LM options (kind, block_size, shifted_logits)
@@ -115,6 +119,11 @@ def config_from_hf(
     intermediate_size = required("intermediate_size")
     num_kv_heads = field("num_key_value_heads") or num_heads
     head_dim = field("head_dim") or hidden_size // num_heads
+    mla = moe = None
+    if hf_deepseek.is_deepseek(architecture):
+        mla, moe = hf_deepseek.mla_moe_from_hf(architecture, field, num_layers)
+        # MLA layers do not use head_dim (transformers sets it to the RoPE dims); kept at its default when that is valid
+        head_dim = hidden_size // num_heads if (hidden_size // num_heads) % 2 == 0 else mla.qk_rope_head_dim
 
     if field("hidden_act", "silu") not in _ACTIVATIONS:
         raise ValueError(f"config.json ({architecture}): hidden_act {field('hidden_act')!r} is not supported; jspec's MLP is SwiGLU (silu)")
@@ -128,7 +137,7 @@ def config_from_hf(
     elif architecture in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
         qkv_bias = bool(field("attention_bias", False))  # biases q, k, v and o; o's must be zero (checked on the weights)
     else:
-        qkv_bias = False  # Mistral has no attention biases
+        qkv_bias = False  # Mistral and DeepSeek have no attention biases
 
     sliding_window, layer_types = _sliding_window(hf_config, architecture, num_layers, field)
     rope_theta, rope_scaling = _rope(hf_config, architecture, field)
@@ -182,6 +191,8 @@ def config_from_hf(
         diffusion_block_size=diffusion.get("block_size"),
         shifted_logits=bool(diffusion.get("shifted_logits", False)),
         name=name or hf_config.get("_name_or_path") or architecture,
+        mla=mla,
+        moe=moe,
     )
 
 
@@ -194,7 +205,7 @@ def _token_list(value: Any) -> list[int]:
 
 def _sliding_window(hf_config: dict[str, Any], architecture: str, num_layers: int, field) -> tuple[int | None, tuple[str, ...] | None]:
     """(sliding_window, layer_types): None layer types when every layer is of one kind (the config default)."""
-    if architecture == "LlamaForCausalLM":
+    if architecture == "LlamaForCausalLM" or hf_deepseek.is_deepseek(architecture):
         return None, None
     window = field("sliding_window")
     if architecture == "MistralForCausalLM":
@@ -225,8 +236,8 @@ def _positive_window(window: Any, architecture: str) -> int | None:
     return window
 
 
-def _rope(hf_config: dict[str, Any], architecture: str, field) -> tuple[float, RopeScaling | None]:
-    """(rope_theta, Llama-3 scaling or None) from either config layout:
+def _rope(hf_config: dict[str, Any], architecture: str, field) -> tuple[float, RopeScaling | YarnScaling | None]:
+    """(rope_theta, Llama-3 or (DeepSeek) YaRN scaling or None) from either config layout:
     transformers 5: `rope_parameters = {rope_type, rope_theta, ...}`; transformers 4: top-level `rope_theta`
     and `rope_scaling = {type or rope_type, ...}` (or null)."""
     parameters: dict[str, Any] = {}
@@ -249,6 +260,8 @@ def _rope(hf_config: dict[str, Any], architecture: str, field) -> tuple[float, R
     rope_type = parameters.get("rope_type", parameters.get("type", "default")) or "default"
     if rope_type == "default":
         return theta, None
+    if rope_type == "yarn" and hf_deepseek.is_deepseek(architecture):
+        return theta, hf_deepseek.yarn_from_hf(parameters, architecture, field)
     if rope_type != "llama3":
         raise ValueError(
             f"config.json ({architecture}): rope type {rope_type!r} is not supported; supported: 'default', 'llama3'"
@@ -270,7 +283,11 @@ def _rope(hf_config: dict[str, Any], architecture: str, field) -> tuple[float, R
 def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
     """A config.json dict that transformers (5, and 4.4x) reads as the same model (see the module doc for the
     architecture chosen). Written in both RoPE layouts (`rope_parameters`, and `rope_theta` + `rope_scaling`)."""
-    if config.qk_norm:
+    if config.mla is not None:
+        architecture = hf_deepseek.architecture_for(config)
+    elif config.moe is not None:
+        raise ValueError("moe: mixture-of-experts MLPs are written only as DeepSeek checkpoints (with mla)")
+    elif config.qk_norm:
         architecture = "Qwen3ForCausalLM"
     elif config.qkv_bias:
         architecture = "Qwen2ForCausalLM"
@@ -286,7 +303,11 @@ def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
     else:
         architecture = "LlamaForCausalLM"
     rope = {"rope_type": "default", "rope_theta": config.rope_theta}
-    if config.rope_scaling is not None:
+    if isinstance(config.rope_scaling, YarnScaling):
+        if config.mla is None:
+            raise ValueError("rope_scaling: YaRN is written only for DeepSeek (mla) checkpoints")
+        rope.update(hf_deepseek.yarn_to_hf(config.rope_scaling))
+    elif config.rope_scaling is not None:
         scaling = config.rope_scaling
         rope.update(
             rope_type="llama3",
@@ -321,6 +342,9 @@ def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
         "attention_dropout": 0.0,
         "use_cache": True,
     }
+    if hf_deepseek.is_deepseek(architecture):
+        out.pop("head_dim")
+        out.update(hf_deepseek.config_fields_to_hf(config, architecture))
     if architecture in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
         out["attention_bias"] = config.qkv_bias  # o_proj then carries a zero bias
     if architecture == "LlamaForCausalLM":
@@ -356,6 +380,10 @@ def _expected_tensors(config: TransformerConfig, o_bias: bool) -> dict[str, tupl
     out: dict[str, tuple[tuple[int, ...], tuple, bool]] = {"model.embed_tokens.weight": ((v, d), ("embed",), False)}
     for i in range(config.num_layers):
         p = f"model.layers.{i}."
+        if config.mla is not None:
+            for name, (shape, key, transpose) in hf_deepseek.layer_tensors(config, i, hf_deepseek.architecture_for(config)).items():
+                out[p + name] = (shape, ("layers", i, key) if key else None, transpose)
+            continue
         layer = {
             "self_attn.q_proj.weight": ((q_dim, d), "q", True),
             "self_attn.k_proj.weight": ((kv_dim, d), "k", True),
@@ -393,13 +421,15 @@ def tensor_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
     return {name: shape for name, (shape, _, _) in _expected_tensors(config, o_bias).items()}
 
 
-def params_from_hf(tensors: dict[str, Any], config: TransformerConfig, *, o_bias: bool = False) -> dict[str, Any]:
+def params_from_hf(
+    tensors: dict[str, Any], config: TransformerConfig, *, o_bias: bool = False, interleaved_rope: bool = False
+) -> dict[str, Any]:
     """The jspec parameter pytree from HF-named tensors (numpy arrays or lazy tensors), cast to `config.dtype`.
 
     o_bias: the checkpoint has `o_proj.bias` tensors (Llama / Qwen3 attention_bias); they must be all zero.
     Raises ValueError naming every missing tensor, unexpected tensor, or wrong shape.
     """
-    return read_params(lazy_params_from_hf(tensors, config, o_bias=o_bias))
+    return read_params(lazy_params_from_hf(tensors, config, o_bias=o_bias, interleaved_rope=interleaved_rope))
 
 
 def read_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -407,8 +437,11 @@ def read_params(params: dict[str, Any]) -> dict[str, Any]:
     return jax.tree.map(lambda tensor: jnp.asarray(tensor.read_all()), params)
 
 
-def lazy_params_from_hf(tensors: dict[str, Any], config: TransformerConfig, *, o_bias: bool = False) -> dict[str, Any]:
-    """`params_from_hf`'s pytree with a `jspec.checkpoint.lazy.LazyTensor` per leaf (transposed, cast and stacked
+def lazy_params_from_hf(
+    tensors: dict[str, Any], config: TransformerConfig, *, o_bias: bool = False, interleaved_rope: bool = False
+) -> dict[str, Any]:
+    """interleaved_rope: a DeepSeek checkpoint whose RoPE rows are interleaved (permuted to rotate-half here).
+    `params_from_hf`'s pytree with a `jspec.checkpoint.lazy.LazyTensor` per leaf (transposed, cast and stacked
     as the parameters need; nothing of the weights read yet), after the same validation: what `read_params` reads
     whole and `jspec.sharding.shard` reads device slice by device slice. Arrays among `tensors` are wrapped."""
     tensors = {k: t if lazy.is_lazy(t) else lazy.InMemory(np.asarray(t)) for k, t in tensors.items()
@@ -443,11 +476,21 @@ def lazy_params_from_hf(tensors: dict[str, Any], config: TransformerConfig, *, o
                     "support (attention_bias=true is supported only when o_proj.bias is all zero)"
                 )
             continue
+        order = hf_deepseek.rope_row_order(config, name) if interleaved_rope else None
+        if order is not None:
+            tensor = tensor.reordered(order)
         value = (tensor.T if transpose else tensor).astype(dtype)
-        if destination[0] == "layers":
-            layers[destination[1]][destination[2]] = value
-        else:
+        if destination[0] != "layers":
             params[destination[0]] = value
+        elif isinstance(destination[2], tuple):  # expert e of a stacked expert tensor
+            key, expert = destination[2]
+            layers[destination[1]].setdefault(key, {})[expert] = value
+        else:
+            layers[destination[1]][destination[2]] = value
+    for layer in layers:  # stack expert tensors in expert order
+        for key, parts in list(layer.items()):
+            if isinstance(parts, dict):
+                layer[key] = lazy.stack([parts[e] for e in range(len(parts))])
     params["groups"] = transformer.stack_layers(config, params.pop("layers"), stack=lazy.stack)
     return params
 
@@ -461,7 +504,10 @@ def _equal(a: lazy.LazyTensor, b: lazy.LazyTensor) -> bool:
 
 def params_to_hf(params: dict[str, Any], config: TransformerConfig) -> dict[str, np.ndarray]:
     """HF-named numpy tensors (torch layout, the params' dtype) for `config_to_hf(config)`'s architecture."""
-    o_bias = config_to_hf(config).get("attention_bias", False)
+    hf_config = config_to_hf(config)
+    o_bias = hf_config.get("attention_bias", False)
+    architecture = hf_config["architectures"][0]
+    interleaved = hf_deepseek.is_deepseek(architecture) and hf_deepseek.interleaved_rope(architecture, hf_config.get)
     params = {**params, "layers": [transformer.layer_params(config, params, i) for i in range(config.num_layers)]}
     out = {}
     for name, (shape, destination, transpose) in _expected_tensors(config, o_bias).items():
@@ -470,9 +516,12 @@ def params_to_hf(params: dict[str, Any], config: TransformerConfig) -> dict[str,
             continue
         value = params
         for key in destination:
-            value = value[key]
+            value = value[key[0]][key[1]] if isinstance(key, tuple) else value[key]  # (key, expert)
         array = np.asarray(value)
         out[name] = array.T if transpose else array
+        order = hf_deepseek.rope_row_order(config, name) if interleaved else None
+        if order is not None:  # back to the interleaved layout: the inverse permutation
+            out[name] = out[name][np.argsort(order)]
         if out[name].shape != shape:
             raise ValueError(f"params: {'.'.join(map(str, destination))} has shape {array.shape}, which does not fit {name} {shape}")
     return out
@@ -520,7 +569,9 @@ def load_hf(path: str | Path, dtype: str | None = None, *, mesh: Any = None, rul
     plan = None if mesh is None else sharding.MeshSharding.create(mesh, rules, sharding.logical_counts(config))
     architecture = architecture_of(hf_config)
     o_bias = architecture in ("LlamaForCausalLM", "Qwen3ForCausalLM") and config.qkv_bias
-    params = lazy_params_from_hf(safetensors.lazy_checkpoint(path), config, o_bias=o_bias)
+    interleaved = hf_deepseek.is_deepseek(architecture) and hf_deepseek.interleaved_rope(
+        architecture, lambda key, default=None: hf_config.get(key, hf_deepseek.DEFAULTS[architecture].get(key, default)))
+    params = lazy_params_from_hf(safetensors.lazy_checkpoint(path), config, o_bias=o_bias, interleaved_rope=interleaved)
     tokenizer = None
     if (path / "tokenizer.json").is_file():
         tokenizer = HFTokenizer.from_file(path / "tokenizer.json", config.eos_token_ids, config.bos_token_id)

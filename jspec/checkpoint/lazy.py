@@ -8,6 +8,7 @@ A `LazyTensor` has `shape`, `dtype` and `read(index) -> np.ndarray` for a tuple 
     Transposed      a permutation of the axes: the index is permuted, then the slice is transposed
     Stacked         parts of one shape stacked along a new leading axis: only the parts in the index are read
     Cast            a dtype cast applied to the slice (numpy / ml_dtypes conversion, the same for any slicing)
+    Reordered       the rows (leading axis) in another order: a slice reads the block of base rows it covers
     InMemory        an array already in memory (numpy, or a memory map)
 
 Guarantee: for every index, `tensor.read(index)` equals `tensor.read_all()[index]` bit for bit, so a model read
@@ -78,6 +79,10 @@ class LazyTensor:
     @property
     def T(self) -> "LazyTensor":  # noqa: N802 (numpy's name)
         return self.transpose()
+
+    def reordered(self, rows: np.ndarray) -> "LazyTensor":
+        """The tensor whose row i is row rows[i] of this one (leading axis; e.g. a RoPE row permutation)."""
+        return Reordered(self, np.asarray(rows, np.int64))
 
     def astype(self, dtype: Any) -> "LazyTensor":
         return self if np.dtype(dtype) == np.dtype(self.dtype) else Cast(self, np.dtype(dtype))
@@ -214,6 +219,33 @@ class Cast(LazyTensor):
 
     def _read(self, bounds):
         return self.base._read(bounds).astype(self.dtype)
+
+
+@dataclasses.dataclass(frozen=True, repr=False, eq=False)
+class Reordered(LazyTensor):
+    base: LazyTensor
+    rows: np.ndarray  # [n] int: result row i is base row rows[i]
+
+    def __post_init__(self):
+        if self.rows.ndim != 1 or (len(self.rows) and (self.rows.min() < 0 or self.rows.max() >= self.base.shape[0])):
+            raise ValueError(f"rows: expected row indices in [0, {self.base.shape[0]}), got {self.rows}")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self.base.shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.base.dtype
+
+    def _read(self, bounds):
+        (first, end), rest = bounds[0], bounds[1:]
+        wanted = self.rows[first:end]
+        if len(wanted) == 0:
+            return np.empty((0, *(stop - start for start, stop in rest)), self.dtype)
+        low = int(wanted.min())
+        block = self.base._read(((low, int(wanted.max()) + 1), *rest))
+        return np.ascontiguousarray(block[wanted - low])
 
 
 def stack(parts: Any) -> Stacked:

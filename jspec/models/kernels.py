@@ -37,6 +37,9 @@ class KernelOptions:
     # Where it computes: a `jspec.sharding.MeshSharding` (set by `jspec.shard`), or None for one device. Caches
     # are then created sharded and the Pallas kernels run per shard under `jax.shard_map`.
     sharding: Any = None
+    # TPLA (`jspec.tpla`): a `jspec.models.attention.mla.LatentParallel`: MLA layers decode with the latent split
+    # over the mesh's model axis. None: ordinary MLA.
+    latent_parallel: Any = None
 
     def __post_init__(self):
         impl = self.attention_impl

@@ -13,8 +13,9 @@ layers in a group):
     embed      [V, D]
     groups     tuple, one per layer group, of {attn_norm [L, D], the kind's parameters stacked over L (for GQA:
                q [L, D, H*Dh], k [L, D, Hkv*Dh], v [L, D, Hkv*Dh], o [L, H*Dh, D], (q_bias, k_bias, v_bias if
-               qkv_bias), (q_norm, k_norm [L, Dh] if qk_norm)), mlp_norm [L, D], gate [L, D, F], up [L, D, F],
-               down [L, F, D]}; a group of fewer than SCAN_MIN_LAYERS layers is instead a tuple of per-layer
+               qkv_bias), (q_norm, k_norm [L, Dh] if qk_norm)), mlp_norm [L, D], the MLP's parameters (dense
+               SwiGLU: gate [L, D, F], up [L, D, F], down [L, F, D]; mixture of experts: jspec/models/mlp.py)};
+               a group of fewer than SCAN_MIN_LAYERS layers is instead a tuple of per-layer
                dicts (the same leaves without the L axis), run unrolled
     final_norm [D]
     lm_head    [D, V]   (absent when embeddings are tied)
@@ -33,6 +34,7 @@ from jspec.cache import Cache
 from jspec.models.attention import AttentionKind, attention_kind
 from jspec.models.config import TransformerConfig
 from jspec.models.kernels import KernelOptions
+from jspec.models import mlp
 from jspec.models.layers import rms_norm
 
 Params = dict[str, Any]
@@ -56,8 +58,10 @@ def group_kinds(config: TransformerConfig, kernels: KernelOptions = DEFAULT_KERN
 def init_params(config: TransformerConfig, key: jax.Array, init_scale: float = 0.02) -> Params:
     """Random parameters: weights ~ N(0, init_scale^2), norms = 1, biases ~ N(0, init_scale^2)."""
     dtype = jnp.dtype(config.dtype)
-    d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    keys = iter(jax.random.split(key, 4 + 10 * config.num_layers))
+    d, v = config.hidden_size, config.vocab_size
+    # random draws per layer: 10 covers GQA + dense MLP (kept so those models' random weights stay as they were)
+    draws = 10 if config.mla is None and config.moe is None else 16
+    keys = iter(jax.random.split(key, 4 + draws * config.num_layers))
     kinds = [kind for kind, start, end in group_kinds(config) for _ in range(start, end)]
 
     def normal(shape: tuple[int, ...]) -> jax.Array:  # draws keys in a fixed order: embed, per layer, head
@@ -66,7 +70,7 @@ def init_params(config: TransformerConfig, key: jax.Array, init_scale: float = 0
     def layer(index: int) -> Params:
         attention = kinds[index].init_params(config, normal)
         return {"attn_norm": jnp.ones((d,), dtype), **attention, "mlp_norm": jnp.ones((d,), dtype),
-                "gate": normal((d, f)), "up": normal((d, f)), "down": normal((f, d))}
+                **mlp.init_params(config, index, normal)}
 
     params: Params = {"embed": normal((v, d))}
     params["groups"] = stack_layers(config, [layer(i) for i in range(config.num_layers)])
@@ -103,7 +107,7 @@ def param_logical_axes(config: TransformerConfig) -> Params:
     groups = []
     for kind, start, end in group_kinds(config):
         layer = {"attn_norm": ("embed",), **kind.param_axes(config), "mlp_norm": ("embed",),
-                 "gate": ("embed", "mlp"), "up": ("embed", "mlp"), "down": ("mlp", "embed")}
+                 **mlp.param_axes(config, start)}
         stacked = {name: ("layers", *axes) for name, axes in layer.items()}
         groups.append(stacked if is_scanned(start, end) else tuple(dict(layer) for _ in range(start, end)))
     axes: Params = {"embed": ("vocab", "embed"), "groups": tuple(groups), "final_norm": ("embed",)}
@@ -192,7 +196,8 @@ def forward(
         count = 1 if is_scanned(start, end) else end - start
         context = kind.prepare(config, entries[first], positions, write_slots, mask, capacity)
         active = tuple(layer not in skip_layers for layer in range(start, end))
-        hidden, group_entries = _run_group(kind, config, group, hidden, entries[first:first + count], context, active)
+        hidden, group_entries = _run_group(kind, config, group, hidden, entries[first:first + count], context, active,
+                                           config.is_moe_layer(start))
         entries[first:first + count] = [kind.finish(entry, context) for entry in group_entries]
         first += count
     if cache is not None:
@@ -219,6 +224,7 @@ def _run_group(
     entries: list[Any],  # the group's cache entries: one stacked entry, or one per layer (None without a cache)
     context: Any,
     active: tuple[bool, ...],  # static: layers of the group that run (False: skipped)
+    moe: bool,  # static: the group's MLP is a mixture of experts (else dense SwiGLU)
 ) -> tuple[jax.Array, list[Any]]:
     """The group's layers in order: one `lax.scan` over a stacked group (a `lax.cond` per layer when some are
     skipped), or a Python loop over a tuple of per-layer dicts, each with its own cache entry."""
@@ -229,8 +235,7 @@ def _run_group(
         attended, entry = kind.apply(layer_params, config, normed, entry, layer, context)
         hidden = hidden + attended
         normed = rms_norm(hidden, layer_params["mlp_norm"], config.rms_norm_eps)
-        mlp = (jax.nn.silu(normed @ layer_params["gate"]) * (normed @ layer_params["up"])) @ layer_params["down"]
-        return hidden + mlp, entry
+        return hidden + mlp.apply(layer_params, config, moe, normed), entry
 
     if isinstance(group, tuple):
         entries = list(entries)

@@ -9,6 +9,8 @@ Built in:
 - "full_attention": grouped-query attention over a cache indexed by slot (XLA, or the Pallas dense decode
   kernel), or InfLLM v2 block-sparse attention (Pallas; compressed keys in its own entry), as `KernelOptions`
   chooses.
+- "mla": DeepSeek multi-head latent attention over a latent-only cache (absorbed form for decode chunks; TPLA
+  under `jspec.tpla`).
 - "sliding_attention": grouped-query attention over the `sliding_window` most recent positions, with a ring-buffer
   cache bounded by the window plus the largest chunk a step writes.
 """
@@ -41,9 +43,11 @@ def attention_kind(layer_type: str, config, kernels, layer: int) -> AttentionKin
 
 def _builtin_kinds() -> None:
     from jspec.models.attention.full import full_attention
+    from jspec.models.attention.mla import mla_attention
     from jspec.models.attention.window import sliding_attention
 
     register_attention_kind("full_attention", full_attention)
+    register_attention_kind("mla", mla_attention)
     register_attention_kind("sliding_attention", sliding_attention)
 
 
