@@ -38,22 +38,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from jspec.bench import detect_peak_tbps  # noqa: E402
 from pallas_kernels import (  # noqa: E402
     decode_attention,
     decode_attention_reference,
     sparse_decode_attention,
     sparse_decode_attention_reference,
 )
-
-PEAK_TBPS_BY_DEVICE_KIND = (("h200", 4.8), ("h100", 3.35))  # substring of device_kind (lower case) -> TB/s
-
-
-def detect_peak_tbps(device_kind: str) -> float | None:
-    kind = device_kind.lower()
-    for key, tbps in PEAK_TBPS_BY_DEVICE_KIND:
-        if key in kind:
-            return tbps
-    return None
 
 
 def make_case(batch, context, num_kv_heads, group, head_dim, dtype, top_k, sparse_block_size, seed):

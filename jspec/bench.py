@@ -70,6 +70,19 @@ def heldout_prompts(tokenizer, count: int, prompt_tokens: int, min_continuation:
     return prompts
 
 
+# Peak memory bandwidth (TB/s) by a lower-case substring of the device kind, for bandwidth-bound kernels.
+PEAK_TBPS_BY_DEVICE_KIND = (("h200", 4.8), ("h100", 3.35))
+
+
+def detect_peak_tbps(device_kind: str) -> float | None:
+    """Peak memory bandwidth of a known accelerator in TB/s (H100 SXM 3.35, H200 4.8); None when unknown."""
+    kind = device_kind.lower()
+    for key, tbps in PEAK_TBPS_BY_DEVICE_KIND:
+        if key in kind:
+            return tbps
+    return None
+
+
 def environment() -> dict[str, Any]:
     device = jax.devices()[0]
     return {

@@ -134,12 +134,49 @@ def check_int_dtype(name: str, x) -> None:
         raise ValueError(f"{name} must have an integer dtype (int32); got {x.dtype}")
 
 
+def check_block_size(block_size, cache_len: int, cache_len_name: str) -> None:
+    """block_size: a static power of two >= 16 dividing the cache length (named ``cache_len_name`` in errors)."""
+    check_static_int("block_size", block_size, minimum=MIN_BLOCK_SIZE, power_of_2=True)
+    if cache_len % block_size:
+        raise ValueError(
+            f"block_size ({block_size}) must divide the cache length S = {cache_len_name} = {cache_len}; "
+            "allocate the cache as a multiple of the block size")
+
+
+def check_head_dim(label: str, dim: int, dtype, backend: str | None) -> None:
+    """A feature dim the kernels tile whole: a multiple of 16 bytes; for Triton also a power of two >= 16."""
+    itemsize = jnp.dtype(dtype).itemsize
+    if (dim * itemsize) % 16:
+        raise ValueError(
+            f"{label} = {dim} must be a multiple of 16 bytes ({16 // itemsize} elements of {jnp.dtype(dtype)}) "
+            "for Mosaic GPU / TPU DMA alignment")
+    if backend == "triton" and not (is_power_of_2(dim) and dim >= 16):
+        raise ValueError(
+            f"backend='triton' needs {label} = {dim} to be a power of two >= 16 (Triton tensor sizes must be "
+            "powers of two and tl.dot needs dims >= 16)")
+
+
+def check_seq_lens(seq_lens, batch: int, cache_len: int) -> None:
+    """seq_lens: [B] integer; its values lie in [0, S] (checked only when concrete, i.e. outside jit)."""
+    if seq_lens.shape != (batch,):
+        raise ValueError(f"seq_lens must have shape [B] = ({batch},); got {seq_lens.shape}")
+    check_int_dtype("seq_lens", seq_lens)
+    lens = concrete_value(seq_lens)
+    if lens is not None and ((lens < 0).any() or (lens > cache_len).any()):
+        raise ValueError(f"seq_lens must lie in [0, S = {cache_len}]; got {lens.tolist()}")
+
+
+def check_static_float(name: str, value, expected: str = "a Python float") -> float:
+    """``float(value)`` for a Python (or NumPy) real number; else ValueError naming ``name`` and ``expected``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise ValueError(f"{name} must be {expected}; got {value!r}")
+    return float(value)
+
+
 def resolve_sm_scale(sm_scale, head_dim: int) -> float:
     if sm_scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(sm_scale, (bool, np.bool_)) or not isinstance(sm_scale, (int, float, np.floating, np.integer)):
-        raise ValueError(f"sm_scale must be None or a Python float; got {sm_scale!r}")
-    return float(sm_scale)
+    return check_static_float("sm_scale", sm_scale, "None or a Python float")
 
 
 def validate_decode_inputs(q, k, v, seq_lens, block_size: int, backend: str | None):
@@ -180,31 +217,14 @@ def validate_decode_inputs(q, k, v, seq_lens, block_size: int, backend: str | No
         check_float_dtype(name, x)
     if k.dtype != v.dtype or q.dtype != k.dtype:
         raise ValueError(f"q, k and v must share one dtype; got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if seq_lens.shape != (batch,):
-        raise ValueError(f"seq_lens must have shape [B] = ({batch},); got {seq_lens.shape}")
-    check_int_dtype("seq_lens", seq_lens)
-    check_static_int("block_size", block_size, minimum=MIN_BLOCK_SIZE, power_of_2=True)
-    if cache_len % block_size:
-        raise ValueError(
-            f"block_size ({block_size}) must divide the cache length S = k.shape[1] = {cache_len}; "
-            "allocate the cache as a multiple of the block size")
-    itemsize = jnp.dtype(k.dtype).itemsize
-    if (head_dim * itemsize) % 16:
-        raise ValueError(
-            f"the head dim D = {head_dim} must be a multiple of 16 bytes ({16 // itemsize} elements of "
-            f"{k.dtype}) for Mosaic GPU / TPU DMA alignment")
-    if backend == "triton" and not (is_power_of_2(head_dim) and head_dim >= 16):
-        raise ValueError(
-            f"backend='triton' needs the head dim D = {head_dim} to be a power of two >= 16 (Triton tensor sizes "
-            "must be powers of two and tl.dot needs dims >= 16)")
+    check_block_size(block_size, cache_len, "k.shape[1]")
+    check_head_dim("the head dim D", head_dim, k.dtype, backend)
     if backend == "tpu" and num_kv_heads > 1 and head_dim % 128:
         raise ValueError(
             f"backend='tpu' needs the head dim D = {head_dim} to be a multiple of 128 when Hkv > 1: the cache "
             "[B, S, Hkv, D] is read as [B, S, Hkv*D] in (block_size, D) tiles, whose minor dim must be a "
             "multiple of 128 lanes")
-    lens = concrete_value(seq_lens)
-    if lens is not None and ((lens < 0).any() or (lens > cache_len).any()):
-        raise ValueError(f"seq_lens must lie in [0, S = {cache_len}]; got {lens.tolist()}")
+    check_seq_lens(seq_lens, batch, cache_len)
     return batch, cache_len, num_kv_heads, num_query_tokens, group, head_dim
 
 
@@ -238,21 +258,27 @@ def causal_key_mask(seq_lens, num_query_tokens: int, cache_len: int, sliding_win
     return mask
 
 
-def masked_attention_reference(q, k, v, key_mask, sm_scale: float):
+def masked_attention_reference(q, k, v, key_mask, sm_scale: float, q_rope=None, k_rope=None):
     """Dense masked softmax attention in float32: the math behind every ``*_reference`` function.
 
     Args:
       q: [B, Hkv, T, G, D].
-      k, v: [B, S, Hkv, D].
+      k: [B, S, Hkv, D].
+      v: [B, S, Hkv, Dv] (MLA passes the latent as both k and v).
       key_mask: [B, Hkv, T, S] bool, True where query token t may attend to key position s.
-      sm_scale: scale applied to q.k.
+      sm_scale: scale applied to the scores.
+      q_rope, k_rope: optional second key part, [B, Hkv, T, G, Dr] and [B, S, Hkv, Dr]: the score is then
+        (q.k + q_rope.k_rope) * sm_scale, as if q and k were concatenated along the feature dim.
 
     Returns:
-      out [B, Hkv, T, G, D] in q.dtype (0 for rows with no visible key) and lse [B, Hkv, T, G] float32
+      out [B, Hkv, T, G, Dv] in q.dtype (0 for rows with no visible key) and lse [B, Hkv, T, G] float32
       (log-sum-exp of the scaled scores over visible keys; -inf for rows with no visible key).
     """
     hi = jax.lax.Precision.HIGHEST
-    scores = jnp.einsum("bhtgd,bshd->bhtgs", q.astype(jnp.float32), k.astype(jnp.float32), precision=hi)
+    f32 = jnp.float32
+    scores = jnp.einsum("bhtgd,bshd->bhtgs", q.astype(f32), k.astype(f32), precision=hi)
+    if q_rope is not None:
+        scores = scores + jnp.einsum("bhtgd,bshd->bhtgs", q_rope.astype(f32), k_rope.astype(f32), precision=hi)
     scores = scores * sm_scale
     scores = jnp.where(key_mask[:, :, :, None, :], scores, -jnp.inf)
     row_max = scores.max(axis=-1)
@@ -260,7 +286,7 @@ def masked_attention_reference(q, k, v, key_mask, sm_scale: float):
     probs = jnp.exp(scores - row_max[..., None])
     denom = probs.sum(axis=-1)
     lse = jnp.where(denom > 0, row_max + jnp.log(jnp.where(denom > 0, denom, 1.0)), -jnp.inf)
-    out = jnp.einsum("bhtgs,bshd->bhtgd", probs, v.astype(jnp.float32), precision=hi)
+    out = jnp.einsum("bhtgs,bshd->bhtgd", probs, v.astype(f32), precision=hi)
     out = out / jnp.where(denom > 0, denom, 1.0)[..., None]
     return out.astype(q.dtype), lse
 

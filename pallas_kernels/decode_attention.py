@@ -51,13 +51,13 @@ def decode_attention(q, k, v, seq_lens, *, block_size: int = 128, sm_scale=None,
       platform; seq_lens values are checked only when concrete (outside jit, where reading them costs a host
       sync: call it under jit in a decode loop).
     """
-    sm_scale, interpret, backend, num_splits, sliding_window = prepare_call(
+    sm_scale, interpret, backend, num_splits, sliding_window, query_tile_rows = prepare_call(
         q, k, v, seq_lens, None, block_size=block_size, sm_scale=sm_scale, interpret=interpret, backend=backend,
         num_splits=num_splits, sliding_window=sliding_window)
     out, lse = block_list_attention(
         _common.as_multi_token(q), k, v, seq_lens, None, block_size=block_size, sm_scale=sm_scale,
         interpret=interpret, backend=backend, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
-        sliding_window=sliding_window)
+        sliding_window=sliding_window, query_tile_rows=query_tile_rows)
     return _common.from_multi_token(out, q.ndim), _common.from_multi_token(lse, q.ndim)
 
 

@@ -180,16 +180,23 @@ def test_dense_head_dim_rules():
         decode_attention(q, k, v, lens, block_size=32)
 
 
-def test_benchmark_smoke_mode(tmp_path):
-    """benchmarks/bench_decode_attention.py --smoke runs end to end on CPU (interpret mode) and writes JSON."""
+def load_benchmark(name: str):
+    """The module benchmarks/<name>.py (the scripts are not a package)."""
     import importlib.util
-    import json
     import pathlib
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decode_attention.py"
-    spec = importlib.util.spec_from_file_location("bench_decode_attention", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_smoke_mode(tmp_path):
+    """benchmarks/bench_decode_attention.py --smoke runs end to end on CPU (interpret mode) and writes JSON."""
+    import json
+
+    bench = load_benchmark("bench_decode_attention")
     out = tmp_path / "smoke.json"
     bench.main(["--smoke", "--batches", "1", "--runs", "1", "--out", str(out)])
     records = json.loads(out.read_text())["records"]
