@@ -26,6 +26,9 @@ class KernelOptions:
     attention_impl: str = "xla"
     attention_interpret: bool | None = None  # Pallas interpret mode; None: interpret on CPU, compile elsewhere
     dense_block_size: int = 128  # keys per step of the dense decode kernel ("pallas_dense")
+    # Slots per step of the MLA decode kernel ("pallas_dense" on "mla" layers): 64 keeps a GPU program's two bf16
+    # latent + RoPE blocks of DeepSeek's widths (512 + 64) in shared memory; on TPU prefer 512.
+    mla_block_size: int = 64
     # InfLLM v2 sparse attention ("pallas_sparse"), released MiniCPM4 defaults:
     sparse_block_size: int = 64  # keys per attended block
     sparse_kernel_size: int = 32  # compressed key = mean of this many keys ...
@@ -46,7 +49,7 @@ class KernelOptions:
         _require(impl in ATTENTION_IMPLS, "attention_impl", f"one of {ATTENTION_IMPLS}", impl)
         _require(self.attention_interpret is None or isinstance(self.attention_interpret, bool),
                  "attention_interpret", "None or a bool", self.attention_interpret)
-        for name in ("dense_block_size", "sparse_block_size"):
+        for name in ("dense_block_size", "mla_block_size", "sparse_block_size"):
             value = getattr(self, name)
             _require(_is_int(value) and value >= 16 and value & (value - 1) == 0, name, "a power of two >= 16", value)
         for name, minimum in (("sparse_kernel_size", 1), ("sparse_kernel_stride", 1), ("sparse_init_blocks", 0),

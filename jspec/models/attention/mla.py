@@ -16,8 +16,10 @@ Two exact forms of the same attention:
   softmax, so the cache is read as one shared "KV head": keys [c ; k^R], values c (MQA with H query heads). Used for
   decode-sized chunks (decode, chain and tree verification), the form a decode kernel serves.
 
-`MLAAttention.kernel_attend` is where a decode kernel serves causal decode chunks (as `FullAttention.kernel_attend`
-does); it has none yet, so the kind accepts only attention_impl="xla". Tensor-parallel latent attention (TPLA,
+With `KernelOptions(attention_impl="pallas_dense")`, causal decode chunks over a cache (the default mask, at most
+MAX_CHAIN_TOKENS tokens per row) attend through the Pallas MLA decode kernel (`pallas_kernels.mla_decode_attention`:
+the absorbed form with the latent read once per block, `MLAAttention.kernel_attend`), as `FullAttention.kernel_attend`
+does for GQA; custom masks (tree verification) and prefill stay on XLA. Tensor-parallel latent attention (TPLA,
 `jspec.tpla`) replaces the absorbed form by `latent_parallel_attention`: the latent split over the mesh's model
 axis, one softmax per shard, one psum.
 """
@@ -37,6 +39,7 @@ from jspec.cache import move_slots, scatter_layer_rows, take_rows
 from jspec.models.attention.full import FullContext
 from jspec.models.config import YarnScaling, yarn_mscale
 from jspec.models.layers import MASKED_SCORE, apply_rope, attend, rms_norm, rope_tables
+from pallas_kernels import mla_decode_attention
 
 MAX_CHAIN_TOKENS = 8  # longest chunk (tokens per row) that attends in the absorbed (decode) form
 ROPE_PLACEMENTS = ("replicated", "split")
@@ -153,6 +156,13 @@ class MLAAttention:
 
     sharding: Any = None  # the model's `MeshSharding`
     latent_parallel: LatentParallel | None = None  # TPLA (jspec.tpla): decode chunks attend per latent shard
+    impl: str = "xla"  # "xla" | "pallas_dense" (the MLA decode kernel serves causal decode chunks)
+    interpret: bool | None = None
+    block_size: int = 64  # slots per step of the MLA decode kernel; cache capacities are multiples of it
+
+    @property
+    def cache_size_multiple(self) -> int:
+        return 1 if self.impl == "xla" else self.block_size
 
     def init_params(self, config: Any, normal) -> dict[str, jax.Array]:
         """q_a [D, q_lora], q_a_norm [q_lora], q_b [q_lora, H*(dn+dr)] (or q [D, H*(dn+dr)]); kv_a [D, r+dr],
@@ -199,8 +209,11 @@ class MLAAttention:
         if type(entry) is not LatentEntry:
             raise ValueError(f"cache: an MLA layer needs a LatentEntry, the cache holds {type(entry).__name__}; "
                              "create caches with model.new_cache(...)")
+        if capacity % self.cache_size_multiple:
+            raise ValueError(f"cache capacity (cache_size) {capacity} is not a multiple of the MLA kernel block size "
+                             f"{self.cache_size_multiple}; create caches with model.new_cache(...)")
         absorbed = length <= MAX_CHAIN_TOKENS
-        use_kernels = False  # no MLA decode kernel is wired yet (see kernel_attend)
+        use_kernels = self.impl != "xla" and mask is None and absorbed
         if mask is None and not use_kernels:
             mask = masks.causal_mask(write_slots, capacity)
         return MLAContext(cos, sin, mask, write_slots, use_kernels=use_kernels, absorbed=absorbed)
@@ -213,14 +226,17 @@ class MLAAttention:
         else:
             entry = entry.write(layer, latent, rope_key, context.write_slots)
             cached_latent, cached_rope = entry.latent[layer], entry.rope_key[layer]
-            if context.use_kernels:
-                attended = self.kernel_attend(config, params, q_nope, q_rope, entry, layer, context.write_slots)
-            elif not context.absorbed:
+            if not context.absorbed:
                 attended = expanded_attention(q_nope, q_rope, cached_latent, cached_rope, params["kv_b"], context.mask,
                                               config)
             elif self.latent_parallel is not None:
                 attended = latent_parallel_attention(self.sharding, self.latent_parallel, config, q_nope, q_rope,
-                                                     cached_latent, cached_rope, params["kv_b"], context.mask)
+                                                     cached_latent, cached_rope, params["kv_b"], context.mask,
+                                                     self.chain_kernel(config) if context.use_kernels else None,
+                                                     context.write_slots)
+            elif context.use_kernels:
+                attended = self.kernel_attend(config, params, q_nope, q_rope, cached_latent, cached_rope,
+                                              context.write_slots)
             else:
                 w_uk, w_uv = split_kv_b(params["kv_b"], config)
                 attended = absorbed_attention(q_nope, q_rope, cached_latent, cached_rope, w_uk, w_uv, context.mask,
@@ -246,12 +262,49 @@ class MLAAttention:
         rope_key = apply_rope(compressed[..., None, mla.kv_lora_rank:], context.cos, context.sin)[:, :, 0]
         return latent, rope_key
 
-    def kernel_attend(self, config, params, q_nope, q_rope, entry: LatentEntry, layer, write_slots) -> jax.Array:
-        """Where a decode kernel serves causal decode chunks (<= MAX_CHAIN_TOKENS tokens per row, mask=None): it
-        reads entry.latent[layer] [B, S, r] and entry.rope_key[layer] [B, S, dr] as one KV head (keys [c ; k^R],
-        values c) with queries [W_UK^T q^C ; q^R] [B, T, H, r + dr] and must equal `absorbed_attention` with the
-        causal-by-slot mask. Not wired yet: `prepare` never selects it."""
-        raise NotImplementedError("no MLA decode kernel is wired into the 'mla' attention kind yet")
+    def kernel_attend(
+        self,
+        config: Any,
+        params: dict[str, jax.Array],
+        q_nope: jax.Array,  # [B, T, H, dn], T <= MAX_CHAIN_TOKENS
+        q_rope: jax.Array,  # [B, T, H, dr]
+        latent: jax.Array,  # [B, S, r], this chunk's latents already written
+        rope_key: jax.Array,  # [B, S, dr]
+        write_slots: jax.Array,  # [B, T] int32
+    ) -> jax.Array:  # [B, T, H, dv]
+        """Causal-chain decode attention through the MLA kernel: W_UK folded into the queries, the cache read as one
+        KV head (keys [c ; k^R], values c), W_UV applied after. Row b's token t sits at slot write_slots[b, 0] + t
+        (see jspec/models/attention/full.py for when that is the default causal mask). Guarantee: equals
+        `absorbed_attention` with the causal-by-slot mask (to float32 accumulation). On a mesh the query heads split
+        over the model axis (the latent, shared by every head, stays whole on each device) and rows over data."""
+        w_uk, w_uv = split_kv_b(params["kv_b"], config)
+        kernel = self.chain_kernel(config)
+
+        def attend_heads(q_nope, q_rope, latent, rope_key, w_uk, w_uv, write_slots):
+            q_latent = jnp.einsum("bthn,rhn->bthr", q_nope, w_uk)
+            return jnp.einsum("bthr,rhv->bthv", kernel(q_latent, q_rope, latent, rope_key, write_slots), w_uv)
+
+        if self.sharding is None:
+            return attend_heads(q_nope, q_rope, latent, rope_key, w_uk, w_uv, write_slots)
+        rows = self.sharding.spec(("batch",))[0] if q_nope.shape[0] % self.sharding.axis_size("batch") == 0 else None
+        heads = self.sharding.spec(("q_heads",), (config.num_heads,))[0]
+        by_head = P(rows, None, heads)
+        return jax.shard_map(attend_heads, mesh=self.sharding.mesh, out_specs=by_head, check_vma=False,
+                             in_specs=(by_head, by_head, P(rows), P(rows), P(None, heads), P(None, heads), P(rows)))(
+            q_nope, q_rope, latent, rope_key, w_uk, w_uv, write_slots)
+
+    def chain_kernel(self, config: Any):
+        """(q_latent [B, T, H, r'], q_rope [B, T, H, dr'], latent [B, S, r'], rope_key [B, S, dr'], write_slots [B, T])
+        -> [B, T, H, r']: the MLA decode kernel over a causal chain at write_slots[b, 0] + t (r', dr' may be TPLA
+        slices)."""
+        scale = softmax_scale(config)
+
+        def kernel(q_latent, q_rope, latent, rope_key, write_slots):
+            seq_lens = jnp.clip(write_slots[:, 0] + q_latent.shape[1], 0, latent.shape[1]).astype(jnp.int32)
+            return mla_decode_attention(q_latent, q_rope, latent, rope_key, seq_lens, scale=scale,
+                                        block_size=self.block_size, interpret=self.interpret)[0]
+
+        return kernel
 
     def finish(self, entry: Any, context: Any) -> Any:
         return entry
@@ -266,12 +319,15 @@ def latent_parallel_attention(
     latent: jax.Array,  # [B, S, r], split over the model axis on r
     rope_key: jax.Array,  # [B, S, dr], replicated or split on dr
     kv_b: jax.Array,  # [r, H * (dn + dv)], split on r
-    mask: jax.Array,  # [B, T, S]
+    mask: jax.Array | None,  # [B, T, S]; None with `kernel`
+    kernel: Any = None,  # `MLAAttention.chain_kernel`: each shard attends through the MLA decode kernel
+    write_slots: jax.Array | None = None,  # [B, T], the chain's slots (with `kernel`)
 ) -> jax.Array:  # [B, T, H, dv]
     """TPLA decode attention: under `jax.shard_map` each device of the model axis attends over its latent slice
     (r/g values per token: its own softmax over its partial logits, plus the RoPE term, replicated or split), applies
     its slice of W_UV, and one psum sums the g partial head outputs. Exact for g = 1; an approximation for g > 1
-    (one softmax per shard). Rows split over the data axis when it divides the batch."""
+    (one softmax per shard). Rows split over the data axis when it divides the batch. With `kernel`, each shard runs
+    the MLA decode kernel over its slices (causal chain at `write_slots`) instead of the XLA absorbed form."""
     w_uk, w_uv = split_kv_b(kv_b, config)
     axis = dict(sharding.rules).get("latent")
     shards = sharding.axis_size("latent")
@@ -282,24 +338,31 @@ def latent_parallel_attention(
     rope_scale = nope_scale if split_rope else 1.0
     scale = softmax_scale(config)
 
-    def shard(q_nope, q_rope, latent, rope_key, w_uk, w_uv, mask):
-        out = absorbed_attention(q_nope, q_rope, latent, rope_key, w_uk, w_uv, mask, scale, nope_scale, rope_scale)
+    def shard(q_nope, q_rope, latent, rope_key, w_uk, w_uv, mask_or_slots):
+        if kernel is None:
+            out = absorbed_attention(q_nope, q_rope, latent, rope_key, w_uk, w_uv, mask_or_slots, scale, nope_scale,
+                                     rope_scale)
+        else:
+            q_latent = jnp.einsum("bthn,rhn->bthr", q_nope, w_uk) * nope_scale
+            out = jnp.einsum("bthr,rhv->bthv", kernel(q_latent, q_rope * rope_scale, latent, rope_key, mask_or_slots),
+                             w_uv)
         return jax.lax.psum(out, axis)
 
     in_specs = (P(rows), P(rows, None, None, rope_axis), P(rows, None, axis), P(rows, None, rope_axis), P(axis),
                 P(axis), P(rows))
-    return jax.shard_map(shard, mesh=sharding.mesh, in_specs=in_specs, out_specs=P(rows),
-                         check_vma=False)(q_nope, q_rope, latent, rope_key, w_uk, w_uv, mask)
+    return jax.shard_map(shard, mesh=sharding.mesh, in_specs=in_specs, out_specs=P(rows), check_vma=False)(
+        q_nope, q_rope, latent, rope_key, w_uk, w_uv, mask if kernel is None else write_slots)
 
 
 def mla_attention(config: Any, kernels: Any, layer: int) -> MLAAttention:
-    """The "mla" kind. Only attention_impl="xla" (no MLA decode kernel is wired yet)."""
+    """The "mla" kind for `kernels`: XLA, or the Pallas MLA decode kernel (attention_impl="pallas_dense")."""
     if config.mla is None:
         raise ValueError(f"layer_types: layer {layer} is 'mla', which needs TransformerConfig.mla, got None")
-    if kernels.attention_impl != "xla":
+    if kernels.attention_impl not in ("xla", "pallas_dense"):
         raise ValueError(f"attention_impl: layer {layer} is 'mla', which attention_impl={kernels.attention_impl!r} "
-                         "cannot serve yet (no MLA decode kernel is wired); use 'xla'")
+                         "cannot serve (MLA has a dense decode kernel, no sparse one); use 'xla' or 'pallas_dense'")
     latent_parallel = getattr(kernels, "latent_parallel", None)
     if latent_parallel is not None and kernels.sharding is None:
         raise ValueError("latent_parallel: TPLA needs a mesh (build the model with jspec.tpla(model, mesh))")
-    return MLAAttention(kernels.sharding, latent_parallel)
+    return MLAAttention(kernels.sharding, latent_parallel, kernels.attention_impl, kernels.attention_interpret,
+                        kernels.mla_block_size)
