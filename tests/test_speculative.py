@@ -290,3 +290,36 @@ def test_calibration_picks_the_layer_that_keeps_agreement():
     assert skip == (1,) and agreement == 1.0
     with pytest.raises(ValueError, match="num_skip"):
         calibrate_skip_layers(model, tokens, 3)
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.0, 0), (1.0, 0), (0.7, 3)])
+def test_chain_walk_equals_the_tree_walk_on_a_chain(temperature, top_k):
+    """The chain walks (prefix match; Leviathan / Chen on the drafted tokens' probabilities) give the tree walk's
+    tokens, accepted lengths and per-depth counts on a chain, with the same key, rows of every draft depth."""
+    from jspec.strategies.drafters import Proposal
+
+    batch, num_nodes, vocab = 64, 4, 8
+    rng = np.random.default_rng(0)
+    template = TreeTemplate.chain(num_nodes)
+    params = sampling.SamplingParams.broadcast(batch, np.where(np.arange(batch) % 5 == 0, 0.0, temperature), top_k)
+    draft_logits = jnp.asarray(rng.normal(size=(batch, num_nodes, vocab)) * 2, jnp.float32)
+    draft_probs = speculative_module.warped_probabilities(draft_logits, params)
+    tokens = jax.random.categorical(jax.random.key(1), jnp.log(draft_probs), axis=-1).astype(jnp.int32)  # [B, N]
+    # the target agrees with the draft often (shifted draft logits), so every accepted length occurs
+    target_logits = jnp.concatenate([draft_logits, draft_logits[:, :1]], axis=1) + jnp.asarray(rng.normal(size=(batch, num_nodes + 1, vocab)), jnp.float32)
+    depth = jnp.asarray(rng.integers(0, num_nodes + 1, batch))
+    valid = jnp.arange(num_nodes)[None, :] < depth[:, None]
+    proposal = Proposal(tokens, draft_logits, valid, depth, None, None, jnp.int32(0), sampled_from_parent=(True,) * num_nodes,
+                        token_probs=jnp.take_along_axis(draft_probs, tokens[:, :, None], axis=2)[:, :, 0])
+    key = jax.random.key(7)
+    if temperature == 0:
+        params = sampling.SamplingParams.broadcast(batch)
+        chain = speculative_module._accept_greedy_chain(target_logits, proposal)
+        tree = speculative_module._accept_greedy(template, target_logits, proposal)
+    else:
+        probs = speculative_module.warped_probabilities(target_logits, params)
+        chain = speculative_module._accept_chain(probs, proposal, params, key)
+        tree = speculative_module._accept(template, probs, proposal, params, key)
+    for field in ("num_accepted", "path", "emitted", "accepted_at_depth", "tried_at_depth"):
+        np.testing.assert_array_equal(getattr(chain, field), getattr(tree, field), err_msg=field)
+    assert len(set(np.asarray(chain.num_accepted).tolist())) >= 3  # the walks were compared on several outcomes

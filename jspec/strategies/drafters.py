@@ -36,7 +36,7 @@ from `Model.new_cache`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +70,11 @@ class Proposal:
     draft_calls: jax.Array  # [] int32: draft forward calls made
     sampled_from_parent: tuple[bool, ...] = static_field()  # per node: drawn from the draft distribution (else top-k)
     extra_tokens: jax.Array | None = None  # [B, E] int32: the drafter's own tokens in the verification (extra_layout)
+    token_probs: jax.Array | None = None  # [B, N] q(token) of each node (1 where q is one-hot; None: all one-hot)
+
+    def drafted_probs(self) -> jax.Array:  # [B, N] float32
+        """q(token) of each node under the distribution it was drafted from (1 for top-k and copied drafts)."""
+        return jnp.ones(self.tokens.shape, jnp.float32) if self.token_probs is None else self.token_probs
 
     def proposal_probs(self, node: jax.Array, params: sampling.SamplingParams, vocab_size: int) -> jax.Array:
         """q [B, V] of node [B]: the draft distribution where the node was sampled from it, else one-hot."""
@@ -154,11 +159,11 @@ class DraftModelDrafter:
             jnp.stack([previous, pending], axis=1), slots, state.drafter_state,
             write_slots=slots, output_indices=jnp.ones((pending.shape[0], 1), jnp.int32),
         )
-        tokens, parent_logits, cache, calls = expand_tree(
+        drafted = expand_tree(
             self.draft, (), cache, root_logits[:, 0], lengths, depth_limit, key, template, state.sampling,
             state.processing,
         )
-        return network_proposal(template, tokens, parent_logits, depth_limit, state.cache, cache, calls)
+        return network_proposal(template, drafted, depth_limit, target_cache=state.cache, drafter_state=drafted.cache)
 
     def commit(self, drafter_state: Cache, template: TreeTemplate, path: jax.Array, lengths: jax.Array) -> Cache:
         return keep_accepted_path(drafter_state, template, path, lengths)
@@ -190,11 +195,11 @@ class LayerSkipDrafter:
         root_logits, cache = target.forward(
             pending[:, None], lengths[:, None], state.cache, write_slots=lengths[:, None], skip_layers=self.skip_layers
         )
-        tokens, parent_logits, cache, calls = expand_tree(
+        drafted = expand_tree(
             target, self.skip_layers, cache, root_logits[:, 0], lengths, depth_limit, key, template,
             state.sampling, state.processing,
         )
-        return network_proposal(template, tokens, parent_logits, depth_limit, cache, None, calls)
+        return network_proposal(template, drafted, depth_limit, target_cache=drafted.cache, drafter_state=None)
 
     def commit(self, drafter_state: None, template: TreeTemplate, path: jax.Array, lengths: jax.Array) -> None:
         return None
@@ -292,7 +297,7 @@ def expand_tree(
     template: TreeTemplate,
     params: sampling.SamplingParams,
     processing: Processing,
-) -> tuple[jax.Array, jax.Array, Cache, jax.Array]:  # tokens [B, N], parent_logits [B, N, V], cache, calls []
+) -> "Drafted":
     """Draft the template level by level with `network` (without `skip_layers`): one forward per level.
 
     The network's logits at a node are processed (`jspec.processors`) as the target's are at that node (the
@@ -311,6 +316,7 @@ def expand_tree(
     node_logits = jnp.zeros((batch, num_nodes + 1, vocab), jnp.float32).at[:, 0].set(root_logits)  # root, nodes
     tokens = jnp.zeros((batch, num_nodes), jnp.int32)
     parent_logits_all = jnp.zeros((batch, num_nodes, vocab), jnp.float32)
+    token_probs = jnp.ones((batch, num_nodes), jnp.float32)
     single_child = single_child_nodes(template)
     greedy = all_greedy(params)
     calls = jnp.int32(1)
@@ -323,12 +329,17 @@ def expand_tree(
         ranks = jnp.asarray(template.sibling_rank[start:end])
         ranked = jnp.take_along_axis(top, ranks[None, :, None], axis=2)[:, :, 0]  # [B, W]
         level_key = jax.random.fold_in(key, depth)
-        draw = lambda logits=parent_logits, key=level_key: jax.random.categorical(  # noqa: E731
-            key, jnp.log(warped_probabilities(logits, params)), axis=-1
-        ).astype(jnp.int32)
-        sampled = jax.lax.cond(greedy, lambda ranked=ranked: ranked, draw)  # [B, W]
-        level_tokens = jnp.where(jnp.asarray(single_child[start:end])[None, :], sampled, ranked)  # [B, W]
+
+        def draw(logits=parent_logits, key=level_key):  # tokens [B, W] from the warped draft, with q(token) [B, W]
+            probs = warped_probabilities(logits, params)
+            drawn = jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)
+            return drawn, jnp.take_along_axis(probs, drawn[:, :, None], axis=2)[:, :, 0]
+
+        sampled, sampled_probs = jax.lax.cond(greedy, lambda ranked=ranked: (ranked, jnp.ones(ranked.shape, jnp.float32)), draw)
+        single = jnp.asarray(single_child[start:end])[None, :]
+        level_tokens = jnp.where(single, sampled, ranked)  # [B, W]
         tokens = tokens.at[:, start:end].set(level_tokens)
+        token_probs = token_probs.at[:, start:end].set(jnp.where(single, sampled_probs, 1.0))
         parent_logits_all = parent_logits_all.at[:, start:end].set(parent_logits)
         if depth == template.max_depth:
             break
@@ -351,24 +362,33 @@ def expand_tree(
 
         cache, node_logits = jax.lax.cond(depth < deepest, run_level, lambda operands: operands, (cache, node_logits))
         calls = calls + (depth < deepest)
-    return tokens, parent_logits_all, cache, calls
+    return Drafted(tokens, parent_logits_all, token_probs, cache, calls)
+
+
+class Drafted(NamedTuple):
+    """What `expand_tree` drafted."""
+
+    tokens: jax.Array  # [B, N] int32
+    parent_logits: jax.Array  # [B, N, V] the network's processed logits at each node's parent
+    token_probs: jax.Array  # [B, N] q(token): the warped draft probability where drawn, 1 where taken as top-k
+    cache: Cache  # the network's cache with the drafted levels written
+    calls: jax.Array  # [] int32: network forward calls
 
 
 def network_proposal(
     template: TreeTemplate,
-    tokens: jax.Array,  # [B, N] int32
-    parent_logits: jax.Array,  # [B, N, V]
+    drafted: Drafted,
     depth_limit: jax.Array,  # [B] int32
-    target_cache: Cache,
-    drafter_state: Any,
-    calls: jax.Array,
+    target_cache: Cache,  # the target cache after drafting
+    drafter_state: Any,  # the drafter's state after drafting
 ) -> Proposal:
     """The proposal of a draft network that expanded the whole template: every node within a row's depth."""
     valid = jnp.asarray(template.depths)[None, :] <= depth_limit[:, None]
     sampled = tuple(bool(x) for x in single_child_nodes(template))
     valid_depth = jnp.minimum(depth_limit, template.max_depth)
     return Proposal(
-        tokens, parent_logits, valid, valid_depth, target_cache, drafter_state, calls, sampled_from_parent=sampled
+        drafted.tokens, drafted.parent_logits, valid, valid_depth, target_cache, drafter_state, drafted.calls,
+        sampled_from_parent=sampled, token_probs=drafted.token_probs,
     )
 
 

@@ -227,12 +227,7 @@ class Speculative:
         logits = chunk_logits[:, : template.num_nodes + 1]
         processed = state.processing(logits, proposal.tokens, template)  # [B, N + 1, V]
         embeddings = None if self.relaxed is None else model.params["embed"]
-        walk = jax.lax.cond(
-            all_greedy(state.sampling),
-            lambda: _accept_greedy(template, processed, proposal),
-            lambda: _accept(template, warped_probabilities(processed, state.sampling), proposal, state.sampling, walk_key,
-                            self.relaxed, embeddings),
-        )
+        walk = acceptance_walk(template, processed, proposal, state.sampling, walk_key, self.relaxed, embeddings)
         num_accepted = jnp.where(running, walk.num_accepted, 0)
 
         # commit: keep the accepted path's entries, emit path + correction/bonus
@@ -351,6 +346,69 @@ class Walk:
     emitted: jax.Array  # [B, D + 1] int32: the accepted tokens, then the correction/bonus token
     accepted_at_depth: jax.Array  # [B, D] bool
     tried_at_depth: jax.Array  # [B, D] bool
+
+
+def acceptance_walk(
+    template: TreeTemplate,
+    logits: jax.Array,  # [B, N + 1, V] processed target logits at (pending, nodes)
+    proposal: Proposal,
+    params: sampling.SamplingParams,
+    key: jax.Array,
+    relaxed: Any = None,
+    embeddings: jax.Array | None = None,
+) -> Walk:
+    """The acceptance walk of one step: greedy (exact match) when every row is greedy, else the multi-draft
+    rejection rule; a chain (with exact acceptance) takes the prefix-match / Leviathan-Chen walk, which gives the
+    tree walk's result on a chain with the same key, without per-node [B, V] work."""
+    chain = template.is_chain and relaxed is None
+    greedy = (lambda: _accept_greedy_chain(logits, proposal)) if chain else (lambda: _accept_greedy(template, logits, proposal))
+    if chain:
+        sampled = lambda: _accept_chain(warped_probabilities(logits, params), proposal, params, key)  # noqa: E731
+    else:
+        sampled = lambda: _accept(template, warped_probabilities(logits, params), proposal, params, key, relaxed, embeddings)  # noqa: E731
+    return jax.lax.cond(all_greedy(params), greedy, sampled)
+
+
+def _accept_greedy_chain(logits: jax.Array, proposal: Proposal) -> Walk:
+    """`_accept_greedy` for a chain: the drafts accepted are the longest prefix equal to the target's argmaxes."""
+    choice = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, N + 1]
+    matches = proposal.valid & (proposal.tokens == choice[:, :-1])  # [B, N]
+    return _chain_walk(proposal, matches, lambda num_accepted: jnp.take_along_axis(choice, num_accepted[:, None], axis=1)[:, 0])
+
+
+def _accept_chain(target_probs: jax.Array, proposal: Proposal, params: sampling.SamplingParams, key: jax.Array) -> Walk:
+    """`_accept` for a chain (Leviathan / Chen speculative sampling) on the probabilities it needs: draft i is
+    accepted when u_i * q_i(d_i) < p_i(d_i), the first rejection draws from norm(max(0, p - q)) at its position only,
+    and a full acceptance (or a row's last valid draft) draws from p there. The uniforms and the final draw use the
+    keys `_accept` uses, so both walks give the same tokens for the same inputs."""
+    batch, num_nodes = proposal.tokens.shape
+    rows = jnp.arange(batch)
+    p_token = jnp.take_along_axis(target_probs[:, :-1], proposal.tokens[:, :, None], axis=2)[:, :, 0]  # [B, N]
+    uniforms = jnp.stack([jax.random.uniform(jax.random.fold_in(key, depth * 1024), (batch,))
+                          for depth in range(1, num_nodes + 1)], axis=1)  # [B, N]: `_traverse`'s draws (rank 0)
+    takes = proposal.valid & (uniforms * proposal.drafted_probs() < p_token)
+
+    def final_token(num_accepted):  # [B] -> [B]
+        stopped_at = jnp.minimum(num_accepted, num_nodes - 1)
+        rejected = (num_accepted < num_nodes) & proposal.valid[rows, stopped_at]  # tried and rejected
+        probs = target_probs[rows, num_accepted]  # [B, V]
+        q = proposal.proposal_probs(stopped_at, params, probs.shape[-1])
+        probs = jnp.where(rejected[:, None], residual_distribution(probs, q), probs)
+        drawn = jax.random.categorical(jax.random.fold_in(key, 1 << 20), jnp.log(probs), axis=-1)
+        return jnp.where(params.temperature > 0, drawn, jnp.argmax(probs, axis=-1)).astype(jnp.int32)
+
+    return _chain_walk(proposal, takes, final_token)
+
+
+def _chain_walk(proposal: Proposal, takes: jax.Array, final_token) -> Walk:
+    """The Walk of a chain whose draft i passes its test where takes [B, N] (a prefix of them is accepted);
+    final_token(num_accepted [B]) -> [B] the correction / bonus token."""
+    accepted_at = jnp.cumprod(takes, axis=1).astype(bool)  # [B, N]
+    num_accepted = jnp.sum(accepted_at, axis=1, dtype=jnp.int32)
+    depth = jnp.arange(takes.shape[1])[None, :]
+    tried_at = proposal.valid & (depth <= num_accepted[:, None])
+    path = jnp.where(accepted_at, depth, -1)
+    return _walk(proposal, path, accepted_at, tried_at, final_token(num_accepted))
 
 
 def _accept_greedy(template: TreeTemplate, logits: jax.Array, proposal: Proposal) -> Walk:
