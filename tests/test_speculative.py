@@ -323,3 +323,61 @@ def test_chain_walk_equals_the_tree_walk_on_a_chain(temperature, top_k):
     for field in ("num_accepted", "path", "emitted", "accepted_at_depth", "tried_at_depth"):
         np.testing.assert_array_equal(getattr(chain, field), getattr(tree, field), err_msg=field)
     assert len(set(np.asarray(chain.num_accepted).tolist())) >= 3  # the walks were compared on several outcomes
+
+
+# --- auto depth ------------------------------------------------------------------------------------------
+
+def _never_drafting_costs(max_depth):
+    """Costs under which no depth beats a plain step (a verification of k tokens costs k + 9 forwards)."""
+    from jspec.strategies.auto_depth import StepCosts
+
+    widths = np.arange(1, max_depth + 2, dtype=np.float32)
+    return StepCosts(jnp.asarray(np.where(widths > 1, widths + 9, 1.0)), jnp.zeros(max_depth + 1), jnp.float32(0.1))
+
+
+@pytest.mark.parametrize("name", ["chain-random-draft", "tree-self-as-draft", "prompt-lookup"])
+def test_auto_depth_greedy_equals_autoregressive(pair, name):
+    """num_draft_tokens="auto" / adaptive="auto" equal greedy autoregressive decoding; a useless (random) draft is
+    dropped for plain steps, a perfect one (the target itself, drafting for free) drafts to the full depth."""
+    from jspec.strategies.auto_depth import StepCosts
+
+    target, draft = pair
+    strategy, options = {
+        "chain-random-draft": ("speculative", dict(draft=draft, num_draft_tokens="auto")),  # costs measured
+        "tree-self-as-draft": ("speculative", dict(draft=target, tree=(2, 1, 1), adaptive="auto",
+                                                   step_costs=StepCosts.memory_bound(3, 0.0))),
+        "prompt-lookup": ("prompt_lookup", dict(num_draft_tokens="auto")),
+    }[name]
+    want = jspec.decode(target, PROMPTS, max_new_tokens=24, stop_tokens=[])
+    got = jspec.decode(target, PROMPTS, strategy, max_new_tokens=24, stop_tokens=[], **options)
+    assert got.sequences() == want.sequences()
+    depths, steps = np.asarray(got.stats["depth_histogram"]), int(got.stats["steps"]) - 1
+    assert depths.sum() == steps and got.stats["model_calls"] == got.stats["steps"]
+    if name == "chain-random-draft":  # after a few steps the batch stops drafting; probes are rare
+        assert depths[0] >= 0.75 * steps and got.stats["probes"] <= 3
+        assert got.stats["draft_calls"] <= 1 + 4 * (steps - depths[0]) + got.stats["probes"]
+    if name == "tree-self-as-draft":
+        assert depths[-1] >= 0.75 * steps and got.stats["model_calls"] < want.stats["model_calls"] / 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("costs", ["memory-bound", "never-drafting"])
+def test_auto_depth_sampling_reproduces_the_target_distribution(toy_pair, costs, monkeypatch):
+    """Sampling with auto depth is the target's distribution, for steps at every depth and for probes (a draft tried
+    against a one-token verification, no bonus token)."""
+    from jspec.strategies import auto_depth
+
+    target, draft = toy_pair
+    step_costs = auto_depth.StepCosts.memory_bound(4, 0.1) if costs == "memory-bound" else _never_drafting_costs(4)
+    monkeypatch.setattr(auto_depth, "PROBE_INTERVAL", 1)  # probe every step that does not draft
+    jax.clear_caches()
+    try:
+        p_value, out = _p_value(target, [1, 2, 3], "speculative", dict(draft=draft, num_draft_tokens="auto", step_costs=step_costs), 4)
+    finally:
+        jax.clear_caches()
+    assert p_value > SIGNIFICANCE
+    depths = np.asarray(out.stats["depth_histogram"])
+    if costs == "memory-bound":
+        assert depths[1:].sum() > 0 and np.asarray(out.stats["accepted_histogram"])[1:].sum() > 0
+    else:
+        assert depths[1:].sum() == 0 and out.stats["probes"] == depths[0]

@@ -46,6 +46,7 @@ from jspec import masks, sampling, validation
 from jspec.cache import Cache
 from jspec.models.model import Model
 from jspec.processors import Processing
+from jspec.strategies import auto_depth
 from jspec.strategies.base import Prompts, prefill, static_field
 from jspec.strategies.tree import TreeTemplate
 from jspec.validation import ArgumentError
@@ -136,6 +137,7 @@ class DraftModelDrafter:
     """A separate draft model sharing the target's vocabulary; its state is its own KV cache."""
 
     draft: Model | None
+    catch_up: int = static_field(default=1)  # committed tokens re-read before the pending one after idle steps
     prefill_calls: ClassVar[int] = 1
 
     def validate(self, target: Model, template: TreeTemplate, prompts: Prompts) -> None:
@@ -148,25 +150,45 @@ class DraftModelDrafter:
             )
 
     def init(self, target: Model, prompts: Prompts, template: TreeTemplate) -> Cache:
-        _, cache = prefill(self.draft, prompts, self.draft.new_cache(prompts.batch_size, prompts.cache_size, max_chunk=template.num_nodes + 2))
+        max_chunk = max(template.num_nodes, self.catch_up) + 2
+        _, cache = prefill(self.draft, prompts, self.draft.new_cache(prompts.batch_size, prompts.cache_size, max_chunk=max_chunk))
         return cache
 
-    def propose(self, target, state, pending, depth_limit, key, template) -> Proposal:
-        lengths = state.cache.lengths
-        previous = jnp.take_along_axis(state.history, jnp.maximum(lengths - 1, 0)[:, None], axis=1)[:, 0]
-        slots = lengths[:, None] + jnp.asarray([[-1, 0]], jnp.int32)  # [B, 2]: the last committed token, pending
-        root_logits, cache = self.draft.forward(
-            jnp.stack([previous, pending], axis=1), slots, state.drafter_state,
-            write_slots=slots, output_indices=jnp.ones((pending.shape[0], 1), jnp.int32),
+    def read_last(self, cache: Cache, history: jax.Array, lengths: jax.Array, window: int) -> tuple[jax.Array, Cache]:
+        """Run the draft over the last `window` tokens up to the pending one (history[b, lengths[b]]), writing their
+        entries: the draft's logits after the pending token [B, V], and its cache."""
+        slots = lengths[:, None] + jnp.arange(1 - window, 1, dtype=jnp.int32)[None, :]  # [B, window]
+        tokens = jnp.take_along_axis(history, jnp.maximum(slots, 0), axis=1)
+        logits, cache = self.draft.forward(
+            tokens, jnp.maximum(slots, 0), cache, write_slots=jnp.where(slots >= 0, slots, cache.capacity),
+            output_indices=jnp.full((lengths.shape[0], 1), window - 1, jnp.int32),
         )
+        return logits[:, 0], cache
+
+    def propose(self, target, state, pending, depth_limit, key, template) -> Proposal:
+        """The draft's cache lags the committed tokens by one (the last committed token is re-read with the pending
+        one); after steps that did not draft (auto depth) it lags by more, and the first step back re-reads the last
+        `catch_up` committed tokens (entries further back stay as they were: only the proposals can suffer)."""
+        lengths = state.cache.lengths
+        read = lambda window: lambda: self.read_last(state.drafter_state, state.history, lengths, window)  # noqa: E731
+        if self.catch_up > 1 and getattr(state, "depth_control", None) is not None:
+            root_logits, cache = jax.lax.cond(state.depth_control.idle_steps > 0, read(self.catch_up + 1), read(2))
+        else:
+            root_logits, cache = read(2)()
         drafted = expand_tree(
-            self.draft, (), cache, root_logits[:, 0], lengths, depth_limit, key, template, state.sampling,
+            self.draft, (), cache, root_logits, lengths, depth_limit, key, template, state.sampling,
             state.processing,
         )
         return network_proposal(template, drafted, depth_limit, target_cache=state.cache, drafter_state=drafted.cache)
 
     def commit(self, drafter_state: Cache, template: TreeTemplate, path: jax.Array, lengths: jax.Array) -> Cache:
         return keep_accepted_path(drafter_state, template, path, lengths)
+
+    def cost_calls(self, target: Model, template: TreeTemplate, batch_size: int, cache_size: int) -> dict[str, Any]:
+        """Thunks of this drafter's calls for `auto_depth.measure_step_costs`, and the key they are remembered by."""
+        calls = auto_depth.forward_calls(self.draft, batch_size, cache_size)
+        return dict(key=("model", self.draft.config, self.catch_up), share=self.draft.num_parameters() / target.num_parameters(),
+                    root=calls(2), probe=calls(self.catch_up + 1), levels=[calls(end - start) for start, end in template.levels[:-1]])
 
 
 # --- the target with layers skipped ------------------------------------------------------------------------
@@ -204,6 +226,12 @@ class LayerSkipDrafter:
     def commit(self, drafter_state: None, template: TreeTemplate, path: jax.Array, lengths: jax.Array) -> None:
         return None
 
+    def cost_calls(self, target: Model, template: TreeTemplate, batch_size: int, cache_size: int) -> dict[str, Any]:
+        calls = auto_depth.forward_calls(target, batch_size, cache_size, self.skip_layers)
+        share = 1 - len(self.skip_layers) / target.config.num_layers
+        return dict(key=("layer_skip", self.skip_layers), share=share, root=calls(1),
+                    levels=[calls(end - start) for start, end in template.levels[:-1]])
+
 
 # --- prompt lookup -----------------------------------------------------------------------------------------
 
@@ -233,6 +261,9 @@ class PromptLookupDrafter:
 
     def commit(self, drafter_state: None, template: TreeTemplate, path: jax.Array, lengths: jax.Array) -> None:
         return None
+
+    def cost_calls(self, target: Model, template: TreeTemplate, batch_size: int, cache_size: int) -> dict[str, Any]:
+        return dict(key=("prompt_lookup", self.max_ngram), share=0.0)  # no network: its drafting costs are not counted
 
 
 def prompt_lookup(

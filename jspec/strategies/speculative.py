@@ -59,6 +59,7 @@ from jspec.strategies.base import (
     register_strategy,
     static_field,
 )
+from jspec.strategies import auto_depth
 from jspec.strategies.autoregressive import emit_sampled
 from jspec.strategies.drafters import (
     Drafter,
@@ -90,6 +91,7 @@ class SpeculativeState:
     step: jax.Array  # [] int32
     draft_depth: jax.Array  # [B] int32: the depth a row drafts to (adaptive), <= template depth
     stats: dict[str, jax.Array]
+    depth_control: auto_depth.DepthControl | None = None  # adaptive="auto": costs, acceptance, probing
 
 
 @struct.dataclass
@@ -99,10 +101,16 @@ class Speculative:
     drafter: a drafter object (`DraftModelDrafter`, `LayerSkipDrafter`, `PromptLookupDrafter`), or the name of
         one built from the shorthands below: "model", "layer_skip" or "prompt_lookup" (default: "model" with a
         draft, else "layer_skip" when skip_layers is given). After construction it is always an object.
-    num_draft_tokens: the chain length (ignored when `tree` is given).
+    num_draft_tokens: the chain length (ignored when `tree` is given), or "auto": a chain of AUTO_CHAIN_LENGTH
+        drafts with adaptive="auto".
     tree: branching factor per depth, e.g. (3, 2, 1, 1): a static tree of top-k children.
     tree_parents: an explicit template instead (parent of each node, -1 = root, breadth-first).
-    adaptive: adapt each row's draft depth (see the module docstring).
+    adaptive: adapt each row's draft depth (True: one deeper after a full acceptance, one shallower otherwise), or
+        "auto": each step drafts (the whole batch) to the depth with the most expected tokens per second from
+        measured call costs and each row's running acceptance, down to plain autoregressive steps
+        (`jspec.strategies.auto_depth`); the verification forward is only as wide as that depth.
+    step_costs: with adaptive="auto", the costs to decide with (`auto_depth.StepCosts`); None: measured once per
+        model, drafter and shape when the strategy is validated.
     temperature, top_k, top_p, min_p: sampling (traced; 0 temperature = greedy).
     generation: logit processors and log-probabilities (`jspec.processors`; set through `jspec.decode`'s options).
     relaxed: None (exact acceptance, lossless), or a relaxed acceptance rule with `masses(p, q, token, embeddings)`
@@ -115,16 +123,17 @@ class Speculative:
     name: ClassVar[str] = "speculative"
     shape_buckets: ClassVar[bool] = True  # batch and max_new_tokens may be bucketed (padding rows, traced limits)
     drafter: Drafter | str | None = None  # a pytree: a draft model's parameters are traced leaves
-    num_draft_tokens: int = static_field(default=4)
+    num_draft_tokens: int | str = static_field(default=4)
     tree: tuple[int, ...] | None = static_field(default=None)
     tree_parents: tuple[int, ...] | None = static_field(default=None)
-    adaptive: bool = static_field(default=False)
+    adaptive: bool | str = static_field(default=False)
     temperature: Any = 0.0
     top_k: Any = 0
     top_p: Any = 1.0
     min_p: Any = 0.0
     generation: processors.GenerationOptions = struct.field(default_factory=processors.GenerationOptions)
     relaxed: Any = None  # a pytree: its thresholds are traced
+    step_costs: auto_depth.StepCosts | None = None
     draft: dataclasses.InitVar[Model | None] = None
     skip_layers: dataclasses.InitVar[tuple[int, ...]] = ()
     max_ngram: dataclasses.InitVar[int] = 3
@@ -134,6 +143,8 @@ class Speculative:
             object.__setattr__(self, "drafter", drafter_from_options(self.drafter, draft, skip_layers, max_ngram))
         elif draft is not None or skip_layers != () or max_ngram != 3:
             raise ArgumentError("drafter: give a drafter object or the draft / skip_layers / max_ngram shorthands, not both")
+        if self.auto and getattr(self.drafter, "catch_up", None) == 1:  # a draft model re-reads what idle steps skipped
+            object.__setattr__(self, "drafter", self.drafter.replace(catch_up=auto_depth.CATCH_UP))
 
     # --- configuration -----------------------------------------------------------------------------
 
@@ -143,13 +154,23 @@ class Speculative:
             return TreeTemplate(tuple(self.tree_parents))
         if self.tree is not None:
             return TreeTemplate.from_branching(tuple(self.tree))
-        return TreeTemplate.chain(self.num_draft_tokens)
+        return TreeTemplate.chain(AUTO_CHAIN_LENGTH if self.num_draft_tokens == "auto" else self.num_draft_tokens)
+
+    @property
+    def auto(self) -> bool:
+        """Whether each step's depth is chosen from costs and acceptance (adaptive="auto")."""
+        return self.adaptive == "auto" or (self.num_draft_tokens == "auto" and self.tree is None and self.tree_parents is None)
 
     def validate(self, model: Model, prompts: Prompts) -> None:
         check_draft_shape(self.num_draft_tokens, self.tree, self.tree_parents)
-        validation.check_bool("adaptive", self.adaptive)
+        if self.adaptive != "auto":
+            validation.check_bool("adaptive", self.adaptive)
         template = self.template  # raises for a template that is not a tree
         self.drafter.validate(model, template, prompts)
+        if self.auto and self.extra_layout is not None:
+            raise ArgumentError("adaptive: 'auto' needs a drafter without tokens of its own in the verification")
+        if self.auto and self.step_costs is None:
+            self.measure_costs(model, prompts)
         sampling.validate_sampling_options(
             prompts.num_rows, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p
         )
@@ -169,6 +190,35 @@ class Speculative:
 
     def cache_headroom(self) -> int:
         return self.chunk_width
+
+    def verified_nodes(self) -> list[int]:
+        """[D + 1]: the template's nodes up to each depth d (a prefix: nodes are numbered breadth-first)."""
+        depths = self.template.depths
+        return [int(np.sum(depths <= depth)) for depth in range(self.template.max_depth + 1)]
+
+    def measure_costs(self, model: Model, prompts: Prompts) -> auto_depth.StepCosts:
+        """The auto depth's step costs for this model, drafter and shape (measured once per process)."""
+        key, calls = self._cost_calls(model, prompts)
+        calls.pop("share")
+        widths = [nodes + 1 for nodes in self.verified_nodes()]
+        measured = sorted({widths[0], widths[min(1, len(widths) - 1)], widths[-1]})  # the rest is interpolated
+        verify = {width: auto_depth.forward_call(model, prompts.batch_size, prompts.cache_size, width) for width in measured}
+        return auto_depth.measure_step_costs(key, verify, widths, **calls)
+
+    def costs(self, model: Model, prompts: Prompts) -> auto_depth.StepCosts:
+        """step_costs, else the measured ones (validate measures them), else the memory-bound model (every forward
+        one unit, a drafter call its share of the target's parameters)."""
+        if self.step_costs is not None:
+            return self.step_costs
+        key, calls = self._cost_calls(model, prompts)
+        found = auto_depth.measured_costs(key)
+        return found if found is not None else auto_depth.StepCosts.memory_bound(self.template.max_depth, calls["share"])
+
+    def _cost_calls(self, model: Model, prompts: Prompts) -> tuple[Any, dict[str, Any]]:
+        calls = self.drafter.cost_calls(model, self.template, prompts.batch_size, prompts.cache_size)
+        key = (model.config, calls.pop("key"), self.template.parents, prompts.batch_size, prompts.cache_size,
+               jax.default_backend())
+        return key, calls
 
     # --- the state machine ---------------------------------------------------------------------------
 
@@ -199,6 +249,7 @@ class Speculative:
             key=key,
             step=jnp.int32(1),
             draft_depth=jnp.full((batch,), depth, jnp.int32),
+            depth_control=auto_depth.DepthControl.create(self.costs(model, prompts), batch, self.probe_interval) if self.auto else None,
             stats={
                 "model_calls": jnp.int32(1),
                 "draft_calls": jnp.int32(self.drafter.prefill_calls),
@@ -208,8 +259,14 @@ class Speculative:
                 "accepted_histogram": jnp.zeros((depth + 1,), jnp.int32),
                 "accepted_by_depth": jnp.zeros((depth,), jnp.int32),
                 "tried_by_depth": jnp.zeros((depth,), jnp.int32),
+                **({"depth_histogram": jnp.zeros((depth + 1,), jnp.int32), "probes": jnp.int32(0)} if self.auto else {}),
             },
         )
+
+    @property
+    def probe_interval(self) -> int:
+        """Steps without drafting before a probe: every step for a drafter without a network (it costs nothing)."""
+        return 1 if isinstance(self.drafter, PromptLookupDrafter) else auto_depth.PROBE_INTERVAL
 
     def step(self, model: Model, state: SpeculativeState) -> SpeculativeState:
         template = self.template
@@ -218,26 +275,39 @@ class Speculative:
         pending = jnp.take_along_axis(state.history, lengths[:, None], axis=1)[:, 0]
         step_key = jax.random.fold_in(state.key, state.step)
         draft_key, walk_key = jax.random.split(step_key)
-        depth_limit = jnp.where(running, state.draft_depth, 0)
-
-        proposal = self.drafter.propose(model, state, pending, depth_limit, draft_key, template)
         extra = self.extra_layout
-        extra = None if extra is None else (proposal.extra_tokens, *extra)
-        chunk_logits, cache = verify(model, template, proposal.target_cache, lengths, pending, proposal.tokens, running, extra)
+        control = state.depth_control
+        if control is None:
+            depth_limit = jnp.where(running, state.draft_depth, 0)
+            proposal = self.drafter.propose(model, state, pending, depth_limit, draft_key, template)
+            extra = None if extra is None else (proposal.extra_tokens, *extra)
+            chunk_logits, cache = verify(model, template, proposal.target_cache, lengths, pending, proposal.tokens, running, extra)
+            verified_depth = template.max_depth
+        else:  # the batch's depth this step; a probe drafts one token and verifies none
+            verified_depth, probe = control.plan(running)
+            depth_limit = jnp.where(running, jnp.where(probe, 1, verified_depth), 0)
+            propose = lambda: self.drafter.propose(model, state, pending, depth_limit, draft_key, template)  # noqa: E731
+            idle = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(propose))
+            idle = idle.replace(target_cache=state.cache, drafter_state=state.drafter_state)
+            proposal = jax.lax.cond((verified_depth > 0) | probe, propose, lambda: idle)
+            chunk_logits, cache = verify_to_depth(model, template, self.verified_nodes(), verified_depth,
+                                                  proposal.target_cache, lengths, pending, proposal.tokens, running)
         logits = chunk_logits[:, : template.num_nodes + 1]
         processed = state.processing(logits, proposal.tokens, template)  # [B, N + 1, V]
         embeddings = None if self.relaxed is None else model.params["embed"]
         walk = acceptance_walk(template, processed, proposal, state.sampling, walk_key, self.relaxed, embeddings)
         num_accepted = jnp.where(running, walk.num_accepted, 0)
+        # the correction / bonus token exists where the verification reached the last accepted node's children
+        num_emitted = num_accepted + (num_accepted <= verified_depth)
 
         # commit: keep the accepted path's entries, emit path + correction/bonus
-        new_lengths = jnp.where(running, lengths + num_accepted + 1, lengths)
+        new_lengths = jnp.where(running, lengths + num_emitted, lengths)
         cache = keep_accepted_path(cache, template, walk.path, lengths).with_lengths(new_lengths)
         drafter_state = self.drafter.commit(proposal.drafter_state, template, walk.path, lengths)
 
         emitted = walk.emitted  # [B, D + 1]
         history_slots = jnp.where(
-            running[:, None] & (jnp.arange(emitted.shape[1]) <= num_accepted[:, None]),
+            running[:, None] & (jnp.arange(emitted.shape[1]) < num_emitted[:, None]),
             lengths[:, None] + 1 + jnp.arange(emitted.shape[1]),
             state.history.shape[1],
         )
@@ -247,7 +317,7 @@ class Speculative:
             at = jnp.concatenate([jnp.zeros_like(walk.path[:, :1]), jnp.maximum(walk.path + 1, 0)], axis=1)[:, :, None]
             scores = processors.token_scores(jnp.take_along_axis(logits, at, axis=1), jnp.take_along_axis(processed, at, axis=1),
                                              emitted, state.sampling, self.generation.logprobs)
-        output = state.output.append(emitted, jnp.where(running, num_accepted + 1, 0), state.stop_tokens, scores)
+        output = state.output.append(emitted, jnp.where(running, num_emitted, 0), state.stop_tokens, scores)
         kept = output.lengths - state.output.lengths  # emitted this step after stop tokens / length limit
         processing = state.processing.append(emitted, kept)
         kept_drafts = jnp.minimum(num_accepted, kept)
@@ -278,7 +348,13 @@ class Speculative:
         stats["accepted_histogram"] = stats["accepted_histogram"] + jnp.zeros_like(stats["accepted_histogram"]).at[num_accepted].add(running.astype(jnp.int32))
         stats["accepted_by_depth"] = stats["accepted_by_depth"] + jnp.sum(walk.accepted_at_depth & running[:, None], axis=0)
         stats["tried_by_depth"] = stats["tried_by_depth"] + jnp.sum(walk.tried_at_depth & running[:, None], axis=0)
+        if control is not None:
+            control = control.after(verified_depth, probe, walk.accepted_at_depth & running[:, None],
+                                    walk.tried_at_depth & running[:, None], self.probe_interval)
+            stats["depth_histogram"] = stats["depth_histogram"].at[verified_depth].add(1)
+            stats["probes"] = stats["probes"] + probe
         return state.replace(
+            depth_control=control,
             cache=cache,
             drafter_state=drafter_state,
             history=history,
@@ -303,6 +379,29 @@ class Speculative:
         return state.output.decode_output(stats)
 
 
+def verify_to_depth(
+    model: Model,
+    template: TreeTemplate,
+    verified_nodes: list[int],  # [D + 1] static: the nodes up to each depth (a prefix of the template)
+    depth: jax.Array,  # [] int32: verify the nodes up to this depth
+    cache: Cache,
+    lengths: jax.Array,  # [B] int32
+    pending: jax.Array,  # [B] int32
+    tokens: jax.Array,  # [B, N] int32
+    running: jax.Array,  # [B] bool
+) -> tuple[jax.Array, Cache]:  # logits [B, N + 1, V] (zero past the verified nodes), cache
+    """`verify` over the pending token and the nodes up to a traced depth: one compiled forward per depth, of that
+    width, selected by `lax.switch` (a shallow step does not pay for the template's full width)."""
+
+    def branch(nodes: int):
+        def run():
+            logits, written = verify(model, template, cache, lengths, pending, tokens, running, num_nodes=nodes)
+            return jnp.pad(logits, ((0, 0), (0, template.num_nodes - nodes), (0, 0))), written
+        return run
+
+    return jax.lax.switch(depth, [branch(nodes) for nodes in verified_nodes])
+
+
 def verify(
     model: Model,
     template: TreeTemplate,
@@ -312,7 +411,8 @@ def verify(
     tokens: jax.Array,  # [B, N] int32: the drafted nodes
     running: jax.Array,  # [B] bool: finished rows write nowhere (slot = capacity, dropped)
     extra: tuple[jax.Array, np.ndarray, np.ndarray] | None = None,  # a drafter's tokens [B, E], offsets, visibility
-) -> tuple[jax.Array, Cache]:  # logits [B, N + 1 + E, V] at (pending, nodes, extra), cache with them written
+    num_nodes: int | None = None,  # static: verify only the first nodes (a breadth-first prefix); None: all
+) -> tuple[jax.Array, Cache]:  # logits [B, n + 1 + E, V] at (pending, nodes, extra), cache with them written
     """One target forward over [pending, nodes], each node at position lengths + depth and slot lengths + 1 + i.
 
     Every query sees the committed prefix, the root (pending), its ancestors and itself. For a chain that is the
@@ -322,13 +422,14 @@ def verify(
     prefix and the chunk entries of its visibility row [E, N + 1 + E]; no node sees them, so the nodes' logits
     are those of the plain verification.
     """
-    offsets = np.asarray([0, *template.depths.tolist()], np.int32)  # [N + 1]
-    visibility = template.ancestors
-    chunk = jnp.concatenate([pending[:, None], tokens], axis=1)  # [B, N + 1]
+    nodes = template.num_nodes if num_nodes is None else num_nodes
+    offsets = np.asarray([0, *template.depths.tolist()], np.int32)[: nodes + 1]  # [n + 1]
+    visibility = template.ancestors[: nodes + 1, : nodes + 1]
+    chunk = jnp.concatenate([pending[:, None], tokens[:, :nodes]], axis=1)  # [B, n + 1]
     if extra is not None:
         extra_tokens, extra_offsets, extra_visibility = extra
         offsets = np.concatenate([offsets, np.asarray(extra_offsets, np.int32)])
-        hidden = np.zeros((template.num_nodes + 1, len(extra_offsets)), bool)  # nodes never see the extra tokens
+        hidden = np.zeros((nodes + 1, len(extra_offsets)), bool)  # nodes never see the extra tokens
         visibility = np.concatenate([np.concatenate([visibility, hidden], axis=1), extra_visibility], axis=0)
         chunk = jnp.concatenate([chunk, extra_tokens], axis=1)
     width = chunk.shape[1]
@@ -504,14 +605,16 @@ def residual_distribution(target: jax.Array, proposal: jax.Array) -> jax.Array:
 
 
 MAX_DRAFT_DEPTH = 16  # drafting unrolls one forward per depth: compile time and memory grow with it
+AUTO_CHAIN_LENGTH = 4  # num_draft_tokens="auto": the deepest chain (one compiled verification per depth up to it)
 MAX_DRAFT_NODES = 128  # verification runs every node as a token of one forward
 
 
 def check_draft_shape(num_draft_tokens: Any, tree: Any, tree_parents: Any) -> None:
     """Raise `ArgumentError` unless the draft is a chain or tree jspec can compile in bounded time and memory:
     depth <= MAX_DRAFT_DEPTH and nodes <= MAX_DRAFT_NODES."""
-    limit = f" (at most {MAX_DRAFT_DEPTH} draft levels)"
-    validation.check_int("num_draft_tokens", num_draft_tokens, minimum=1, maximum=MAX_DRAFT_DEPTH, why=limit)
+    limit = f" (at most {MAX_DRAFT_DEPTH} draft levels), or 'auto'"
+    if num_draft_tokens != "auto":
+        validation.check_int("num_draft_tokens", num_draft_tokens, minimum=1, maximum=MAX_DRAFT_DEPTH, why=limit)
     if tree is not None:
         try:
             branching = validation.check_int_sequence("tree", tree, minimum=1)
@@ -533,15 +636,16 @@ def check_draft_shape(num_draft_tokens: Any, tree: Any, tree_parents: Any) -> No
 def speculative(
     *,
     draft: Model | None = None,
-    num_draft_tokens: int = 4,
+    num_draft_tokens: int | str = 4,
     tree: tuple[int, ...] | None = None,
     tree_parents: tuple[int, ...] | None = None,
     skip_layers: tuple[int, ...] = (),
-    adaptive: bool = False,
+    adaptive: bool | str = False,
     temperature: Any = 0.0,
     top_k: Any = 0,
     top_p: Any = 1.0,
     min_p: Any = 0.0,
+    step_costs: auto_depth.StepCosts | None = None,
 ) -> Speculative:
     """Draft-model speculative decoding (or self-speculative when only skip_layers is given)."""
     check_draft_shape(num_draft_tokens, tree, tree_parents)
@@ -564,23 +668,25 @@ def speculative(
         top_k=top_k,
         top_p=top_p,
         min_p=min_p,
+        step_costs=step_costs,
     )
 
 
 def prompt_lookup_strategy(
-    *, num_draft_tokens: int = 10, max_ngram: int = 3, adaptive: bool = False, temperature: Any = 0.0, top_k: Any = 0, top_p: Any = 1.0, min_p: Any = 0.0
+    *, num_draft_tokens: int | str = 10, max_ngram: int = 3, adaptive: bool | str = False, temperature: Any = 0.0, top_k: Any = 0,
+    top_p: Any = 1.0, min_p: Any = 0.0, step_costs: auto_depth.StepCosts | None = None,
 ) -> Speculative:
     """Prompt-lookup decoding: drafts copied from earlier n-gram matches (defaults as Hugging Face's)."""
     check_draft_shape(num_draft_tokens, None, None)
     return Speculative(
         drafter=PromptLookupDrafter(max_ngram), num_draft_tokens=num_draft_tokens, adaptive=adaptive,
-        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, step_costs=step_costs,
     )
 
 
 def self_speculative(
-    *, skip_layers: tuple[int, ...], num_draft_tokens: int = 4, tree: tuple[int, ...] | None = None, adaptive: bool = False,
-    temperature: Any = 0.0, top_k: Any = 0, top_p: Any = 1.0, min_p: Any = 0.0,
+    *, skip_layers: tuple[int, ...], num_draft_tokens: int | str = 4, tree: tuple[int, ...] | None = None, adaptive: bool | str = False,
+    temperature: Any = 0.0, top_k: Any = 0, top_p: Any = 1.0, min_p: Any = 0.0, step_costs: auto_depth.StepCosts | None = None,
 ) -> Speculative:
     """Self-speculative decoding: the target with `skip_layers` left out drafts for itself."""
     check_draft_shape(num_draft_tokens, tree, None)
@@ -588,7 +694,7 @@ def self_speculative(
     return Speculative(
         drafter=LayerSkipDrafter(tuple(skip_layers)), num_draft_tokens=num_draft_tokens,
         tree=None if tree is None else tuple(tree), adaptive=adaptive,
-        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, step_costs=step_costs,
     )
 
 
