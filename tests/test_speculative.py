@@ -265,6 +265,9 @@ def test_a_chain_tree_mask_is_the_causal_mask_by_slot(num_nodes):
         ("self_speculative", dict(skip_layers=(0, 1, 2)), "skip_layers"),
         ("prompt_lookup", dict(max_ngram=0), "max_ngram"),
         ("speculative", dict(draft="draft", drafters=2), "unknown option"),
+        ("speculative", dict(draft="draft", num_draft_tokens="many"), "num_draft_tokens"),
+        ("speculative", dict(draft="draft", adaptive="sometimes"), "adaptive"),
+        ("speculative", dict(draft="draft", step_costs=(1.0, 2.0)), "step_costs"),
     ],
 )
 def test_bad_input_raises_a_clear_error(pair, strategy, options, message):
@@ -292,8 +295,8 @@ def test_calibration_picks_the_layer_that_keeps_agreement():
         calibrate_skip_layers(model, tokens, 3)
 
 
-@pytest.mark.parametrize("temperature, top_k", [(0.0, 0), (1.0, 0), (0.7, 3)])
-def test_chain_walk_equals_the_tree_walk_on_a_chain(temperature, top_k):
+@pytest.mark.parametrize("temperature, top_k, keep_token_probs", [(0.0, 0, True), (1.0, 0, True), (0.7, 3, True), (0.7, 3, False)])
+def test_chain_walk_equals_the_tree_walk_on_a_chain(temperature, top_k, keep_token_probs):
     """The chain walks (prefix match; Leviathan / Chen on the drafted tokens' probabilities) give the tree walk's
     tokens, accepted lengths and per-depth counts on a chain, with the same key, rows of every draft depth."""
     from jspec.strategies.drafters import Proposal
@@ -309,8 +312,9 @@ def test_chain_walk_equals_the_tree_walk_on_a_chain(temperature, top_k):
     target_logits = jnp.concatenate([draft_logits, draft_logits[:, :1]], axis=1) + jnp.asarray(rng.normal(size=(batch, num_nodes + 1, vocab)), jnp.float32)
     depth = jnp.asarray(rng.integers(0, num_nodes + 1, batch))
     valid = jnp.arange(num_nodes)[None, :] < depth[:, None]
+    kept_probs = None if keep_token_probs is False else jnp.take_along_axis(draft_probs, tokens[:, :, None], axis=2)[:, :, 0]
     proposal = Proposal(tokens, draft_logits, valid, depth, None, None, jnp.int32(0), sampled_from_parent=(True,) * num_nodes,
-                        token_probs=jnp.take_along_axis(draft_probs, tokens[:, :, None], axis=2)[:, :, 0])
+                        token_probs=kept_probs)  # without them (SJD's proposals) q(token) comes from the parent logits
     key = jax.random.key(7)
     if temperature == 0:
         params = sampling.SamplingParams.broadcast(batch)

@@ -73,9 +73,16 @@ class Proposal:
     extra_tokens: jax.Array | None = None  # [B, E] int32: the drafter's own tokens in the verification (extra_layout)
     token_probs: jax.Array | None = None  # [B, N] q(token) of each node (1 where q is one-hot; None: all one-hot)
 
-    def drafted_probs(self) -> jax.Array:  # [B, N] float32
-        """q(token) of each node under the distribution it was drafted from (1 for top-k and copied drafts)."""
-        return jnp.ones(self.tokens.shape, jnp.float32) if self.token_probs is None else self.token_probs
+    def drafted_probs(self, params: sampling.SamplingParams) -> jax.Array:  # [B, N] float32
+        """q(token) of each node under the distribution it was drafted from (1 for top-k and copied drafts):
+        `token_probs` when the drafter kept them, else from `parent_logits`."""
+        if self.token_probs is not None:
+            return self.token_probs
+        ones = jnp.ones(self.tokens.shape, jnp.float32)
+        if self.parent_logits is None or not any(self.sampled_from_parent):
+            return ones
+        q = jnp.take_along_axis(warped_probabilities(self.parent_logits, params), self.tokens[:, :, None], axis=2)[:, :, 0]
+        return jnp.where(jnp.asarray(self.sampled_from_parent)[None, :], q, ones)
 
     def proposal_probs(self, node: jax.Array, params: sampling.SamplingParams, vocab_size: int) -> jax.Array:
         """q [B, V] of node [B]: the draft distribution where the node was sampled from it, else one-hot."""

@@ -31,6 +31,15 @@ that accepted every draft, one shallower otherwise. Nodes below a row's depth ar
 rejected without being tried), so the output distribution is unchanged; draft model calls stop at the
 deepest row's depth. The verification chunk keeps its static size.
 
+With `adaptive="auto"` (or `num_draft_tokens="auto"`) each step drafts the whole batch to the depth with the most
+expected tokens per second, from call costs measured once per model and shape and each row's running acceptance
+(`jspec.strategies.auto_depth`), down to depth 0: a plain autoregressive step, with no drafter call and a one-token
+verification. The verification is then only as wide as the chosen depth (one compiled forward per depth, picked
+by `lax.switch`), and finished rows do not count in the choice; rows of a batch share the step's depth (the forward
+is shared; what a row does not draft it does not verify). A step whose verification stops short of the accepted
+path's children (a probe: one draft tried against a one-token verification) emits the accepted drafts without a
+bonus token; a rejection still draws the correction, so every emitted token is an exact sample either way.
+
 Batches are ragged: every row has its own cache length, positions and accepted length; only the accepted
 path's KV entries are kept (compacted in place), in target and draft caches; no realignment copies. A chain
 verifies under the default causal-by-slot mask (for a chain it equals the tree mask), so it can run through the
@@ -167,9 +176,15 @@ class Speculative:
             validation.check_bool("adaptive", self.adaptive)
         template = self.template  # raises for a template that is not a tree
         self.drafter.validate(model, template, prompts)
-        if self.auto and self.extra_layout is not None:
-            raise ArgumentError("adaptive: 'auto' needs a drafter without tokens of its own in the verification")
-        if self.auto and self.step_costs is None:
+        if self.auto and (self.extra_layout is not None or not hasattr(self.drafter, "cost_calls")):
+            raise ArgumentError("adaptive: 'auto' needs a drafter with costs to measure (cost_calls) and no tokens of its "
+                                f"own in the verification; {type(self.drafter).__name__} has not")
+        if self.step_costs is not None:
+            depths = template.max_depth + 1
+            if not self.auto or not isinstance(self.step_costs, auto_depth.StepCosts) or np.shape(self.step_costs.verify) != (depths,):
+                validation.fail("step_costs", f"with adaptive='auto', a jspec.strategies.auto_depth.StepCosts with {depths} "
+                                f"costs (depths 0..{depths - 1}) per part", self.step_costs)
+        elif self.auto:
             self.measure_costs(model, prompts)
         sampling.validate_sampling_options(
             prompts.num_rows, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p
@@ -487,7 +502,7 @@ def _accept_chain(target_probs: jax.Array, proposal: Proposal, params: sampling.
     p_token = jnp.take_along_axis(target_probs[:, :-1], proposal.tokens[:, :, None], axis=2)[:, :, 0]  # [B, N]
     uniforms = jnp.stack([jax.random.uniform(jax.random.fold_in(key, depth * 1024), (batch,))
                           for depth in range(1, num_nodes + 1)], axis=1)  # [B, N]: `_traverse`'s draws (rank 0)
-    takes = proposal.valid & (uniforms * proposal.drafted_probs() < p_token)
+    takes = proposal.valid & (uniforms * proposal.drafted_probs(params) < p_token)
 
     def final_token(num_accepted):  # [B] -> [B]
         stopped_at = jnp.minimum(num_accepted, num_nodes - 1)
