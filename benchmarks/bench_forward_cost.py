@@ -7,7 +7,7 @@ configuration's one-token total, "x default" by the default configuration's.
 
     python benchmarks/bench_forward_cost.py                          # demo-code forward, k = 1, 2, 4, 8
     python benchmarks/bench_forward_cost.py --matmul                 # a lone 384 x 4096 product of k rows
-    python benchmarks/bench_forward_cost.py --configs default "--xla_cpu_multi_thread_eigen=false"
+    python benchmarks/bench_forward_cost.py --configs default xla_cpu_multi_thread_eigen=false default@bfloat16
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 
 from jspec import bench
 
-DEFAULT_CONFIGS = ["default", "--xla_cpu_multi_thread_eigen=false", "--xla_cpu_use_thunk_runtime=false",
-                   "--xla_cpu_experimental_onednn_custom_call=true", "--xla_cpu_use_xnnpack=true"]
+DEFAULT_CONFIGS = ["default", "xla_cpu_multi_thread_eigen=false", "xla_cpu_use_thunk_runtime=false",
+                   "xla_cpu_experimental_onednn_custom_call=true", "default@bfloat16"]
 
 
 def worker() -> None:
@@ -69,7 +69,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS,
-                        help="XLA_FLAGS per worker ('default': none); append '@bfloat16' for bf16 weights")
+                        help="XLA flags per worker, without the leading dashes, comma-separated ('default': none); "
+                             "append '@bfloat16' for bf16 weights")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--calls", type=int, default=5, help="calls per timed burst (its median is the sample)")
     parser.add_argument("--matmul", action="store_true", help="time a lone [k, 384] x [384, 4096] product instead")
@@ -78,7 +79,8 @@ def main() -> None:
     workers = {}
     for config in args.configs:
         flags, _, dtype = config.partition("@")
-        env = dict(os.environ, XLA_FLAGS=" ".join(f for f in [os.environ.get("XLA_FLAGS", ""), "" if flags == "default" else flags] if f),
+        extra = [] if flags == "default" else ["--" + flag for flag in flags.split(",")]
+        env = dict(os.environ, XLA_FLAGS=" ".join([os.environ.get("XLA_FLAGS", ""), *extra]).strip(),
                    BENCH_MODEL=args.model, BENCH_WIDTHS=",".join(map(str, args.widths)), BENCH_BATCH=str(args.batch),
                    BENCH_PROMPT=str(args.prompt_tokens), BENCH_DTYPE=dtype or "float32", BENCH_MATMUL=str(int(args.matmul)),
                    PYTHONPATH=str(Path(__file__).resolve().parents[1]))

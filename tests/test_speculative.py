@@ -336,7 +336,7 @@ def _never_drafting_costs(max_depth):
     from jspec.strategies.auto_depth import StepCosts
 
     widths = np.arange(1, max_depth + 2, dtype=np.float32)
-    return StepCosts(jnp.asarray(np.where(widths > 1, widths + 9, 1.0)), jnp.zeros(max_depth + 1), jnp.float32(0.1))
+    return StepCosts(jnp.asarray(np.where(widths > 1, widths + 9, 1.0)), jnp.float32(1.1))
 
 
 @pytest.mark.parametrize("name", ["chain-random-draft", "tree-self-as-draft", "prompt-lookup"])

@@ -1,15 +1,16 @@
 """Choosing the draft depth of each speculative step from measured costs and running acceptance (`adaptive="auto"`).
 
-A step that drafts to depth d costs C(d) = verify(d) + draft(d): a target forward over the pending token and the
-template's nodes up to depth d, and the drafter's calls (none at depth 0). Under an acceptance rate alpha it emits
+A step that drafts to depth d costs C(d): the drafter's calls (none at depth 0), a target forward over the pending
+token and the template's nodes up to depth d, the acceptance walk and the bookkeeping. Under an acceptance rate alpha
+it emits
 E(d) = 1 + alpha + ... + alpha^d = (1 - alpha^(d + 1)) / (1 - alpha) tokens in expectation (ALGORITHMS.md section
 1). Each step takes, for the whole batch (the verification forward is shared), the depth with the most expected
 tokens per second over the running rows: argmax_d sum_rows E_row(d) / C(d), down to d = 0, a plain autoregressive
 step that calls no drafter.
 
 The costs are measured once per (target, drafter, template, batch, cache size, backend) when a strategy is
-validated (`measure_step_costs`: the median of jitted calls of every verification width and drafting call), or
-given (`Speculative.step_costs`). Each row's acceptance rate is a decayed count of its tried and accepted drafts
+validated (`measure_step_costs`: the strategy's own jitted step, forced to each depth, on the request's first
+state), or given (`Speculative.step_costs`). Each row's acceptance rate is a decayed count of its tried and accepted drafts
 (`AcceptanceEstimate`), starting from an optimistic prior. While the batch does not draft, a probe every
 `probe_interval` steps runs the drafter's first call only and tries its first draft against the one-token
 verification (emitting one token either way, so it costs the drafter's call and no wider forward); the interval
@@ -36,19 +37,21 @@ CATCH_UP = PROBE_INTERVAL  # tokens a draft model re-reads before the pending on
 
 @struct.dataclass
 class StepCosts:
-    """Seconds (or any one unit) of a step's parts, by depth d = 0..D."""
+    """Seconds (or any one unit) of one step, by depth."""
 
-    verify: jax.Array  # [D + 1] float32: the target forward over the pending token and the nodes up to depth d
-    draft: jax.Array  # [D + 1] float32: the drafter's calls drafting to depth d (0 at d = 0)
-    probe: jax.Array  # [] float32: the drafter's first call after steps without drafting
+    step: jax.Array  # [D + 1] float32: a step drafting to depth d = 0..D (d = 0: a plain step, no drafter call)
+    probe: jax.Array  # [] float32: a plain step that probes (runs the drafter's first call, tries its first draft)
 
     @classmethod
     def memory_bound(cls, max_depth: int, draft_call: float) -> "StepCosts":
-        """Every forward costs one unit whatever its width (the memory-bound regime of accelerators); a drafter call
-        costs `draft_call` units."""
-        depths = np.arange(max_depth + 1)
-        draft = np.where(depths > 0, draft_call * np.maximum(depths, 1), 0.0)
-        return cls(jnp.ones(max_depth + 1, jnp.float32), jnp.asarray(draft, jnp.float32), jnp.float32(draft_call))
+        """Every target forward costs one unit whatever its width (the memory-bound regime of accelerators) and a
+        drafter call `draft_call` units (d calls to draft to depth d)."""
+        depths = np.arange(max_depth + 1, dtype=np.float32)
+        return cls(jnp.asarray(1.0 + draft_call * depths), jnp.float32(1.0 + draft_call))
+
+    def forcing(self, depth: int) -> "StepCosts":
+        """Costs under which `choose_depth` picks `depth` whatever the acceptance."""
+        return StepCosts(jnp.where(jnp.arange(self.step.shape[0]) == depth, 1.0, 1e9).astype(jnp.float32), self.probe)
 
 
 @struct.dataclass
@@ -88,9 +91,9 @@ def expected_tokens(rate: jax.Array, max_depth: int) -> jax.Array:  # [B] -> [B,
 
 def choose_depth(rate: jax.Array, running: jax.Array, costs: StepCosts) -> jax.Array:  # [] int32
     """The depth with the most expected tokens per unit of cost over the running rows (0 when none runs)."""
-    max_depth = costs.verify.shape[0] - 1
+    max_depth = costs.step.shape[0] - 1
     tokens = jnp.sum(jnp.where(running[:, None], expected_tokens(rate, max_depth), 0.0), axis=0)  # [D + 1]
-    return jnp.argmax(tokens / (costs.verify + costs.draft)).astype(jnp.int32)
+    return jnp.argmax(tokens / costs.step).astype(jnp.int32)
 
 
 # --- measuring the costs ----------------------------------------------------------------------------------
@@ -103,67 +106,26 @@ def measured_costs(key: Any) -> StepCosts | None:
     return _MEASURED.get(key)
 
 
-def measure_step_costs(
-    key: Any,
-    verify: dict[int, Any],  # verification width -> thunk, for some of the widths below (at least the first and last)
-    widths: list[int],  # [D + 1]: the verification width at each depth
-    root: Any = None,  # thunk: the drafter's first call (None: a drafter with no network)
-    levels: list[Any] | None = None,  # [D - 1] thunks: the call drafting below depth d (the same thunk may recur)
-    probe: Any = None,  # thunk: the first call after steps without drafting (None: `root`)
-    repeats: int = 7,
-) -> StepCosts:
-    """Time each jitted call once compiled (the fastest of `repeats`: other load on the machine only adds; each
-    distinct thunk once) and assemble the costs, remembered under `key`. A width without a thunk is priced by linear
-    interpolation between measured widths, and no width costs less than a narrower one."""
+def measure_step_costs(key: Any, step_at: Any, max_depth: int, repeats: int = 5) -> StepCosts:
+    """Time step_at(depth, probe) -> thunk (one jitted step forced to that depth, probing or not) for every depth
+    and the probe, once compiled: the fastest of `repeats` runs (other load on the machine only adds); a depth never
+    costs less than a shallower one. Remembered under `key`."""
     if key in _MEASURED:
         return _MEASURED[key]
-    measured: dict[int, float] = {}
 
     def seconds(thunk) -> float:
-        if thunk is None:
-            return 0.0
-        if id(thunk) not in measured:
+        jax.block_until_ready(thunk())
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
             jax.block_until_ready(thunk())
-            runs = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                jax.block_until_ready(thunk())
-                runs.append(time.perf_counter() - start)
-            measured[id(thunk)] = min(runs)
-        return measured[id(thunk)]
+            runs.append(time.perf_counter() - start)
+        return min(runs)
 
-    known = sorted(verify)
-    verify_seconds = np.maximum.accumulate(np.interp(widths, known, [seconds(verify[width]) for width in known]))
-    levels = levels if levels is not None else [None] * (len(widths) - 2)
-    level_seconds = np.cumsum([0.0] + [seconds(thunk) for thunk in levels])  # [D]: levels below depth 1..D
-    draft = [0.0] + [seconds(root) + level_seconds[depth - 1] for depth in range(1, len(widths))]
-    costs = StepCosts(jnp.asarray(verify_seconds, jnp.float32), jnp.asarray(draft, jnp.float32),
-                      jnp.float32(seconds(probe if probe is not None else root)))
+    steps = np.maximum.accumulate([seconds(step_at(depth, False)) for depth in range(max_depth + 1)])
+    costs = StepCosts(jnp.asarray(steps, jnp.float32), jnp.float32(max(seconds(step_at(0, True)), steps[0])))
     _MEASURED[key] = costs
     return costs
-
-
-def forward_call(model: Any, batch_size: int, cache_size: int, width: int, skip_layers: tuple[int, ...] = ()):
-    """A thunk running one jitted forward of `width` tokens per row over a cache half full (default causal mask)."""
-    filled = max(min(cache_size // 2, cache_size - width), 0)
-    cache = model.new_cache(batch_size, cache_size, max_chunk=width).with_lengths(jnp.full((batch_size,), filled, jnp.int32))
-    tokens = jnp.ones((batch_size, width), jnp.int32)
-    positions = jnp.broadcast_to(filled + jnp.arange(width, dtype=jnp.int32)[None], (batch_size, width))
-    run = jax.jit(lambda m, c: m.forward(tokens, positions, c, skip_layers=skip_layers)[0])
-    model = model.without_tokenizer()
-    return lambda: run(model, cache)
-
-
-def forward_calls(model: Any, batch_size: int, cache_size: int, skip_layers: tuple[int, ...] = ()):
-    """width -> `forward_call` thunk, one per width (so each width is compiled and timed once)."""
-    thunks: dict[int, Any] = {}
-
-    def call(width: int):
-        if width not in thunks:
-            thunks[width] = forward_call(model, batch_size, cache_size, width, skip_layers)
-        return thunks[width]
-
-    return call
 
 
 @struct.dataclass

@@ -46,7 +46,6 @@ from jspec import masks, sampling, validation
 from jspec.cache import Cache
 from jspec.models.model import Model
 from jspec.processors import Processing
-from jspec.strategies import auto_depth
 from jspec.strategies.base import Prompts, prefill, static_field
 from jspec.strategies.tree import TreeTemplate
 from jspec.validation import ArgumentError
@@ -191,11 +190,10 @@ class DraftModelDrafter:
     def commit(self, drafter_state: Cache, template: TreeTemplate, path: jax.Array, lengths: jax.Array) -> Cache:
         return keep_accepted_path(drafter_state, template, path, lengths)
 
-    def cost_calls(self, target: Model, template: TreeTemplate, batch_size: int, cache_size: int) -> dict[str, Any]:
-        """Thunks of this drafter's calls for `auto_depth.measure_step_costs`, and the key they are remembered by."""
-        calls = auto_depth.forward_calls(self.draft, batch_size, cache_size)
-        return dict(key=("model", self.draft.config, self.catch_up), share=self.draft.num_parameters() / target.num_parameters(),
-                    root=calls(2), probe=calls(self.catch_up + 1), levels=[calls(end - start) for start, end in template.levels[:-1]])
+    def cost_profile(self, target: Model) -> tuple[Any, float]:
+        """What the auto depth's measured costs are remembered by, and a draft call's share of a target forward
+        (its parameters' share) for the memory-bound cost model."""
+        return ("model", self.draft.config, self.catch_up), self.draft.num_parameters() / target.num_parameters()
 
 
 # --- the target with layers skipped ------------------------------------------------------------------------
@@ -233,11 +231,8 @@ class LayerSkipDrafter:
     def commit(self, drafter_state: None, template: TreeTemplate, path: jax.Array, lengths: jax.Array) -> None:
         return None
 
-    def cost_calls(self, target: Model, template: TreeTemplate, batch_size: int, cache_size: int) -> dict[str, Any]:
-        calls = auto_depth.forward_calls(target, batch_size, cache_size, self.skip_layers)
-        share = 1 - len(self.skip_layers) / target.config.num_layers
-        return dict(key=("layer_skip", self.skip_layers), share=share, root=calls(1),
-                    levels=[calls(end - start) for start, end in template.levels[:-1]])
+    def cost_profile(self, target: Model) -> tuple[Any, float]:
+        return ("layer_skip", self.skip_layers), 1 - len(self.skip_layers) / target.config.num_layers
 
 
 # --- prompt lookup -----------------------------------------------------------------------------------------
@@ -269,8 +264,8 @@ class PromptLookupDrafter:
     def commit(self, drafter_state: None, template: TreeTemplate, path: jax.Array, lengths: jax.Array) -> None:
         return None
 
-    def cost_calls(self, target: Model, template: TreeTemplate, batch_size: int, cache_size: int) -> dict[str, Any]:
-        return dict(key=("prompt_lookup", self.max_ngram), share=0.0)  # no network: its drafting costs are not counted
+    def cost_profile(self, target: Model) -> tuple[Any, float]:
+        return ("prompt_lookup", self.max_ngram), 0.0
 
 
 def prompt_lookup(

@@ -176,14 +176,14 @@ class Speculative:
             validation.check_bool("adaptive", self.adaptive)
         template = self.template  # raises for a template that is not a tree
         self.drafter.validate(model, template, prompts)
-        if self.auto and (self.extra_layout is not None or not hasattr(self.drafter, "cost_calls")):
-            raise ArgumentError("adaptive: 'auto' needs a drafter with costs to measure (cost_calls) and no tokens of its "
+        if self.auto and (self.extra_layout is not None or not hasattr(self.drafter, "cost_profile")):
+            raise ArgumentError("adaptive: 'auto' needs a drafter with a cost profile (cost_profile) and no tokens of its "
                                 f"own in the verification; {type(self.drafter).__name__} has not")
         if self.step_costs is not None:
             depths = template.max_depth + 1
-            if not self.auto or not isinstance(self.step_costs, auto_depth.StepCosts) or np.shape(self.step_costs.verify) != (depths,):
+            if not self.auto or not isinstance(self.step_costs, auto_depth.StepCosts) or np.shape(self.step_costs.step) != (depths,):
                 validation.fail("step_costs", f"with adaptive='auto', a jspec.strategies.auto_depth.StepCosts with {depths} "
-                                f"costs (depths 0..{depths - 1}) per part", self.step_costs)
+                                f"step costs (depths 0..{depths - 1})", self.step_costs)
         elif self.auto:
             self.measure_costs(model, prompts)
         sampling.validate_sampling_options(
@@ -212,28 +212,37 @@ class Speculative:
         return [int(np.sum(depths <= depth)) for depth in range(self.template.max_depth + 1)]
 
     def measure_costs(self, model: Model, prompts: Prompts) -> auto_depth.StepCosts:
-        """The auto depth's step costs for this model, drafter and shape (measured once per process)."""
-        key, calls = self._cost_calls(model, prompts)
-        calls.pop("share")
-        widths = [nodes + 1 for nodes in self.verified_nodes()]
-        measured = sorted({widths[0], widths[min(1, len(widths) - 1)], widths[-1]})  # the rest is interpolated
-        verify = {width: auto_depth.forward_call(model, prompts.batch_size, prompts.cache_size, width) for width in measured}
-        return auto_depth.measure_step_costs(key, verify, widths, **calls)
+        """The auto depth's step costs for this model, drafter and shape, measured once per process: this strategy's
+        jitted step on the request's first state, forced to each depth (`auto_depth.measure_step_costs`)."""
+        key, _ = self._cost_profile(model, prompts)
+        if auto_depth.measured_costs(key) is not None:
+            return auto_depth.measured_costs(key)
+        model = model.without_tokenizer()
+        state = jax.jit(lambda strategy, *args: strategy.init(*args))(self, model, prompts, jax.random.key(0))
+        step = jax.jit(lambda strategy, *args: strategy.step(*args))
+        control = state.depth_control
+
+        def step_at(depth: int, probe: bool):
+            forced = control.replace(costs=control.costs.forcing(depth), idle_steps=jnp.int32(1 << 20 if probe else 0),
+                                     probe_interval=jnp.int32(1 if probe else 1 << 20))
+            return lambda: step(self, model, state.replace(depth_control=forced))
+
+        return auto_depth.measure_step_costs(key, step_at, self.template.max_depth)
 
     def costs(self, model: Model, prompts: Prompts) -> auto_depth.StepCosts:
         """step_costs, else the measured ones (validate measures them), else the memory-bound model (every forward
         one unit, a drafter call its share of the target's parameters)."""
         if self.step_costs is not None:
             return self.step_costs
-        key, calls = self._cost_calls(model, prompts)
+        key, share = self._cost_profile(model, prompts)
         found = auto_depth.measured_costs(key)
-        return found if found is not None else auto_depth.StepCosts.memory_bound(self.template.max_depth, calls["share"])
+        return found if found is not None else auto_depth.StepCosts.memory_bound(self.template.max_depth, share)
 
-    def _cost_calls(self, model: Model, prompts: Prompts) -> tuple[Any, dict[str, Any]]:
-        calls = self.drafter.cost_calls(model, self.template, prompts.batch_size, prompts.cache_size)
-        key = (model.config, calls.pop("key"), self.template.parents, prompts.batch_size, prompts.cache_size,
-               jax.default_backend())
-        return key, calls
+    def _cost_profile(self, model: Model, prompts: Prompts) -> tuple[Any, float]:
+        drafter_key, share = self.drafter.cost_profile(model)
+        key = (model.config, drafter_key, self.template.parents, prompts.batch_size, prompts.cache_size,
+               prompts.max_new_tokens, jax.default_backend())
+        return key, share
 
     # --- the state machine ---------------------------------------------------------------------------
 
