@@ -384,4 +384,4 @@ def test_auto_depth_sampling_reproduces_the_target_distribution(toy_pair, costs,
     if costs == "memory-bound":
         assert depths[1:].sum() > 0 and np.asarray(out.stats["accepted_histogram"])[1:].sum() > 0
     else:
-        assert depths[1:].sum() == 0 and out.stats["probes"] == depths[0]
+        assert depths[1:].sum() == 0 and 0 < out.stats["probes"] <= depths[0]  # the interval doubles after each probe
