@@ -265,6 +265,9 @@ def test_a_chain_tree_mask_is_the_causal_mask_by_slot(num_nodes):
         ("self_speculative", dict(skip_layers=(0, 1, 2)), "skip_layers"),
         ("prompt_lookup", dict(max_ngram=0), "max_ngram"),
         ("speculative", dict(draft="draft", drafters=2), "unknown option"),
+        ("speculative", dict(draft="draft", num_draft_tokens="many"), "num_draft_tokens"),
+        ("speculative", dict(draft="draft", adaptive="sometimes"), "adaptive"),
+        ("speculative", dict(draft="draft", step_costs=(1.0, 2.0)), "step_costs"),
     ],
 )
 def test_bad_input_raises_a_clear_error(pair, strategy, options, message):
@@ -290,3 +293,95 @@ def test_calibration_picks_the_layer_that_keeps_agreement():
     assert skip == (1,) and agreement == 1.0
     with pytest.raises(ValueError, match="num_skip"):
         calibrate_skip_layers(model, tokens, 3)
+
+
+@pytest.mark.parametrize("temperature, top_k, keep_token_probs", [(0.0, 0, True), (1.0, 0, True), (0.7, 3, True), (0.7, 3, False)])
+def test_chain_walk_equals_the_tree_walk_on_a_chain(temperature, top_k, keep_token_probs):
+    """The chain walks (prefix match; Leviathan / Chen on the drafted tokens' probabilities) give the tree walk's
+    tokens, accepted lengths and per-depth counts on a chain, with the same key, rows of every draft depth."""
+    from jspec.strategies.drafters import Proposal
+
+    batch, num_nodes, vocab = 64, 4, 8
+    rng = np.random.default_rng(0)
+    template = TreeTemplate.chain(num_nodes)
+    params = sampling.SamplingParams.broadcast(batch, np.where(np.arange(batch) % 5 == 0, 0.0, temperature), top_k)
+    draft_logits = jnp.asarray(rng.normal(size=(batch, num_nodes, vocab)) * 2, jnp.float32)
+    draft_probs = speculative_module.warped_probabilities(draft_logits, params)
+    tokens = jax.random.categorical(jax.random.key(1), jnp.log(draft_probs), axis=-1).astype(jnp.int32)  # [B, N]
+    # the target agrees with the draft often (shifted draft logits), so every accepted length occurs
+    target_logits = jnp.concatenate([draft_logits, draft_logits[:, :1]], axis=1) + jnp.asarray(rng.normal(size=(batch, num_nodes + 1, vocab)), jnp.float32)
+    depth = jnp.asarray(rng.integers(0, num_nodes + 1, batch))
+    valid = jnp.arange(num_nodes)[None, :] < depth[:, None]
+    kept_probs = None if keep_token_probs is False else jnp.take_along_axis(draft_probs, tokens[:, :, None], axis=2)[:, :, 0]
+    proposal = Proposal(tokens, draft_logits, valid, depth, None, None, jnp.int32(0), sampled_from_parent=(True,) * num_nodes,
+                        token_probs=kept_probs)  # without them (SJD's proposals) q(token) comes from the parent logits
+    key = jax.random.key(7)
+    if temperature == 0:
+        params = sampling.SamplingParams.broadcast(batch)
+        chain = speculative_module._accept_greedy_chain(target_logits, proposal)
+        tree = speculative_module._accept_greedy(template, target_logits, proposal)
+    else:
+        probs = speculative_module.warped_probabilities(target_logits, params)
+        chain = speculative_module._accept_chain(probs, proposal, params, key)
+        tree = speculative_module._accept(template, probs, proposal, params, key)
+    for field in ("num_accepted", "path", "emitted", "accepted_at_depth", "tried_at_depth"):
+        np.testing.assert_array_equal(getattr(chain, field), getattr(tree, field), err_msg=field)
+    assert len(set(np.asarray(chain.num_accepted).tolist())) >= 3  # the walks were compared on several outcomes
+
+
+# --- auto depth ------------------------------------------------------------------------------------------
+
+def _never_drafting_costs(max_depth):
+    """Costs under which no depth beats a plain step (a verification of k tokens costs k + 9 forwards)."""
+    from jspec.strategies.auto_depth import StepCosts
+
+    widths = np.arange(1, max_depth + 2, dtype=np.float32)
+    return StepCosts(jnp.asarray(np.where(widths > 1, widths + 9, 1.0)), jnp.float32(1.1))
+
+
+@pytest.mark.parametrize("name", ["chain-random-draft", "tree-self-as-draft", "prompt-lookup"])
+def test_auto_depth_greedy_equals_autoregressive(pair, name):
+    """num_draft_tokens="auto" / adaptive="auto" equal greedy autoregressive decoding; a useless (random) draft is
+    dropped for plain steps, a perfect one (the target itself, drafting for free) drafts to the full depth."""
+    from jspec.strategies.auto_depth import StepCosts
+
+    target, draft = pair
+    strategy, options = {
+        "chain-random-draft": ("speculative", dict(draft=draft, num_draft_tokens="auto")),  # costs measured
+        "tree-self-as-draft": ("speculative", dict(draft=target, tree=(2, 1, 1), adaptive="auto",
+                                                   step_costs=StepCosts.memory_bound(3, 0.0))),
+        "prompt-lookup": ("prompt_lookup", dict(num_draft_tokens="auto")),
+    }[name]
+    want = jspec.decode(target, PROMPTS, max_new_tokens=24, stop_tokens=[])
+    got = jspec.decode(target, PROMPTS, strategy, max_new_tokens=24, stop_tokens=[], **options)
+    assert got.sequences() == want.sequences()
+    depths, steps = np.asarray(got.stats["depth_histogram"]), int(got.stats["steps"]) - 1
+    assert depths.sum() == steps and got.stats["model_calls"] == got.stats["steps"]
+    if name == "chain-random-draft":  # after a few steps the batch stops drafting; probes are rare
+        assert depths[0] >= 0.75 * steps and got.stats["probes"] <= 3
+        assert got.stats["draft_calls"] <= 1 + 4 * (steps - depths[0]) + got.stats["probes"]
+    if name == "tree-self-as-draft":
+        assert depths[-1] >= 0.75 * steps and got.stats["model_calls"] < want.stats["model_calls"] / 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("costs", ["memory-bound", "never-drafting"])
+def test_auto_depth_sampling_reproduces_the_target_distribution(toy_pair, costs, monkeypatch):
+    """Sampling with auto depth is the target's distribution, for steps at every depth and for probes (a draft tried
+    against a one-token verification, no bonus token)."""
+    from jspec.strategies import auto_depth
+
+    target, draft = toy_pair
+    step_costs = auto_depth.StepCosts.memory_bound(4, 0.1) if costs == "memory-bound" else _never_drafting_costs(4)
+    monkeypatch.setattr(auto_depth, "PROBE_INTERVAL", 1)  # probe every step that does not draft
+    jax.clear_caches()
+    try:
+        p_value, out = _p_value(target, [1, 2, 3], "speculative", dict(draft=draft, num_draft_tokens="auto", step_costs=step_costs), 4)
+    finally:
+        jax.clear_caches()
+    assert p_value > SIGNIFICANCE
+    depths = np.asarray(out.stats["depth_histogram"])
+    if costs == "memory-bound":
+        assert depths[1:].sum() > 0 and np.asarray(out.stats["accepted_histogram"])[1:].sum() > 0
+    else:
+        assert depths[1:].sum() == 0 and 0 < out.stats["probes"] <= depths[0]  # the interval doubles after each probe

@@ -36,7 +36,7 @@ from `Model.new_cache`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +70,18 @@ class Proposal:
     draft_calls: jax.Array  # [] int32: draft forward calls made
     sampled_from_parent: tuple[bool, ...] = static_field()  # per node: drawn from the draft distribution (else top-k)
     extra_tokens: jax.Array | None = None  # [B, E] int32: the drafter's own tokens in the verification (extra_layout)
+    token_probs: jax.Array | None = None  # [B, N] q(token) of each node (1 where q is one-hot; None: all one-hot)
+
+    def drafted_probs(self, params: sampling.SamplingParams) -> jax.Array:  # [B, N] float32
+        """q(token) of each node under the distribution it was drafted from (1 for top-k and copied drafts):
+        `token_probs` when the drafter kept them, else from `parent_logits`."""
+        if self.token_probs is not None:
+            return self.token_probs
+        ones = jnp.ones(self.tokens.shape, jnp.float32)
+        if self.parent_logits is None or not any(self.sampled_from_parent):
+            return ones
+        q = jnp.take_along_axis(warped_probabilities(self.parent_logits, params), self.tokens[:, :, None], axis=2)[:, :, 0]
+        return jnp.where(jnp.asarray(self.sampled_from_parent)[None, :], q, ones)
 
     def proposal_probs(self, node: jax.Array, params: sampling.SamplingParams, vocab_size: int) -> jax.Array:
         """q [B, V] of node [B]: the draft distribution where the node was sampled from it, else one-hot."""
@@ -131,6 +143,7 @@ class DraftModelDrafter:
     """A separate draft model sharing the target's vocabulary; its state is its own KV cache."""
 
     draft: Model | None
+    catch_up: int = static_field(default=1)  # committed tokens re-read before the pending one after idle steps
     prefill_calls: ClassVar[int] = 1
 
     def validate(self, target: Model, template: TreeTemplate, prompts: Prompts) -> None:
@@ -143,25 +156,44 @@ class DraftModelDrafter:
             )
 
     def init(self, target: Model, prompts: Prompts, template: TreeTemplate) -> Cache:
-        _, cache = prefill(self.draft, prompts, self.draft.new_cache(prompts.batch_size, prompts.cache_size, max_chunk=template.num_nodes + 2))
+        max_chunk = max(template.num_nodes, self.catch_up) + 2
+        _, cache = prefill(self.draft, prompts, self.draft.new_cache(prompts.batch_size, prompts.cache_size, max_chunk=max_chunk))
         return cache
 
-    def propose(self, target, state, pending, depth_limit, key, template) -> Proposal:
-        lengths = state.cache.lengths
-        previous = jnp.take_along_axis(state.history, jnp.maximum(lengths - 1, 0)[:, None], axis=1)[:, 0]
-        slots = lengths[:, None] + jnp.asarray([[-1, 0]], jnp.int32)  # [B, 2]: the last committed token, pending
-        root_logits, cache = self.draft.forward(
-            jnp.stack([previous, pending], axis=1), slots, state.drafter_state,
-            write_slots=slots, output_indices=jnp.ones((pending.shape[0], 1), jnp.int32),
+    def read_last(self, cache: Cache, history: jax.Array, lengths: jax.Array, window: int) -> tuple[jax.Array, Cache]:
+        """Run the draft over the last `window` tokens up to the pending one (history[b, lengths[b]]), writing their
+        entries: the draft's logits after the pending token [B, V], and its cache."""
+        slots = lengths[:, None] + jnp.arange(1 - window, 1, dtype=jnp.int32)[None, :]  # [B, window]
+        tokens = jnp.take_along_axis(history, jnp.maximum(slots, 0), axis=1)
+        logits, cache = self.draft.forward(
+            tokens, jnp.maximum(slots, 0), cache, write_slots=jnp.where(slots >= 0, slots, cache.capacity),
+            output_indices=jnp.full((lengths.shape[0], 1), window - 1, jnp.int32),
         )
-        tokens, parent_logits, cache, calls = expand_tree(
-            self.draft, (), cache, root_logits[:, 0], lengths, depth_limit, key, template, state.sampling,
+        return logits[:, 0], cache
+
+    def propose(self, target, state, pending, depth_limit, key, template) -> Proposal:
+        """The draft's cache lags the committed tokens by one (the last committed token is re-read with the pending
+        one); after steps that did not draft (auto depth) it lags by more, and the first step back re-reads the last
+        `catch_up` committed tokens (entries further back stay as they were: only the proposals can suffer)."""
+        lengths = state.cache.lengths
+        read = lambda window: lambda: self.read_last(state.drafter_state, state.history, lengths, window)  # noqa: E731
+        if self.catch_up > 1 and getattr(state, "depth_control", None) is not None:
+            root_logits, cache = jax.lax.cond(state.depth_control.idle_steps > 0, read(self.catch_up + 1), read(2))
+        else:
+            root_logits, cache = read(2)()
+        drafted = expand_tree(
+            self.draft, (), cache, root_logits, lengths, depth_limit, key, template, state.sampling,
             state.processing,
         )
-        return network_proposal(template, tokens, parent_logits, depth_limit, state.cache, cache, calls)
+        return network_proposal(template, drafted, depth_limit, target_cache=state.cache, drafter_state=drafted.cache)
 
     def commit(self, drafter_state: Cache, template: TreeTemplate, path: jax.Array, lengths: jax.Array) -> Cache:
         return keep_accepted_path(drafter_state, template, path, lengths)
+
+    def cost_profile(self, target: Model) -> tuple[Any, float]:
+        """What the auto depth's measured costs are remembered by, and a draft call's share of a target forward
+        (its parameters' share) for the memory-bound cost model."""
+        return ("model", self.draft.config, self.catch_up), self.draft.num_parameters() / target.num_parameters()
 
 
 # --- the target with layers skipped ------------------------------------------------------------------------
@@ -190,14 +222,17 @@ class LayerSkipDrafter:
         root_logits, cache = target.forward(
             pending[:, None], lengths[:, None], state.cache, write_slots=lengths[:, None], skip_layers=self.skip_layers
         )
-        tokens, parent_logits, cache, calls = expand_tree(
+        drafted = expand_tree(
             target, self.skip_layers, cache, root_logits[:, 0], lengths, depth_limit, key, template,
             state.sampling, state.processing,
         )
-        return network_proposal(template, tokens, parent_logits, depth_limit, cache, None, calls)
+        return network_proposal(template, drafted, depth_limit, target_cache=drafted.cache, drafter_state=None)
 
     def commit(self, drafter_state: None, template: TreeTemplate, path: jax.Array, lengths: jax.Array) -> None:
         return None
+
+    def cost_profile(self, target: Model) -> tuple[Any, float]:
+        return ("layer_skip", self.skip_layers), 1 - len(self.skip_layers) / target.config.num_layers
 
 
 # --- prompt lookup -----------------------------------------------------------------------------------------
@@ -228,6 +263,9 @@ class PromptLookupDrafter:
 
     def commit(self, drafter_state: None, template: TreeTemplate, path: jax.Array, lengths: jax.Array) -> None:
         return None
+
+    def cost_profile(self, target: Model) -> tuple[Any, float]:
+        return ("prompt_lookup", self.max_ngram), 0.0
 
 
 def prompt_lookup(
@@ -292,7 +330,7 @@ def expand_tree(
     template: TreeTemplate,
     params: sampling.SamplingParams,
     processing: Processing,
-) -> tuple[jax.Array, jax.Array, Cache, jax.Array]:  # tokens [B, N], parent_logits [B, N, V], cache, calls []
+) -> "Drafted":
     """Draft the template level by level with `network` (without `skip_layers`): one forward per level.
 
     The network's logits at a node are processed (`jspec.processors`) as the target's are at that node (the
@@ -311,6 +349,7 @@ def expand_tree(
     node_logits = jnp.zeros((batch, num_nodes + 1, vocab), jnp.float32).at[:, 0].set(root_logits)  # root, nodes
     tokens = jnp.zeros((batch, num_nodes), jnp.int32)
     parent_logits_all = jnp.zeros((batch, num_nodes, vocab), jnp.float32)
+    token_probs = jnp.ones((batch, num_nodes), jnp.float32)
     single_child = single_child_nodes(template)
     greedy = all_greedy(params)
     calls = jnp.int32(1)
@@ -323,12 +362,17 @@ def expand_tree(
         ranks = jnp.asarray(template.sibling_rank[start:end])
         ranked = jnp.take_along_axis(top, ranks[None, :, None], axis=2)[:, :, 0]  # [B, W]
         level_key = jax.random.fold_in(key, depth)
-        draw = lambda logits=parent_logits, key=level_key: jax.random.categorical(  # noqa: E731
-            key, jnp.log(warped_probabilities(logits, params)), axis=-1
-        ).astype(jnp.int32)
-        sampled = jax.lax.cond(greedy, lambda ranked=ranked: ranked, draw)  # [B, W]
-        level_tokens = jnp.where(jnp.asarray(single_child[start:end])[None, :], sampled, ranked)  # [B, W]
+
+        def draw(logits=parent_logits, key=level_key):  # tokens [B, W] from the warped draft, with q(token) [B, W]
+            probs = warped_probabilities(logits, params)
+            drawn = jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)
+            return drawn, jnp.take_along_axis(probs, drawn[:, :, None], axis=2)[:, :, 0]
+
+        sampled, sampled_probs = jax.lax.cond(greedy, lambda ranked=ranked: (ranked, jnp.ones(ranked.shape, jnp.float32)), draw)
+        single = jnp.asarray(single_child[start:end])[None, :]
+        level_tokens = jnp.where(single, sampled, ranked)  # [B, W]
         tokens = tokens.at[:, start:end].set(level_tokens)
+        token_probs = token_probs.at[:, start:end].set(jnp.where(single, sampled_probs, 1.0))
         parent_logits_all = parent_logits_all.at[:, start:end].set(parent_logits)
         if depth == template.max_depth:
             break
@@ -351,24 +395,33 @@ def expand_tree(
 
         cache, node_logits = jax.lax.cond(depth < deepest, run_level, lambda operands: operands, (cache, node_logits))
         calls = calls + (depth < deepest)
-    return tokens, parent_logits_all, cache, calls
+    return Drafted(tokens, parent_logits_all, token_probs, cache, calls)
+
+
+class Drafted(NamedTuple):
+    """What `expand_tree` drafted."""
+
+    tokens: jax.Array  # [B, N] int32
+    parent_logits: jax.Array  # [B, N, V] the network's processed logits at each node's parent
+    token_probs: jax.Array  # [B, N] q(token): the warped draft probability where drawn, 1 where taken as top-k
+    cache: Cache  # the network's cache with the drafted levels written
+    calls: jax.Array  # [] int32: network forward calls
 
 
 def network_proposal(
     template: TreeTemplate,
-    tokens: jax.Array,  # [B, N] int32
-    parent_logits: jax.Array,  # [B, N, V]
+    drafted: Drafted,
     depth_limit: jax.Array,  # [B] int32
-    target_cache: Cache,
-    drafter_state: Any,
-    calls: jax.Array,
+    target_cache: Cache,  # the target cache after drafting
+    drafter_state: Any,  # the drafter's state after drafting
 ) -> Proposal:
     """The proposal of a draft network that expanded the whole template: every node within a row's depth."""
     valid = jnp.asarray(template.depths)[None, :] <= depth_limit[:, None]
     sampled = tuple(bool(x) for x in single_child_nodes(template))
     valid_depth = jnp.minimum(depth_limit, template.max_depth)
     return Proposal(
-        tokens, parent_logits, valid, valid_depth, target_cache, drafter_state, calls, sampled_from_parent=sampled
+        drafted.tokens, drafted.parent_logits, valid, valid_depth, target_cache, drafter_state, drafted.calls,
+        sampled_from_parent=sampled, token_probs=drafted.token_probs,
     )
 
 

@@ -31,6 +31,15 @@ that accepted every draft, one shallower otherwise. Nodes below a row's depth ar
 rejected without being tried), so the output distribution is unchanged; draft model calls stop at the
 deepest row's depth. The verification chunk keeps its static size.
 
+With `adaptive="auto"` (or `num_draft_tokens="auto"`) each step drafts the whole batch to the depth with the most
+expected tokens per second, from call costs measured once per model and shape and each row's running acceptance
+(`jspec.strategies.auto_depth`), down to depth 0: a plain autoregressive step, with no drafter call and a one-token
+verification. The verification is then only as wide as the chosen depth (one compiled forward per depth, picked
+by `lax.switch`), and finished rows do not count in the choice; rows of a batch share the step's depth (the forward
+is shared; what a row does not draft it does not verify). A step whose verification stops short of the accepted
+path's children (a probe: one draft tried against a one-token verification) emits the accepted drafts without a
+bonus token; a rejection still draws the correction, so every emitted token is an exact sample either way.
+
 Batches are ragged: every row has its own cache length, positions and accepted length; only the accepted
 path's KV entries are kept (compacted in place), in target and draft caches; no realignment copies. A chain
 verifies under the default causal-by-slot mask (for a chain it equals the tree mask), so it can run through the
@@ -59,6 +68,7 @@ from jspec.strategies.base import (
     register_strategy,
     static_field,
 )
+from jspec.strategies import auto_depth
 from jspec.strategies.autoregressive import emit_sampled
 from jspec.strategies.drafters import (
     Drafter,
@@ -90,6 +100,7 @@ class SpeculativeState:
     step: jax.Array  # [] int32
     draft_depth: jax.Array  # [B] int32: the depth a row drafts to (adaptive), <= template depth
     stats: dict[str, jax.Array]
+    depth_control: auto_depth.DepthControl | None = None  # adaptive="auto": costs, acceptance, probing
 
 
 @struct.dataclass
@@ -99,10 +110,16 @@ class Speculative:
     drafter: a drafter object (`DraftModelDrafter`, `LayerSkipDrafter`, `PromptLookupDrafter`), or the name of
         one built from the shorthands below: "model", "layer_skip" or "prompt_lookup" (default: "model" with a
         draft, else "layer_skip" when skip_layers is given). After construction it is always an object.
-    num_draft_tokens: the chain length (ignored when `tree` is given).
+    num_draft_tokens: the chain length (ignored when `tree` is given), or "auto": a chain of AUTO_CHAIN_LENGTH
+        drafts with adaptive="auto".
     tree: branching factor per depth, e.g. (3, 2, 1, 1): a static tree of top-k children.
     tree_parents: an explicit template instead (parent of each node, -1 = root, breadth-first).
-    adaptive: adapt each row's draft depth (see the module docstring).
+    adaptive: adapt each row's draft depth (True: one deeper after a full acceptance, one shallower otherwise), or
+        "auto": each step drafts (the whole batch) to the depth with the most expected tokens per second from
+        measured call costs and each row's running acceptance, down to plain autoregressive steps
+        (`jspec.strategies.auto_depth`); the verification forward is only as wide as that depth.
+    step_costs: with adaptive="auto", the costs to decide with (`auto_depth.StepCosts`); None: measured once per
+        model, drafter and shape when the strategy is validated.
     temperature, top_k, top_p, min_p: sampling (traced; 0 temperature = greedy).
     generation: logit processors and log-probabilities (`jspec.processors`; set through `jspec.decode`'s options).
     relaxed: None (exact acceptance, lossless), or a relaxed acceptance rule with `masses(p, q, token, embeddings)`
@@ -115,16 +132,17 @@ class Speculative:
     name: ClassVar[str] = "speculative"
     shape_buckets: ClassVar[bool] = True  # batch and max_new_tokens may be bucketed (padding rows, traced limits)
     drafter: Drafter | str | None = None  # a pytree: a draft model's parameters are traced leaves
-    num_draft_tokens: int = static_field(default=4)
+    num_draft_tokens: int | str = static_field(default=4)
     tree: tuple[int, ...] | None = static_field(default=None)
     tree_parents: tuple[int, ...] | None = static_field(default=None)
-    adaptive: bool = static_field(default=False)
+    adaptive: bool | str = static_field(default=False)
     temperature: Any = 0.0
     top_k: Any = 0
     top_p: Any = 1.0
     min_p: Any = 0.0
     generation: processors.GenerationOptions = struct.field(default_factory=processors.GenerationOptions)
     relaxed: Any = None  # a pytree: its thresholds are traced
+    step_costs: auto_depth.StepCosts | None = None
     draft: dataclasses.InitVar[Model | None] = None
     skip_layers: dataclasses.InitVar[tuple[int, ...]] = ()
     max_ngram: dataclasses.InitVar[int] = 3
@@ -134,6 +152,8 @@ class Speculative:
             object.__setattr__(self, "drafter", drafter_from_options(self.drafter, draft, skip_layers, max_ngram))
         elif draft is not None or skip_layers != () or max_ngram != 3:
             raise ArgumentError("drafter: give a drafter object or the draft / skip_layers / max_ngram shorthands, not both")
+        if self.auto and getattr(self.drafter, "catch_up", None) == 1:  # a draft model re-reads what idle steps skipped
+            object.__setattr__(self, "drafter", self.drafter.replace(catch_up=auto_depth.CATCH_UP))
 
     # --- configuration -----------------------------------------------------------------------------
 
@@ -143,13 +163,29 @@ class Speculative:
             return TreeTemplate(tuple(self.tree_parents))
         if self.tree is not None:
             return TreeTemplate.from_branching(tuple(self.tree))
-        return TreeTemplate.chain(self.num_draft_tokens)
+        return TreeTemplate.chain(AUTO_CHAIN_LENGTH if self.num_draft_tokens == "auto" else self.num_draft_tokens)
+
+    @property
+    def auto(self) -> bool:
+        """Whether each step's depth is chosen from costs and acceptance (adaptive="auto")."""
+        return self.adaptive == "auto" or (self.num_draft_tokens == "auto" and self.tree is None and self.tree_parents is None)
 
     def validate(self, model: Model, prompts: Prompts) -> None:
         check_draft_shape(self.num_draft_tokens, self.tree, self.tree_parents)
-        validation.check_bool("adaptive", self.adaptive)
+        if self.adaptive != "auto":
+            validation.check_bool("adaptive", self.adaptive)
         template = self.template  # raises for a template that is not a tree
         self.drafter.validate(model, template, prompts)
+        if self.auto and (self.extra_layout is not None or not hasattr(self.drafter, "cost_profile")):
+            raise ArgumentError("adaptive: 'auto' needs a drafter with a cost profile (cost_profile) and no tokens of its "
+                                f"own in the verification; {type(self.drafter).__name__} has not")
+        if self.step_costs is not None:
+            depths = template.max_depth + 1
+            if not self.auto or not isinstance(self.step_costs, auto_depth.StepCosts) or np.shape(self.step_costs.step) != (depths,):
+                validation.fail("step_costs", f"with adaptive='auto', a jspec.strategies.auto_depth.StepCosts with {depths} "
+                                f"step costs (depths 0..{depths - 1})", self.step_costs)
+        elif self.auto:
+            self.measure_costs(model, prompts)
         sampling.validate_sampling_options(
             prompts.num_rows, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p
         )
@@ -169,6 +205,44 @@ class Speculative:
 
     def cache_headroom(self) -> int:
         return self.chunk_width
+
+    def verified_nodes(self) -> list[int]:
+        """[D + 1]: the template's nodes up to each depth d (a prefix: nodes are numbered breadth-first)."""
+        depths = self.template.depths
+        return [int(np.sum(depths <= depth)) for depth in range(self.template.max_depth + 1)]
+
+    def measure_costs(self, model: Model, prompts: Prompts) -> auto_depth.StepCosts:
+        """The auto depth's step costs for this model, drafter and shape, measured once per process: this strategy's
+        jitted step on the request's first state, forced to each depth (`auto_depth.measure_step_costs`)."""
+        key, _ = self._cost_profile(model, prompts)
+        if auto_depth.measured_costs(key) is not None:
+            return auto_depth.measured_costs(key)
+        model = model.without_tokenizer()
+        state = jax.jit(lambda strategy, *args: strategy.init(*args))(self, model, prompts, jax.random.key(0))
+        step = jax.jit(lambda strategy, *args: strategy.step(*args))
+        control = state.depth_control
+
+        def step_at(depth: int, probe: bool):
+            forced = control.replace(costs=control.costs.forcing(depth), idle_steps=jnp.int32(1 << 20 if probe else 0),
+                                     probe_interval=jnp.int32(1 if probe else 1 << 20))
+            return lambda: step(self, model, state.replace(depth_control=forced))
+
+        return auto_depth.measure_step_costs(key, step_at, self.template.max_depth)
+
+    def costs(self, model: Model, prompts: Prompts) -> auto_depth.StepCosts:
+        """step_costs, else the measured ones (validate measures them), else the memory-bound model (every forward
+        one unit, a drafter call its share of the target's parameters)."""
+        if self.step_costs is not None:
+            return self.step_costs
+        key, share = self._cost_profile(model, prompts)
+        found = auto_depth.measured_costs(key)
+        return found if found is not None else auto_depth.StepCosts.memory_bound(self.template.max_depth, share)
+
+    def _cost_profile(self, model: Model, prompts: Prompts) -> tuple[Any, float]:
+        drafter_key, share = self.drafter.cost_profile(model)
+        key = (model.config, drafter_key, self.template.parents, prompts.batch_size, prompts.cache_size,
+               prompts.max_new_tokens, jax.default_backend())
+        return key, share
 
     # --- the state machine ---------------------------------------------------------------------------
 
@@ -199,6 +273,7 @@ class Speculative:
             key=key,
             step=jnp.int32(1),
             draft_depth=jnp.full((batch,), depth, jnp.int32),
+            depth_control=auto_depth.DepthControl.create(self.costs(model, prompts), batch, self.probe_interval) if self.auto else None,
             stats={
                 "model_calls": jnp.int32(1),
                 "draft_calls": jnp.int32(self.drafter.prefill_calls),
@@ -208,8 +283,14 @@ class Speculative:
                 "accepted_histogram": jnp.zeros((depth + 1,), jnp.int32),
                 "accepted_by_depth": jnp.zeros((depth,), jnp.int32),
                 "tried_by_depth": jnp.zeros((depth,), jnp.int32),
+                **({"depth_histogram": jnp.zeros((depth + 1,), jnp.int32), "probes": jnp.int32(0)} if self.auto else {}),
             },
         )
+
+    @property
+    def probe_interval(self) -> int:
+        """Steps without drafting before a probe: every step for a drafter without a network (it costs nothing)."""
+        return 1 if isinstance(self.drafter, PromptLookupDrafter) else auto_depth.PROBE_INTERVAL
 
     def step(self, model: Model, state: SpeculativeState) -> SpeculativeState:
         template = self.template
@@ -218,31 +299,39 @@ class Speculative:
         pending = jnp.take_along_axis(state.history, lengths[:, None], axis=1)[:, 0]
         step_key = jax.random.fold_in(state.key, state.step)
         draft_key, walk_key = jax.random.split(step_key)
-        depth_limit = jnp.where(running, state.draft_depth, 0)
-
-        proposal = self.drafter.propose(model, state, pending, depth_limit, draft_key, template)
         extra = self.extra_layout
-        extra = None if extra is None else (proposal.extra_tokens, *extra)
-        chunk_logits, cache = verify(model, template, proposal.target_cache, lengths, pending, proposal.tokens, running, extra)
+        control = state.depth_control
+        if control is None:
+            depth_limit = jnp.where(running, state.draft_depth, 0)
+            proposal = self.drafter.propose(model, state, pending, depth_limit, draft_key, template)
+            extra = None if extra is None else (proposal.extra_tokens, *extra)
+            chunk_logits, cache = verify(model, template, proposal.target_cache, lengths, pending, proposal.tokens, running, extra)
+            verified_depth = template.max_depth
+        else:  # the batch's depth this step; a probe drafts one token and verifies none
+            verified_depth, probe = control.plan(running)
+            depth_limit = jnp.where(running, jnp.where(probe, 1, verified_depth), 0)
+            propose = lambda: self.drafter.propose(model, state, pending, depth_limit, draft_key, template)  # noqa: E731
+            idle = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(propose))
+            idle = idle.replace(target_cache=state.cache, drafter_state=state.drafter_state)
+            proposal = jax.lax.cond((verified_depth > 0) | probe, propose, lambda: idle)
+            chunk_logits, cache = verify_to_depth(model, template, self.verified_nodes(), verified_depth,
+                                                  proposal.target_cache, lengths, pending, proposal.tokens, running)
         logits = chunk_logits[:, : template.num_nodes + 1]
         processed = state.processing(logits, proposal.tokens, template)  # [B, N + 1, V]
         embeddings = None if self.relaxed is None else model.params["embed"]
-        walk = jax.lax.cond(
-            all_greedy(state.sampling),
-            lambda: _accept_greedy(template, processed, proposal),
-            lambda: _accept(template, warped_probabilities(processed, state.sampling), proposal, state.sampling, walk_key,
-                            self.relaxed, embeddings),
-        )
+        walk = acceptance_walk(template, processed, proposal, state.sampling, walk_key, self.relaxed, embeddings)
         num_accepted = jnp.where(running, walk.num_accepted, 0)
+        # the correction / bonus token exists where the verification reached the last accepted node's children
+        num_emitted = num_accepted + (num_accepted <= verified_depth)
 
         # commit: keep the accepted path's entries, emit path + correction/bonus
-        new_lengths = jnp.where(running, lengths + num_accepted + 1, lengths)
+        new_lengths = jnp.where(running, lengths + num_emitted, lengths)
         cache = keep_accepted_path(cache, template, walk.path, lengths).with_lengths(new_lengths)
         drafter_state = self.drafter.commit(proposal.drafter_state, template, walk.path, lengths)
 
         emitted = walk.emitted  # [B, D + 1]
         history_slots = jnp.where(
-            running[:, None] & (jnp.arange(emitted.shape[1]) <= num_accepted[:, None]),
+            running[:, None] & (jnp.arange(emitted.shape[1]) < num_emitted[:, None]),
             lengths[:, None] + 1 + jnp.arange(emitted.shape[1]),
             state.history.shape[1],
         )
@@ -252,7 +341,7 @@ class Speculative:
             at = jnp.concatenate([jnp.zeros_like(walk.path[:, :1]), jnp.maximum(walk.path + 1, 0)], axis=1)[:, :, None]
             scores = processors.token_scores(jnp.take_along_axis(logits, at, axis=1), jnp.take_along_axis(processed, at, axis=1),
                                              emitted, state.sampling, self.generation.logprobs)
-        output = state.output.append(emitted, jnp.where(running, num_accepted + 1, 0), state.stop_tokens, scores)
+        output = state.output.append(emitted, jnp.where(running, num_emitted, 0), state.stop_tokens, scores)
         kept = output.lengths - state.output.lengths  # emitted this step after stop tokens / length limit
         processing = state.processing.append(emitted, kept)
         kept_drafts = jnp.minimum(num_accepted, kept)
@@ -283,7 +372,13 @@ class Speculative:
         stats["accepted_histogram"] = stats["accepted_histogram"] + jnp.zeros_like(stats["accepted_histogram"]).at[num_accepted].add(running.astype(jnp.int32))
         stats["accepted_by_depth"] = stats["accepted_by_depth"] + jnp.sum(walk.accepted_at_depth & running[:, None], axis=0)
         stats["tried_by_depth"] = stats["tried_by_depth"] + jnp.sum(walk.tried_at_depth & running[:, None], axis=0)
+        if control is not None:
+            control = control.after(verified_depth, probe, walk.accepted_at_depth & running[:, None],
+                                    walk.tried_at_depth & running[:, None], self.probe_interval)
+            stats["depth_histogram"] = stats["depth_histogram"].at[verified_depth].add(1)
+            stats["probes"] = stats["probes"] + probe
         return state.replace(
+            depth_control=control,
             cache=cache,
             drafter_state=drafter_state,
             history=history,
@@ -308,6 +403,29 @@ class Speculative:
         return state.output.decode_output(stats)
 
 
+def verify_to_depth(
+    model: Model,
+    template: TreeTemplate,
+    verified_nodes: list[int],  # [D + 1] static: the nodes up to each depth (a prefix of the template)
+    depth: jax.Array,  # [] int32: verify the nodes up to this depth
+    cache: Cache,
+    lengths: jax.Array,  # [B] int32
+    pending: jax.Array,  # [B] int32
+    tokens: jax.Array,  # [B, N] int32
+    running: jax.Array,  # [B] bool
+) -> tuple[jax.Array, Cache]:  # logits [B, N + 1, V] (zero past the verified nodes), cache
+    """`verify` over the pending token and the nodes up to a traced depth: one compiled forward per depth, of that
+    width, selected by `lax.switch` (a shallow step does not pay for the template's full width)."""
+
+    def branch(nodes: int):
+        def run():
+            logits, written = verify(model, template, cache, lengths, pending, tokens, running, num_nodes=nodes)
+            return jnp.pad(logits, ((0, 0), (0, template.num_nodes - nodes), (0, 0))), written
+        return run
+
+    return jax.lax.switch(depth, [branch(nodes) for nodes in verified_nodes])
+
+
 def verify(
     model: Model,
     template: TreeTemplate,
@@ -317,7 +435,8 @@ def verify(
     tokens: jax.Array,  # [B, N] int32: the drafted nodes
     running: jax.Array,  # [B] bool: finished rows write nowhere (slot = capacity, dropped)
     extra: tuple[jax.Array, np.ndarray, np.ndarray] | None = None,  # a drafter's tokens [B, E], offsets, visibility
-) -> tuple[jax.Array, Cache]:  # logits [B, N + 1 + E, V] at (pending, nodes, extra), cache with them written
+    num_nodes: int | None = None,  # static: verify only the first nodes (a breadth-first prefix); None: all
+) -> tuple[jax.Array, Cache]:  # logits [B, n + 1 + E, V] at (pending, nodes, extra), cache with them written
     """One target forward over [pending, nodes], each node at position lengths + depth and slot lengths + 1 + i.
 
     Every query sees the committed prefix, the root (pending), its ancestors and itself. For a chain that is the
@@ -327,13 +446,14 @@ def verify(
     prefix and the chunk entries of its visibility row [E, N + 1 + E]; no node sees them, so the nodes' logits
     are those of the plain verification.
     """
-    offsets = np.asarray([0, *template.depths.tolist()], np.int32)  # [N + 1]
-    visibility = template.ancestors
-    chunk = jnp.concatenate([pending[:, None], tokens], axis=1)  # [B, N + 1]
+    nodes = template.num_nodes if num_nodes is None else num_nodes
+    offsets = np.asarray([0, *template.depths.tolist()], np.int32)[: nodes + 1]  # [n + 1]
+    visibility = template.ancestors[: nodes + 1, : nodes + 1]
+    chunk = jnp.concatenate([pending[:, None], tokens[:, :nodes]], axis=1)  # [B, n + 1]
     if extra is not None:
         extra_tokens, extra_offsets, extra_visibility = extra
         offsets = np.concatenate([offsets, np.asarray(extra_offsets, np.int32)])
-        hidden = np.zeros((template.num_nodes + 1, len(extra_offsets)), bool)  # nodes never see the extra tokens
+        hidden = np.zeros((nodes + 1, len(extra_offsets)), bool)  # nodes never see the extra tokens
         visibility = np.concatenate([np.concatenate([visibility, hidden], axis=1), extra_visibility], axis=0)
         chunk = jnp.concatenate([chunk, extra_tokens], axis=1)
     width = chunk.shape[1]
@@ -351,6 +471,69 @@ class Walk:
     emitted: jax.Array  # [B, D + 1] int32: the accepted tokens, then the correction/bonus token
     accepted_at_depth: jax.Array  # [B, D] bool
     tried_at_depth: jax.Array  # [B, D] bool
+
+
+def acceptance_walk(
+    template: TreeTemplate,
+    logits: jax.Array,  # [B, N + 1, V] processed target logits at (pending, nodes)
+    proposal: Proposal,
+    params: sampling.SamplingParams,
+    key: jax.Array,
+    relaxed: Any = None,
+    embeddings: jax.Array | None = None,
+) -> Walk:
+    """The acceptance walk of one step: greedy (exact match) when every row is greedy, else the multi-draft
+    rejection rule; a chain (with exact acceptance) takes the prefix-match / Leviathan-Chen walk, which gives the
+    tree walk's result on a chain with the same key, without per-node [B, V] work."""
+    chain = template.is_chain and relaxed is None
+    greedy = (lambda: _accept_greedy_chain(logits, proposal)) if chain else (lambda: _accept_greedy(template, logits, proposal))
+    if chain:
+        sampled = lambda: _accept_chain(warped_probabilities(logits, params), proposal, params, key)  # noqa: E731
+    else:
+        sampled = lambda: _accept(template, warped_probabilities(logits, params), proposal, params, key, relaxed, embeddings)  # noqa: E731
+    return jax.lax.cond(all_greedy(params), greedy, sampled)
+
+
+def _accept_greedy_chain(logits: jax.Array, proposal: Proposal) -> Walk:
+    """`_accept_greedy` for a chain: the drafts accepted are the longest prefix equal to the target's argmaxes."""
+    choice = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, N + 1]
+    matches = proposal.valid & (proposal.tokens == choice[:, :-1])  # [B, N]
+    return _chain_walk(proposal, matches, lambda num_accepted: jnp.take_along_axis(choice, num_accepted[:, None], axis=1)[:, 0])
+
+
+def _accept_chain(target_probs: jax.Array, proposal: Proposal, params: sampling.SamplingParams, key: jax.Array) -> Walk:
+    """`_accept` for a chain (Leviathan / Chen speculative sampling) on the probabilities it needs: draft i is
+    accepted when u_i * q_i(d_i) < p_i(d_i), the first rejection draws from norm(max(0, p - q)) at its position only,
+    and a full acceptance (or a row's last valid draft) draws from p there. The uniforms and the final draw use the
+    keys `_accept` uses, so both walks give the same tokens for the same inputs."""
+    batch, num_nodes = proposal.tokens.shape
+    rows = jnp.arange(batch)
+    p_token = jnp.take_along_axis(target_probs[:, :-1], proposal.tokens[:, :, None], axis=2)[:, :, 0]  # [B, N]
+    uniforms = jnp.stack([jax.random.uniform(jax.random.fold_in(key, depth * 1024), (batch,))
+                          for depth in range(1, num_nodes + 1)], axis=1)  # [B, N]: `_traverse`'s draws (rank 0)
+    takes = proposal.valid & (uniforms * proposal.drafted_probs(params) < p_token)
+
+    def final_token(num_accepted):  # [B] -> [B]
+        stopped_at = jnp.minimum(num_accepted, num_nodes - 1)
+        rejected = (num_accepted < num_nodes) & proposal.valid[rows, stopped_at]  # tried and rejected
+        probs = target_probs[rows, num_accepted]  # [B, V]
+        q = proposal.proposal_probs(stopped_at, params, probs.shape[-1])
+        probs = jnp.where(rejected[:, None], residual_distribution(probs, q), probs)
+        drawn = jax.random.categorical(jax.random.fold_in(key, 1 << 20), jnp.log(probs), axis=-1)
+        return jnp.where(params.temperature > 0, drawn, jnp.argmax(probs, axis=-1)).astype(jnp.int32)
+
+    return _chain_walk(proposal, takes, final_token)
+
+
+def _chain_walk(proposal: Proposal, takes: jax.Array, final_token) -> Walk:
+    """The Walk of a chain whose draft i passes its test where takes [B, N] (a prefix of them is accepted);
+    final_token(num_accepted [B]) -> [B] the correction / bonus token."""
+    accepted_at = jnp.cumprod(takes, axis=1).astype(bool)  # [B, N]
+    num_accepted = jnp.sum(accepted_at, axis=1, dtype=jnp.int32)
+    depth = jnp.arange(takes.shape[1])[None, :]
+    tried_at = proposal.valid & (depth <= num_accepted[:, None])
+    path = jnp.where(accepted_at, depth, -1)
+    return _walk(proposal, path, accepted_at, tried_at, final_token(num_accepted))
 
 
 def _accept_greedy(template: TreeTemplate, logits: jax.Array, proposal: Proposal) -> Walk:
@@ -446,14 +629,16 @@ def residual_distribution(target: jax.Array, proposal: jax.Array) -> jax.Array:
 
 
 MAX_DRAFT_DEPTH = 16  # drafting unrolls one forward per depth: compile time and memory grow with it
+AUTO_CHAIN_LENGTH = 4  # num_draft_tokens="auto": the deepest chain (one compiled verification per depth up to it)
 MAX_DRAFT_NODES = 128  # verification runs every node as a token of one forward
 
 
 def check_draft_shape(num_draft_tokens: Any, tree: Any, tree_parents: Any) -> None:
     """Raise `ArgumentError` unless the draft is a chain or tree jspec can compile in bounded time and memory:
     depth <= MAX_DRAFT_DEPTH and nodes <= MAX_DRAFT_NODES."""
-    limit = f" (at most {MAX_DRAFT_DEPTH} draft levels)"
-    validation.check_int("num_draft_tokens", num_draft_tokens, minimum=1, maximum=MAX_DRAFT_DEPTH, why=limit)
+    limit = f" (at most {MAX_DRAFT_DEPTH} draft levels), or 'auto'"
+    if num_draft_tokens != "auto":
+        validation.check_int("num_draft_tokens", num_draft_tokens, minimum=1, maximum=MAX_DRAFT_DEPTH, why=limit)
     if tree is not None:
         try:
             branching = validation.check_int_sequence("tree", tree, minimum=1)
@@ -475,15 +660,16 @@ def check_draft_shape(num_draft_tokens: Any, tree: Any, tree_parents: Any) -> No
 def speculative(
     *,
     draft: Model | None = None,
-    num_draft_tokens: int = 4,
+    num_draft_tokens: int | str = 4,
     tree: tuple[int, ...] | None = None,
     tree_parents: tuple[int, ...] | None = None,
     skip_layers: tuple[int, ...] = (),
-    adaptive: bool = False,
+    adaptive: bool | str = False,
     temperature: Any = 0.0,
     top_k: Any = 0,
     top_p: Any = 1.0,
     min_p: Any = 0.0,
+    step_costs: auto_depth.StepCosts | None = None,
 ) -> Speculative:
     """Draft-model speculative decoding (or self-speculative when only skip_layers is given)."""
     check_draft_shape(num_draft_tokens, tree, tree_parents)
@@ -506,23 +692,25 @@ def speculative(
         top_k=top_k,
         top_p=top_p,
         min_p=min_p,
+        step_costs=step_costs,
     )
 
 
 def prompt_lookup_strategy(
-    *, num_draft_tokens: int = 10, max_ngram: int = 3, adaptive: bool = False, temperature: Any = 0.0, top_k: Any = 0, top_p: Any = 1.0, min_p: Any = 0.0
+    *, num_draft_tokens: int | str = 10, max_ngram: int = 3, adaptive: bool | str = False, temperature: Any = 0.0, top_k: Any = 0,
+    top_p: Any = 1.0, min_p: Any = 0.0, step_costs: auto_depth.StepCosts | None = None,
 ) -> Speculative:
     """Prompt-lookup decoding: drafts copied from earlier n-gram matches (defaults as Hugging Face's)."""
     check_draft_shape(num_draft_tokens, None, None)
     return Speculative(
         drafter=PromptLookupDrafter(max_ngram), num_draft_tokens=num_draft_tokens, adaptive=adaptive,
-        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, step_costs=step_costs,
     )
 
 
 def self_speculative(
-    *, skip_layers: tuple[int, ...], num_draft_tokens: int = 4, tree: tuple[int, ...] | None = None, adaptive: bool = False,
-    temperature: Any = 0.0, top_k: Any = 0, top_p: Any = 1.0, min_p: Any = 0.0,
+    *, skip_layers: tuple[int, ...], num_draft_tokens: int | str = 4, tree: tuple[int, ...] | None = None, adaptive: bool | str = False,
+    temperature: Any = 0.0, top_k: Any = 0, top_p: Any = 1.0, min_p: Any = 0.0, step_costs: auto_depth.StepCosts | None = None,
 ) -> Speculative:
     """Self-speculative decoding: the target with `skip_layers` left out drafts for itself."""
     check_draft_shape(num_draft_tokens, tree, None)
@@ -530,7 +718,7 @@ def self_speculative(
     return Speculative(
         drafter=LayerSkipDrafter(tuple(skip_layers)), num_draft_tokens=num_draft_tokens,
         tree=None if tree is None else tuple(tree), adaptive=adaptive,
-        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, step_costs=step_costs,
     )
 
 

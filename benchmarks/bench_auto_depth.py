@@ -1,0 +1,96 @@
+"""Speculative settings against autoregressive decoding, interleaved: fixed chains, prompt lookup and the auto depth.
+
+For each temperature and batch size every setting runs on the same held-out prompts (batch 1: one prompt at a
+time), one call each in turn per prompt and round (AR, setting 1, setting 2, ..., AR, ...), so load changes on
+the machine fall on all alike; a speedup is the ratio of total times. Greedy outputs must equal autoregressive's.
+
+    python benchmarks/bench_auto_depth.py                      # batch 1 and 8, T = 0 and 0.8
+    python benchmarks/bench_auto_depth.py --no-auto            # only the settings an older checkout has
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+import jspec
+from jspec import bench
+from jspec.bench import heldout_prompts
+
+
+def settings(draft, auto: bool) -> dict[str, tuple[str, dict]]:
+    out = {
+        "autoregressive": ("greedy", {}),
+        "chain k=2": ("speculative", dict(draft=draft, num_draft_tokens=2)),
+        "chain k=4": ("speculative", dict(draft=draft, num_draft_tokens=4)),
+        "prompt lookup k=4": ("prompt_lookup", dict(num_draft_tokens=4)),
+    }
+    if auto:
+        out["chain auto"] = ("speculative", dict(draft=draft, num_draft_tokens="auto"))
+        out["prompt lookup auto"] = ("prompt_lookup", dict(num_draft_tokens="auto"))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.8])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--no-auto", action="store_true")
+    args = parser.parse_args()
+
+    target, draft = jspec.load("demo-code"), jspec.load("demo-code-draft")
+    prompts = heldout_prompts(target.tokenizer, args.prompts, args.prompt_tokens)
+    print(bench.environment())
+    rows = []
+    for temperature in args.temperatures:
+        for batch in args.batch_sizes:
+            groups = [prompts[:batch]] if batch > 1 else [[p] for p in prompts]
+            chosen = settings(draft, not args.no_auto)
+
+            def run(name, group):
+                strategy, options = chosen[name]
+                sampling = {} if temperature == 0 else {"temperature": temperature}
+                if strategy == "greedy" and temperature > 0:
+                    strategy = "sample"
+                return jspec.decode(target, group, strategy, max_new_tokens=args.new_tokens, stop_tokens=[], key=0,
+                                    **options, **sampling)
+
+            totals, calls, outputs, depths = {n: 0.0 for n in chosen}, {n: 0 for n in chosen}, {n: [] for n in chosen}, {}
+            for name in chosen:  # compile
+                for group in groups[:1]:
+                    run(name, group)
+            for round_ in range(args.rounds):
+                for group in groups:
+                    for name in chosen:  # interleaved
+                        start = time.perf_counter()
+                        out = run(name, group)
+                        totals[name] += time.perf_counter() - start
+                        if round_ == 0:
+                            calls[name] += int(out.stats["model_calls"])
+                            outputs[name] += out.sequences()
+                            if "depth_histogram" in out.stats:
+                                depths[name] = depths.get(name, 0) + np.asarray(out.stats["depth_histogram"])
+            for name in chosen:
+                same = outputs[name] == outputs["autoregressive"]
+                if temperature == 0 and not same:
+                    raise SystemExit(f"{name}: greedy output differs from autoregressive: the benchmark is invalid")
+                rows.append({"T": temperature, "batch": batch, "method": name,
+                             "speedup vs AR": totals["autoregressive"] / totals[name],
+                             "ms/token": 1000 * totals[name] / (args.rounds * len(prompts) * args.new_tokens),
+                             "target calls": calls[name],
+                             "depths 0..D": " ".join(map(str, depths[name].tolist())) if name in depths else "",
+                             "same tokens": same if temperature == 0 else ""})
+                print(rows[-1], flush=True)
+    print()
+    bench.print_table(rows, ["T", "batch", "method", "speedup vs AR", "ms/token", "target calls", "depths 0..D", "same tokens"])
+    bench.write_json("auto_depth", {"args": vars(args), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

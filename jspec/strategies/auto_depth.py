@@ -1,0 +1,156 @@
+"""Choosing the draft depth of each speculative step from measured costs and running acceptance (`adaptive="auto"`).
+
+A step that drafts to depth d costs C(d): the drafter's calls (none at depth 0), a target forward over the pending
+token and the template's nodes up to depth d, the acceptance walk and the bookkeeping. Under an acceptance rate alpha
+it emits
+E(d) = 1 + alpha + ... + alpha^d = (1 - alpha^(d + 1)) / (1 - alpha) tokens in expectation (ALGORITHMS.md section
+1). Each step takes, for the whole batch (the verification forward is shared), the depth with the most expected
+tokens per second over the running rows: argmax_d sum_rows E_row(d) / C(d), down to d = 0, a plain autoregressive
+step that calls no drafter.
+
+The costs are measured once per (target, drafter, template, batch, cache size, backend) when a strategy is
+validated (`measure_step_costs`: the strategy's own jitted step, forced to each depth, on the request's first
+state), or given (`Speculative.step_costs`). Each row's acceptance rate is a decayed count of its tried and accepted drafts
+(`AcceptanceEstimate`), starting from an optimistic prior. While the batch does not draft, a probe every
+`probe_interval` steps runs the drafter's first call only and tries its first draft against the one-token
+verification (emitting one token either way, so it costs the drafter's call and no wider forward); the interval
+doubles after each probe that does not bring drafting back.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+PRIOR_ACCEPTANCE = 0.6  # the acceptance rate assumed before a row has tried any draft
+PRIOR_WEIGHT = 1.0  # ... worth this many observed drafts
+DECAY = 0.95  # each observed draft weighs the older ones down by this factor (the rate reaches 0.03 at the lowest)
+PROBE_INTERVAL = 8  # steps without drafting before the first probe
+MAX_PROBE_INTERVAL = 64
+CATCH_UP = PROBE_INTERVAL  # tokens a draft model re-reads before the pending one after steps without drafting
+
+
+@struct.dataclass
+class StepCosts:
+    """Seconds (or any one unit) of one step, by depth."""
+
+    step: jax.Array  # [D + 1] float32: a step drafting to depth d = 0..D (d = 0: a plain step, no drafter call)
+    probe: jax.Array  # [] float32: a plain step that probes (runs the drafter's first call, tries its first draft)
+
+    @classmethod
+    def memory_bound(cls, max_depth: int, draft_call: float) -> "StepCosts":
+        """Every target forward costs one unit whatever its width (the memory-bound regime of accelerators) and a
+        drafter call `draft_call` units (d calls to draft to depth d)."""
+        depths = np.arange(max_depth + 1, dtype=np.float32)
+        return cls(jnp.asarray(1.0 + draft_call * depths), jnp.float32(1.0 + draft_call))
+
+    def forcing(self, depth: int) -> "StepCosts":
+        """Costs under which `choose_depth` picks `depth` whatever the acceptance."""
+        return StepCosts(jnp.where(jnp.arange(self.step.shape[0]) == depth, 1.0, 1e9).astype(jnp.float32), self.probe)
+
+
+@struct.dataclass
+class AcceptanceEstimate:
+    """Each row's decayed counts of drafts accepted and tried; the rate is shrunk toward PRIOR_ACCEPTANCE."""
+
+    accepted: jax.Array  # [B] float32
+    tried: jax.Array  # [B] float32
+
+    @classmethod
+    def create(cls, batch_size: int) -> "AcceptanceEstimate":
+        return cls(jnp.zeros((batch_size,), jnp.float32), jnp.zeros((batch_size,), jnp.float32))
+
+    @property
+    def rate(self) -> jax.Array:  # [B] float32 in [0, 1]
+        return (self.accepted + PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / (self.tried + PRIOR_WEIGHT)
+
+    def observe(
+        self,
+        accepted_at: jax.Array,  # [B, D] bool: the draft at each depth was accepted
+        tried_at: jax.Array,  # [B, D] bool: ... was tried
+    ) -> "AcceptanceEstimate":
+        """The counts after this step's trials, oldest first (each trial decays the counts before it)."""
+        accepted, tried = self.accepted, self.tried
+        for depth in range(tried_at.shape[1]):
+            seen = tried_at[:, depth]
+            accepted = jnp.where(seen, DECAY * accepted + accepted_at[:, depth], accepted)
+            tried = jnp.where(seen, DECAY * tried + 1.0, tried)
+        return AcceptanceEstimate(accepted, tried)
+
+
+def expected_tokens(rate: jax.Array, max_depth: int) -> jax.Array:  # [B] -> [B, D + 1]
+    """Tokens a step drafting to depth d = 0..D emits in expectation at acceptance rate `rate`: sum_{i <= d} rate^i."""
+    powers = rate[:, None] ** jnp.arange(max_depth + 1, dtype=jnp.float32)[None, :]
+    return jnp.cumsum(powers, axis=1)
+
+
+def choose_depth(rate: jax.Array, running: jax.Array, costs: StepCosts) -> jax.Array:  # [] int32
+    """The depth with the most expected tokens per unit of cost over the running rows (0 when none runs)."""
+    max_depth = costs.step.shape[0] - 1
+    tokens = jnp.sum(jnp.where(running[:, None], expected_tokens(rate, max_depth), 0.0), axis=0)  # [D + 1]
+    return jnp.argmax(tokens / costs.step).astype(jnp.int32)
+
+
+# --- measuring the costs ----------------------------------------------------------------------------------
+
+_MEASURED: dict[Any, StepCosts] = {}
+
+
+def measured_costs(key: Any) -> StepCosts | None:
+    """The costs `measure_step_costs` measured for this key in this process, or None."""
+    return _MEASURED.get(key)
+
+
+def measure_step_costs(key: Any, step_at: Any, max_depth: int, repeats: int = 5) -> StepCosts:
+    """Time step_at(depth, probe) -> thunk (one jitted step forced to that depth, probing or not) for every depth
+    and the probe, once compiled: the fastest of `repeats` runs (other load on the machine only adds); a depth never
+    costs less than a shallower one. Remembered under `key`."""
+    if key in _MEASURED:
+        return _MEASURED[key]
+
+    def seconds(thunk) -> float:
+        jax.block_until_ready(thunk())
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(thunk())
+            runs.append(time.perf_counter() - start)
+        return min(runs)
+
+    steps = np.maximum.accumulate([seconds(step_at(depth, False)) for depth in range(max_depth + 1)])
+    costs = StepCosts(jnp.asarray(steps, jnp.float32), jnp.float32(max(seconds(step_at(0, True)), steps[0])))
+    _MEASURED[key] = costs
+    return costs
+
+
+@struct.dataclass
+class DepthControl:
+    """The auto depth's state in a speculative decode: costs, acceptance, and the probing schedule."""
+
+    costs: StepCosts
+    acceptance: AcceptanceEstimate
+    idle_steps: jax.Array  # [] int32: steps since the drafter last ran
+    probe_interval: jax.Array  # [] int32
+
+    @classmethod
+    def create(cls, costs: StepCosts, batch_size: int, probe_interval: int) -> "DepthControl":
+        return cls(costs, AcceptanceEstimate.create(batch_size), jnp.int32(0), jnp.int32(probe_interval))
+
+    def plan(self, running: jax.Array) -> tuple[jax.Array, jax.Array]:  # depth [] int32, probe [] bool
+        """This step's depth for the batch, and whether it probes (depth 0, the drafter's first draft tried)."""
+        depth = choose_depth(self.acceptance.rate, running, self.costs)
+        return depth, (depth == 0) & (self.idle_steps + 1 >= self.probe_interval) & jnp.any(running)
+
+    def after(self, depth: jax.Array, probe: jax.Array, accepted_at: jax.Array, tried_at: jax.Array,
+              base_interval: int) -> "DepthControl":
+        """The control after a step at `depth` (probing or not) whose walk accepted / tried these drafts [B, D]."""
+        drafted = (depth > 0) | probe
+        interval = jnp.where(depth > 0, base_interval,
+                             jnp.where(probe, jnp.minimum(2 * self.probe_interval, MAX_PROBE_INTERVAL), self.probe_interval))
+        return DepthControl(self.costs, self.acceptance.observe(accepted_at, tried_at),
+                            jnp.where(drafted, 0, self.idle_steps + 1).astype(jnp.int32), interval.astype(jnp.int32))
