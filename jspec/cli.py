@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     option(sampling, "min_p", "drop tokens below min_p x the top probability", type=float)
     speculative = generate.add_argument_group("speculative decoding (speculative, prompt_lookup, self_speculative)")
     option(speculative, "draft", "draft model name or path")
-    option(speculative, "num_draft_tokens", "chain length / maximum draft depth", type=int)
+    option(speculative, "num_draft_tokens", "chain length / maximum draft depth, or auto (depth per step from measured "
+           "costs and acceptance)", type=_int_or_auto)
     option(speculative, "tree", "draft tree branching per depth, e.g. 3,2,1", type=_int_tuple)
     option(speculative, "skip_layers", "layers the draft skips, e.g. 2,3", type=_int_tuple)
     option(speculative, "max_ngram", "longest n-gram prompt lookup matches", type=int)
@@ -269,6 +270,15 @@ def _bias(text: str) -> tuple[int, float]:
         return int(token), float(bias)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected ID=BIAS (a token id and a number, e.g. 42=-5.0), got {text!r}") from None
+
+
+def _int_or_auto(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or auto, got {text!r}") from None
 
 
 def _int_tuple(text: str) -> tuple[int, ...]:

@@ -154,3 +154,13 @@ def test_every_flag_has_help_and_defaults_show():
 def test_console_entry_point_runs():
     done = subprocess.run([sys.executable, "-m", "jspec", "strategies"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "greedy" in done.stdout.split()
+
+
+def test_num_draft_tokens_auto(capsys):
+    assert cli.main([*TINY, "--strategy", "prompt_lookup", "--num-draft-tokens", "auto", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    want = jspec.decode(jspec.load("random:random-tiny"), ["ab"], "greedy", max_new_tokens=4)
+    assert printed["tokens"] == want.sequences()
+    with pytest.raises(SystemExit) as exited:
+        cli.main([*TINY, "--strategy", "prompt_lookup", "--num-draft-tokens", "many"])
+    assert exited.value.code == 2 and "expected an int or auto, got 'many'" in capsys.readouterr().err
