@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jspec
 from jspec.checkpoint import orbax_store
 from jspec.train import TrainConfig, corpus, data, objectives, train
 from jspec.train import trainer as trainer_lib
@@ -110,6 +111,13 @@ def test_manifest_round_trip_and_verification(manifest, corpus_root, tmp_path):
     changed["files"][0]["sha256"] = "0" * 64
     with pytest.raises(ValueError, match=f"{changed['files'][0]['path']!r} differs from the manifest"):
         corpus.load_documents(changed, changed["files"][0]["split"])
+
+
+def test_shipped_manifest_reads_this_stdlib():
+    shipped = json.loads((Path(jspec.__file__).parent / "assets" / "demo-code" / "corpus_manifest.json").read_text())
+    assert "root" not in shipped and corpus.manifest_root(shipped) == corpus.stdlib_root()
+    with pytest.raises(ValueError, match="root: the corpus manifest records no root directory"):
+        corpus.manifest_root({"source": "elsewhere", "files": []})
 
 
 def test_stdlib_manifest():

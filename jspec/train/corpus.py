@@ -118,6 +118,16 @@ def split_files(manifest: dict[str, Any], split: str) -> list[dict[str, Any]]:
     return [f for f in manifest["files"] if split == "all" or f["split"] == split]
 
 
+def manifest_root(manifest: dict[str, Any]) -> Path:
+    """The directory a manifest's paths are relative to (see `load_documents`); ValueError when it names none."""
+    if manifest.get("root"):
+        return Path(manifest["root"])
+    if manifest.get("source") == "python-stdlib":
+        return stdlib_root()
+    raise ValueError("root: the corpus manifest records no root directory and is not a python-stdlib manifest; pass "
+                     "the directory its files are relative to")
+
+
 def load_documents(
     manifest: dict[str, Any], split: str, root: str | Path | None = None, verify: bool = True
 ) -> list[str]:
@@ -125,8 +135,10 @@ def load_documents(
 
     verify: check every file's sha256 against the manifest and raise ValueError naming the first that differs
     or is missing (the corpus would not be the one the manifest describes).
+    root: where the listed files are; None: the manifest's "root", else (a shipped manifest records none) this
+    interpreter's stdlib for a "python-stdlib" manifest.
     """
-    root = Path(root) if root is not None else Path(manifest["root"])
+    root = Path(root) if root is not None else manifest_root(manifest)
     texts = []
     for entry in split_files(manifest, split):
         path = root / entry["path"]
