@@ -15,7 +15,7 @@ from flax import struct
 import jspec
 from conftest import tiny_model
 from jspec import masks
-from jspec.cache import move_slots, scatter_layer_rows
+from jspec.cache import move_slots, scatter_layer_rows, take_rows
 from jspec.models import transformer
 from jspec.models.attention import register_attention_kind
 from jspec.strategies.base import resolve_strategy
@@ -173,6 +173,9 @@ class ToyEntry:
 
     def compact(self, source_slots, destination_start, capacity):
         return self.replace(values=move_slots(self.values, source_slots, destination_start))
+
+    def gather_rows(self, rows):  # beams, samples, FreeDave's draft rows
+        return self.replace(values=take_rows(self.values, rows))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -126,7 +126,7 @@ def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="TransformerConfig.mla"):
         tiny_config(mla=None, layer_types=("mla", "mla"))
     with pytest.raises(ValueError, match="attention_impl"):
-        random_model().with_kernels(attention_impl="pallas_dense")
+        random_model().with_kernels(attention_impl="pallas_sparse")
     config = tiny_config(moe=MoEConfig(n_routed_experts=4, num_experts_per_tok=1, moe_intermediate_size=8),
                          rope_scaling=YarnScaling(factor=4.0, original_max_position_embeddings=32, mscale_all_dim=1.0))
     assert TransformerConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
