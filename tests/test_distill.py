@@ -117,3 +117,13 @@ def test_distill_rejects_bad_options_naming_the_field(options, field, teacher_pa
 def test_distill_rejects_a_teacher_with_another_vocabulary(teacher_path):
     with pytest.raises(ArgumentError, match="^objective_options.teacher: .* vocab_size 97, the student 50"):
         objectives.make_objective("distill", tiny_config("llama", vocab_size=50), teacher=teacher_path)
+
+
+def test_the_distilled_draft_recipe_loads():
+    from jspec.train import TrainConfig
+
+    recipe = TrainConfig.from_recipe("demo-code-draft-distill")
+    assert recipe.objective == "distill" and recipe.init_from and recipe.objective_options["teacher"] == "demo-code"
+    options = {k: v for k, v in recipe.objective_options.items() if k != "teacher"}
+    objectives.check_distill_options(**{"temperature": 1.0, "kl_weight": 1.0, "hard_label_weight": 0.0,
+                                        "teacher_argmax_weight": 0.0, **options})
