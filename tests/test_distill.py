@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import tiny_config, tiny_model
 
 import jspec
-from conftest import tiny_config, tiny_model
 from jspec.train import objectives, train
 from jspec.validation import ArgumentError
 
@@ -61,7 +61,7 @@ def test_distill_gradient_moves_the_student_toward_the_teacher(student, teacher,
 
     @jax.jit
     def step(params, opt_state, tokens):
-        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params, {"tokens": tokens}, jax.random.key(0))
+        (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params, {"tokens": tokens}, jax.random.key(0))
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, metrics
 
@@ -81,6 +81,7 @@ def test_distill_gradient_moves_the_student_toward_the_teacher(student, teacher,
 def test_distill_trains_through_the_trainer(tmp_path):
     """`jspec train` with objective "distill": the teacher is loaded once, frozen, evaluated inside the jitted step."""
     from test_train import make_corpus_root, make_prepared, make_tokenizer, tiny_recipe
+
     from jspec.train import corpus
 
     manifest = corpus.build_manifest(make_corpus_root(tmp_path / "stdlib"), heldout_fraction=0.2)

@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 
 from jspec import masks
-from jspec.validation import ArgumentError, check_float
 from jspec.models import transformer
 from jspec.models.config import TransformerConfig
+from jspec.validation import ArgumentError, check_float
 
 Metrics = dict[str, jax.Array]
 
