@@ -468,7 +468,8 @@ def write_model_card(path: Path, models: dict[str, Model], results, recipes, man
         "```",
         "jspec train --recipe demo-code-draft --out runs/demo-code-draft",
         "jspec train --recipe demo-code --out runs/demo-code",
-        "jspec build-demo --out-root runs --into-package --overwrite   # exports both to jspec/assets/, rewrites this card",
+        "jspec build-demo --out-root runs --into-package --overwrite   # distills the draft from the target",
+        f"    # (configs/train/{DRAFT_DISTILL}.json, into runs/{DRAFT_DISTILL}), exports both to jspec/assets/, rewrites this card",
         "```",
         "",
         "## Evaluation slice",
@@ -480,7 +481,10 @@ def write_model_card(path: Path, models: dict[str, Model], results, recipes, man
         f"{figures['eval_windows']} windows are scored: loss is the mean next-token cross-entropy (nats) over their "
         f"{figures['eval_tokens']:,} targets, computed in float32 on the shipped weights; perplexity is exp(loss). "
         f"The training-time figure (in training_result.json, computed in the recipe's compute dtype) is "
-        f"{results[TARGET]['eval_loss']:.3f} for the target and {results[DRAFT]['eval_loss']:.3f} for the draft.",
+        f"{results[TARGET]['eval_loss']:.3f} for the target and "
+        + (f"{results[DRAFT]['eval_loss']:.3f} for the draft." if DRAFT not in initial else
+           f"{initial[DRAFT]['result']['eval_loss']:.3f} for the draft's first stage (its last stage reports its "
+           f"{recipes[DRAFT]['objective']!r} objective instead: {results[DRAFT]['eval_loss']:.3f})."),
         "",
         "## Tokenizer",
         "",
