@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from conftest import tiny_config, tiny_model
+from test_train import corpus_root, finished_demo_runs, manifest, tokenizer  # noqa: F401  (fixtures the export test uses)
 
 import jspec
 from jspec.train import objectives, train
@@ -84,8 +87,8 @@ def test_distill_trains_through_the_trainer(tmp_path):
 
     from jspec.train import corpus
 
-    manifest = corpus.build_manifest(make_corpus_root(tmp_path / "stdlib"), heldout_fraction=0.2)
-    prepared = make_prepared(manifest, make_tokenizer(manifest))
+    stdlib = corpus.build_manifest(make_corpus_root(tmp_path / "stdlib"), heldout_fraction=0.2)
+    prepared = make_prepared(stdlib, make_tokenizer(stdlib))
     teacher = tiny_model("llama", seed=0, vocab_size=prepared.tokenizer.vocab_size)
     jspec.loading.save(teacher, tmp_path / "teacher")
     recipe = tiny_recipe(tmp_path, steps=4, objective="distill",
@@ -128,3 +131,26 @@ def test_the_distilled_draft_recipe_loads():
     options = {k: v for k, v in recipe.objective_options.items() if k != "teacher"}
     objectives.check_distill_options(**{"temperature": 1.0, "kl_weight": 1.0, "hard_label_weight": 0.0,
                                         "teacher_argmax_weight": 0.0, **options})
+
+
+def test_demo_export_ships_the_distilled_draft_with_its_first_stage(finished_demo_runs, tmp_path):  # noqa: F811
+    """With a finished demo-code-draft-distill run, the export ships its model as demo-code-draft, with its recipe and
+    result, and the plain-LM run's recipe and result beside them as the first stage."""
+    from jspec.checkpoint import orbax_store
+    from jspec.checkpoint.hf import load_hf
+    from jspec.train import demo
+
+    plain = finished_demo_runs / demo.DRAFT
+    distilled = finished_demo_runs / demo.DRAFT_DISTILL
+    distilled.mkdir()
+    (distilled / "result.json").write_text('{"corpus": {"digest": "stub"}, "stage": "distill"}')
+    (distilled / "recipe.json").write_text('{"heldout_fraction": 0.2, "objective": "distill"}')
+    student = tiny_model("llama", seed=5).replace(tokenizer=orbax_store.restore(plain / "model").tokenizer)
+    orbax_store.save(student, distilled / "model")
+    demo.export(finished_demo_runs, tmp_path / "assets")
+    shipped = tmp_path / "assets" / demo.DRAFT
+    for a, b in zip(jax.tree.leaves(student.params), jax.tree.leaves(load_hf(shipped).params)):
+        np.testing.assert_array_equal(a, b)
+    assert json.loads((shipped / "training_result.json").read_text())["stage"] == "distill"
+    assert (shipped / demo.INIT_FILES["result"]).read_text() == (plain / "result.json").read_text()
+    assert (shipped / demo.INIT_FILES["recipe"]).read_text() == (plain / "recipe.json").read_text()
