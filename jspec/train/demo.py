@@ -41,6 +41,8 @@ from jspec.train.objectives import token_cross_entropy
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 TARGET, DRAFT = "demo-code", "demo-code-draft"
 NAMES = (DRAFT, TARGET)  # the draft first: it finishes sooner
+DRAFT_DISTILL = "demo-code-draft-distill"  # the recipe that distills the plain-LM draft from the target (trained after both)
+INIT_FILES = {"recipe": "init_training_recipe.json", "result": "init_training_result.json"}  # a distilled draft's first stage
 DLLM, BLOCK_DIFFUSION = "demo-code-dllm", "demo-code-bd"  # diffusion LMs adapted from the target
 DIFFUSION_NAMES = (DLLM, BLOCK_DIFFUSION)
 DIGITS = "demo-digits"  # the class-conditional 8x8 digits model (jspec.train.digits, jspec.images)
@@ -92,12 +94,26 @@ def build(
             print(f"{name}: finished run found in {run_dir}, not retraining")
             continue
         train(TrainConfig.from_recipe(name, out_dir=str(run_dir)), resume=resume)
+    distill_dir = out_root / DRAFT_DISTILL
+    if set(only or NAMES) >= set(NAMES) and not (distill_dir / "result.json").is_file():
+        recipe = TrainConfig.from_recipe(DRAFT_DISTILL, out_dir=str(distill_dir), init_from=str(out_root / DRAFT / "model"))
+        recipe.objective_options = {**recipe.objective_options, "teacher": str(out_root / TARGET / "model")}
+        train(recipe, resume=resume)
     if all((out_root / name / "result.json").is_file() for name in NAMES):
         export(out_root, assets, overwrite=overwrite)
         print(f"exported {', '.join(NAMES)} to {assets} (load them by path, e.g. jspec.load({str(assets / TARGET)!r}))")
     if DIGITS in (only or ()):  # the assets directory was checked above, before any training: it may be written
         export_digits(out_root, assets, overwrite=True)
         print(f"exported {DIGITS} to {assets} (load it by path: jspec.load({str(assets / DIGITS)!r}))")
+
+
+def run_dirs(out_root: Path) -> dict[str, Path]:
+    """The run each shipped code model comes from: the draft's distillation run (DRAFT_DISTILL) when it finished,
+    else the draft's plain-LM run; the target's run."""
+    dirs = {name: out_root / name for name in NAMES}
+    if (out_root / DRAFT_DISTILL / "result.json").is_file():
+        dirs[DRAFT] = out_root / DRAFT_DISTILL
+    return dirs
 
 
 def _dir_bytes(path: Path) -> int:
@@ -186,9 +202,10 @@ def export(
     assets = check_assets(resolve_assets(out_root, assets_dir, into_package), overwrite)
     out_root = Path(out_root)
     assets.mkdir(parents=True, exist_ok=True)
-    results = {name: json.loads((out_root / name / "result.json").read_text()) for name in NAMES}
-    recipes = {name: json.loads((out_root / name / "recipe.json").read_text()) for name in NAMES}
-    models = {name: orbax_store.restore(out_root / name / "model") for name in NAMES}
+    runs = run_dirs(out_root)
+    results = {name: json.loads((runs[name] / "result.json").read_text()) for name in NAMES}
+    recipes = {name: json.loads((runs[name] / "recipe.json").read_text()) for name in NAMES}
+    models = {name: orbax_store.restore(runs[name] / "model") for name in NAMES}
     if data_lib.tokenizer_digest(models[TARGET].tokenizer) != data_lib.tokenizer_digest(models[DRAFT].tokenizer):
         raise ValueError("export: demo-code and demo-code-draft were trained with different tokenizers")
     manifest = corpus_lib.build_manifest(heldout_fraction=recipes[TARGET]["heldout_fraction"])
@@ -208,6 +225,9 @@ def export(
             slim = {k: v for k, v in manifest.items() if k != "root"}
             slim["files"] = [{k: f[k] for k in ("path", "size", "sha256", "split")} for f in manifest["files"]]
             files["corpus_manifest.json"] = json.dumps(slim, separators=(",", ":")) + "\n"
+        if runs[name] != out_root / name:  # a distilled draft: its first stage's recipe and result travel with it
+            files[INIT_FILES["recipe"]] = (out_root / name / "recipe.json").read_text()
+            files[INIT_FILES["result"]] = (out_root / name / "result.json").read_text()
         export_model(model, assets / name, files)
         shipped[name] = load_hf(assets / name)
 
@@ -229,7 +249,9 @@ def measure_and_write_card(assets: Path, shipped: dict[str, Model], results, rec
     figures["shipped_dtype"] = dtype
     figures["sizes"] = {name: _dir_bytes(assets / name) for name in NAMES}
     figures["samples"] = {name: _sample(shipped[name], SAMPLE_PROMPT) for name in NAMES}
-    write_model_card(assets / "MODEL_CARD.md", shipped, results, recipes, manifest, figures)
+    initial = {name: {kind: json.loads((assets / name / file).read_text()) for kind, file in INIT_FILES.items()}
+               for name in NAMES if (assets / name / INIT_FILES["result"]).is_file()}
+    write_model_card(assets / "MODEL_CARD.md", shipped, results, recipes, manifest, figures, initial)
     shipped_dirs = [assets / n for n in NAMES + DIFFUSION_NAMES if (assets / n).is_dir()]
     total = sum(_dir_bytes(d) for d in shipped_dirs) + (assets / "MODEL_CARD.md").stat().st_size
     if total > MAX_SHIPPED_BYTES:
@@ -350,7 +372,34 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
 
-def write_model_card(path: Path, models: dict[str, Model], results, recipes, manifest, figures) -> None:
+def _staged(initial: dict[str, Any], name: str, kind: str, cell, joiner: str = " + ") -> str:
+    """A card cell over a model's training stages: its first stage's value (when it was trained in two) then its own."""
+    values = [initial[name][kind]] if name in initial else []
+    return joiner.join(cell(value) for value in values + [None])
+
+
+def draft_objective_lines(recipe: dict[str, Any], initial: dict[str, Any]) -> list[str]:
+    """The card's sentence on how the draft was trained: the same way as the target, or then distilled from it."""
+    if recipe["objective"] != "distill":
+        return ["  on the same data (not distilled)."]
+    options = recipe["objective_options"]
+    first = initial.get("result", {})
+    return [
+        f"  on the same data ({first.get('steps', '?')} steps), then distilled from the target for {recipe['steps']} more steps",
+        f"  (objective `distill`, recipe configs/train/{DRAFT_DISTILL}.json): per position {options.get('kl_weight', 1.0):g} x",
+        f"  T^2 KL(target || draft) at temperature T = {options.get('temperature', 1.0):g}, plus "
+        f"{options.get('teacher_argmax_weight', 0.0):g} x cross-entropy on the target's",
+        f"  argmax token and {options.get('hard_label_weight', 0.0):g} x cross-entropy on the data's token; the target frozen, "
+        "its logits computed in the",
+        f"  training step; peak LR {recipe['learning_rate']:g}, warmup {recipe['warmup_steps']}, cosine to "
+        f"{recipe['min_learning_rate_ratio']:g}x. Train losses in the table are the last stage's objective.",
+    ]
+
+
+def write_model_card(path: Path, models: dict[str, Model], results, recipes, manifest, figures, initial=None) -> None:
+    """initial: for a model trained in two stages (the distilled draft), {name: {"recipe": ..., "result": ...}} of
+    its first stage; `results` and `recipes` hold the last stage."""
+    initial = initial or {}
     target_cfg = models[TARGET].config
     lines = [
         "# jspec demo models: `demo-code`, `demo-code-draft` (and the diffusion LMs at the end)",
@@ -372,11 +421,15 @@ def write_model_card(path: Path, models: dict[str, Model], results, recipes, man
         ("Layers / hidden / heads (KV)", lambda n: f"{models[n].config.num_layers} / {models[n].config.hidden_size} / {models[n].config.num_heads} ({models[n].config.num_kv_heads})"),
         ("MLP size", lambda n: str(models[n].config.intermediate_size)),
         ("Shipped dtype / size", lambda n: f"{figures['shipped_dtype']} / {figures['sizes'][n] / 1e6:.1f} MB"),
-        ("Training steps x tokens/step", lambda n: f"{results[n]['steps']} x {recipes[n]['batch_size']}x{recipes[n]['seq_len']}"),
-        ("Tokens seen", lambda n: f"{results[n]['tokens_seen']:,} ({results[n]['tokens_seen'] / figures['train_tokens']:.2f} epochs)"),
-        ("Training wall time", lambda n: _minutes(results[n]["wall_seconds"])),
+        ("Training steps x tokens/step", lambda n: _staged(initial, n, "result", lambda r: str((r or results[n])["steps"]))
+         + f" x {recipes[n]['batch_size']}x{recipes[n]['seq_len']}"),
+        ("Tokens seen", lambda n: _staged(initial, n, "result", lambda r: f"{(r or results[n])['tokens_seen']:,}") + " ("
+         + _staged(initial, n, "result", lambda r: f"{(r or results[n])['tokens_seen'] / figures['train_tokens']:.2f}") + " epochs)"),
+        ("Training wall time", lambda n: _staged(initial, n, "result", lambda r: _minutes((r or results[n])["wall_seconds"]))),
         ("Compute dtype (master weights fp32)", lambda n: recipes[n]["compute_dtype"]),
-        ("Peak LR / warmup / schedule", lambda n: f"{recipes[n]['learning_rate']:g} / {recipes[n]['warmup_steps']} / cosine to {recipes[n]['min_learning_rate_ratio']:g}x"),
+        ("Peak LR / warmup / schedule", lambda n: _staged(initial, n, "recipe", lambda r: (
+            f"{(r or recipes[n])['learning_rate']:g} / {(r or recipes[n])['warmup_steps']} / cosine to "
+            f"{(r or recipes[n])['min_learning_rate_ratio']:g}x"), joiner=", then ")),
         ("Final train loss (mean of last 50 steps)", lambda n: f"{results[n]['train_loss_last50']:.3f}"),
         ("Held-out loss (nats/token, fp32)", lambda n: f"{figures[n]['eval_loss']:.3f}"),
         ("Held-out perplexity", lambda n: f"{figures[n]['eval_perplexity']:.2f}"),
@@ -401,7 +454,7 @@ def write_model_card(path: Path, models: dict[str, Model], results, recipes, man
         "- Objective: next-token cross-entropy on packed windows of 256 tokens (documents joined with `<|endoftext|>`,",
         "  attention crossing document boundaries, as in GPT-2 packing); AdamW (b1 0.9, b2 0.95, weight decay 0.1 on",
         "  matrices), global-norm clipping at 1.0, linear warmup then cosine decay. The draft is trained the same way",
-        "  on the same data (not distilled).",
+        *draft_objective_lines(recipes[DRAFT], initial.get(DRAFT, {})),
         "- Recipe choice: a first target of 6 layers x 256 (5.8M parameters, 700 steps) learned more slowly per token",
         "  than the 2-layer draft (held-out loss 4.31 against the draft's 3.70). In 150-step probes on the same schedule",
         "  (mean train loss over steps 141-150) 3 layers x 384 reached 5.16, 6 x 256 reached 5.48 at peak LR 2e-3, 5.35",
@@ -415,7 +468,8 @@ def write_model_card(path: Path, models: dict[str, Model], results, recipes, man
         "```",
         "jspec train --recipe demo-code-draft --out runs/demo-code-draft",
         "jspec train --recipe demo-code --out runs/demo-code",
-        "jspec build-demo --out-root runs --into-package --overwrite   # exports both to jspec/assets/, rewrites this card",
+        "jspec build-demo --out-root runs --into-package --overwrite   # distills the draft from the target",
+        f"    # (configs/train/{DRAFT_DISTILL}.json, into runs/{DRAFT_DISTILL}), exports both to jspec/assets/, rewrites this card",
         "```",
         "",
         "## Evaluation slice",
@@ -427,7 +481,10 @@ def write_model_card(path: Path, models: dict[str, Model], results, recipes, man
         f"{figures['eval_windows']} windows are scored: loss is the mean next-token cross-entropy (nats) over their "
         f"{figures['eval_tokens']:,} targets, computed in float32 on the shipped weights; perplexity is exp(loss). "
         f"The training-time figure (in training_result.json, computed in the recipe's compute dtype) is "
-        f"{results[TARGET]['eval_loss']:.3f} for the target and {results[DRAFT]['eval_loss']:.3f} for the draft.",
+        f"{results[TARGET]['eval_loss']:.3f} for the target and "
+        + (f"{results[DRAFT]['eval_loss']:.3f} for the draft." if DRAFT not in initial else
+           f"{initial[DRAFT]['result']['eval_loss']:.3f} for the draft's first stage (its last stage reports its "
+           f"{recipes[DRAFT]['objective']!r} objective instead: {results[DRAFT]['eval_loss']:.3f})."),
         "",
         "## Tokenizer",
         "",

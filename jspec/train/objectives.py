@@ -14,8 +14,9 @@ the recipe's `objective_options`, and is then a pure function
   batches exactly; anything else is logged.
 
 Registered here: "causal_lm", "masked_diffusion" (LLaDA / MDLM, optionally Dream's shifted logits),
-"block_diffusion" (Fast-dLLM v2: [noisy ; clean] with complementary masks and token shift) and "recurrent_lm"
-(a recurrent-depth model with Huginn's recurrence sampling). Evaluation passes the batch with "evaluation": True,
+"block_diffusion" (Fast-dLLM v2: [noisy ; clean] with complementary masks and token shift), "recurrent_lm"
+(a recurrent-depth model with Huginn's recurrence sampling) and "distill" (a student, e.g. a speculative draft,
+trained on a frozen teacher's next-token distributions over the same windows). Evaluation passes the batch with "evaluation": True,
 for objectives that compute differently there (recurrent_lm: a fixed r). Others register beside them (`register_objective(name, factory)`) without touching the trainer.
 """
 
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 from jspec import masks
 from jspec.models import transformer
 from jspec.models.config import TransformerConfig
+from jspec.validation import ArgumentError, check_float
 
 Metrics = dict[str, jax.Array]
 
@@ -74,10 +76,8 @@ def causal_lm(config: TransformerConfig, ignore_token_id: int | None = None) -> 
     def objective(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple[jax.Array, Metrics]:
         del key  # deterministic objective
         tokens = batch["tokens"]  # [B, L + 1]
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        batch_size, length = inputs.shape
-        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32)[None, :], (batch_size, length))
-        logits, _ = transformer.forward(params, config, inputs, positions)  # causal over the chunk
+        targets = tokens[:, 1:]
+        logits = causal_logits(params, config, tokens)
         losses = token_cross_entropy(logits, targets)
         weights = jnp.ones_like(losses) if ignore_token_id is None else (targets != ignore_token_id).astype(jnp.float32)
         loss_sum = jnp.sum(losses * weights)
@@ -252,7 +252,113 @@ def recurrent_lm(config: Any, init_scale: float = 1.0, max_recurrence: int | Non
     return objective
 
 
+def causal_logits(params: Any, config: TransformerConfig, tokens: jax.Array) -> jax.Array:  # tokens [B, L + 1] -> [B, L, V]
+    """Next-token logits at every position of tokens[:, :-1], causal over the chunk (the one `forward`)."""
+    inputs = tokens[:, :-1]
+    logits, _ = transformer.forward(params, config, inputs, _positions(*inputs.shape))
+    return logits
+
+
+def distillation_losses(
+    student_logits: jax.Array,  # [B, T, V]
+    teacher_logits: jax.Array,  # [B, T, V]
+    targets: jax.Array,  # [B, T] the data's next tokens
+    temperature: float,
+    kl_weight: float,
+    hard_label_weight: float,
+    teacher_argmax_weight: float,
+) -> dict[str, jax.Array]:  # each [B, T] float32
+    """Per-token distillation terms in float32: "kl" = T^2 KL(teacher_T || student_T) over softmaxes at temperature T
+    (Hinton et al.'s scaling keeps its gradient's size independent of T), "hard" = cross-entropy on the data's token,
+    "argmax" = cross-entropy on the teacher's argmax token (what top-1 agreement and greedy speculative acceptance
+    count), and "loss" = their weighted sum."""
+    student = student_logits.astype(jnp.float32)
+    teacher = teacher_logits.astype(jnp.float32)
+    teacher_log_probs = jax.nn.log_softmax(teacher / temperature, axis=-1)
+    student_log_probs = jax.nn.log_softmax(student / temperature, axis=-1)
+    kl = temperature**2 * jnp.sum(jnp.exp(teacher_log_probs) * (teacher_log_probs - student_log_probs), axis=-1)
+    hard = token_cross_entropy(student, targets)
+    argmax = token_cross_entropy(student, jnp.argmax(teacher, axis=-1))
+    loss = kl_weight * kl + hard_label_weight * hard + teacher_argmax_weight * argmax
+    return {"loss": loss, "kl": kl, "hard": hard, "argmax": argmax}
+
+
+def check_distill_options(temperature: Any, kl_weight: Any, hard_label_weight: Any, teacher_argmax_weight: Any) -> None:
+    """ArgumentError naming the objective_options field that is out of range."""
+    check_float("objective_options.temperature", temperature, lambda t: t > 0, "a number > 0")
+    weights = {"kl_weight": kl_weight, "hard_label_weight": hard_label_weight, "teacher_argmax_weight": teacher_argmax_weight}
+    for name, value in weights.items():
+        check_float(f"objective_options.{name}", value, lambda w: w >= 0, "a number >= 0")
+    if not any(float(w) > 0 for w in weights.values()):
+        raise ArgumentError(f"objective_options: expected at least one of {sorted(weights)} > 0, got {weights}")
+
+
+def load_teacher(teacher: Any, config: TransformerConfig) -> Any:
+    """The teacher model `teacher` names (a shipped model name or a path `jspec.load` reads), loaded once per process
+    (float32), checked to share the student's vocabulary; ArgumentError naming objective_options.teacher otherwise."""
+    from jspec.models.model import Model
+    from jspec.train.trainer import initial_model
+
+    if not isinstance(teacher, str) or not teacher:
+        raise ArgumentError(f"objective_options.teacher: expected a model name or path (str), got {teacher!r}")
+    try:
+        model = initial_model(teacher)
+    except (ValueError, OSError) as error:
+        raise ArgumentError(f"objective_options.teacher: cannot load {teacher!r}: {error}") from None
+    if not isinstance(model, Model):
+        raise ArgumentError(f"objective_options.teacher: {teacher!r} is not a transformer LM ({type(model).__name__})")
+    if model.config.vocab_size != config.vocab_size:
+        raise ArgumentError(
+            f"objective_options.teacher: {teacher!r} has vocab_size {model.config.vocab_size}, the student "
+            f"{config.vocab_size}; distillation needs the same vocabulary")
+    return model
+
+
+def distill(
+    config: TransformerConfig,
+    teacher: Any = None,
+    temperature: float = 1.0,
+    kl_weight: float = 1.0,
+    hard_label_weight: float = 0.0,
+    teacher_argmax_weight: float = 0.0,
+) -> Objective:
+    """Knowledge distillation of a causal LM (the student, e.g. a speculative draft) from a frozen teacher over the
+    same packed windows: per position the weighted sum of `distillation_losses`' terms, averaged over all targets.
+
+    teacher: a model name or path (`jspec.load`), loaded once per process and frozen (no gradient flows into it); its
+        logits are computed inside the jitted step (in the student's compute dtype), so the data need nothing extra.
+    Metrics: loss_sum / token_count (the objective), kl, hard_cross_entropy, teacher_agreement (the fraction of
+    positions where the student's argmax equals the teacher's: the top-1 agreement of the demo card) and accuracy.
+    """
+    check_distill_options(temperature, kl_weight, hard_label_weight, teacher_argmax_weight)
+    teacher_model = load_teacher(teacher, config)
+    teacher_config = teacher_model.config.replace(dtype=config.dtype)
+    teacher_params = jax.tree.map(lambda x: jnp.asarray(x, config.dtype), teacher_model.params)
+
+    def objective(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple[jax.Array, Metrics]:
+        del key  # deterministic objective
+        tokens = batch["tokens"]  # [B, L + 1]
+        targets = tokens[:, 1:]
+        teacher_logits = jax.lax.stop_gradient(causal_logits(teacher_params, teacher_config, tokens))
+        student_logits = causal_logits(params, config, tokens)
+        terms = distillation_losses(student_logits, teacher_logits, targets, temperature, kl_weight,
+                                    hard_label_weight, teacher_argmax_weight)
+        token_count = jnp.float32(targets.size)
+        loss_sum = jnp.sum(terms["loss"])
+        student_top = jnp.argmax(student_logits, axis=-1)
+        metrics = {
+            "loss_sum": loss_sum, "token_count": token_count,
+            "kl": jnp.mean(terms["kl"]), "hard_cross_entropy": jnp.mean(terms["hard"]),
+            "teacher_agreement": jnp.mean(student_top == jnp.argmax(teacher_logits, axis=-1)),
+            "accuracy": jnp.mean(student_top == targets),
+        }
+        return loss_sum / token_count, metrics
+
+    return objective
+
+
 register_objective("causal_lm", causal_lm)
 register_objective("recurrent_lm", recurrent_lm)
 register_objective("masked_diffusion", masked_diffusion)
 register_objective("block_diffusion", block_diffusion)
+register_objective("distill", distill)

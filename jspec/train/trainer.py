@@ -254,6 +254,10 @@ EVAL_METRICS = {  # what the held-out loss of each objective is
         "block-diffusion loss (nats): mean cross-entropy of every token predicted where it is masked, under complementary "
         "masks with one ratio per block drawn with a fixed key"
     ),
+    "distill": (
+        "distillation loss (nats): the objective_options' weighted sum of T^2 KL(teacher || student) at temperature T, "
+        "cross-entropy on the data's token and cross-entropy on the teacher's argmax token, mean over all targets"
+    ),
 }
 
 _INITIAL_MODELS: dict[str, Model] = {}
