@@ -1,0 +1,145 @@
+"""Train a Learn2PD unmasking filter (arXiv 2509.25188) for a masked-diffusion model, post hoc.
+
+1. Trajectories: static decoding (`dllm_static`, no context cache, no stop tokens) of prompts cut from the
+   TRAINING split of the demo corpus (file beginnings, as `jspec.bench.heldout_prompts` cuts the held-out files
+   the benchmarks and tests use), batched, in one compiled `lax.scan` over the decoder's own `step`. Each step
+   records the current block before the step, and the fresh predictions and confidences of its forward.
+2. Examples: every masked position of a step's block (steps with at least two masked positions: with one, the
+   rule unmasks it anyway): `filter_features` as the rule computes them; label 1 when the prediction equals
+   static decoding's final token there (Learn2PD's "extremely greedy parallel" oracle, which the filter learns).
+3. The per-position MLP (`jspec.strategies.learn2pd`) trained with optax (Adam, binary cross-entropy, full
+   batch), written as a safetensors file with its metadata (data, figures).
+
+    python -m jspec.train.learn2pd --model demo-code-dllm --out jspec/assets/demo-code-dllm/learn2pd_filter.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jspec
+from jspec.strategies import learn2pd
+from jspec.strategies.diffusion import MaskedDiffusion, dllm_static
+
+decode_module = importlib.import_module("jspec.decode")
+
+
+def training_prompts(tokenizer: Any, count: int, prompt_tokens: int, min_continuation: int = 64) -> list[list[int]]:
+    """The first `prompt_tokens` tokens of `count` training-split files of the demo corpus (never the held-out
+    files), spread evenly over the split; files shorter than prompt + min_continuation are skipped."""
+    from jspec.loading import ASSETS_DIR
+    from jspec.train import corpus
+
+    manifest = corpus.load_manifest(ASSETS_DIR / "demo-code" / "corpus_manifest.json")
+    texts = corpus.load_documents(manifest, "train", root=corpus.stdlib_root())
+    long_enough = [ids for ids in map(tokenizer.encode, texts[:: max(1, len(texts) // (4 * count))]) if len(ids) >= prompt_tokens + min_continuation]
+    stride = max(1, len(long_enough) // count)
+    return [ids[:prompt_tokens] for ids in long_enough[::stride][:count]]
+
+
+@partial(jax.jit, static_argnames=("steps",))
+def static_trajectory(model: Any, strategy: MaskedDiffusion, prompts: Any, key: jax.Array, steps: int) -> dict[str, jax.Array]:
+    """Run `steps` steps of `strategy` (one compiled scan); per step the block before it and its forward's
+    predictions, and the final output."""
+    bs = strategy.block_size
+
+    def body(state, _):
+        block_slots = (state.gen_start + state.block * bs)[:, None] + jnp.arange(bs, dtype=jnp.int32)[None, :]
+        block = jnp.take_along_axis(state.canvas, jnp.minimum(block_slots, state.canvas.shape[1] - 1), axis=1)
+        after = strategy.step(model, state)
+        record = {
+            "masked": block == state.mask_token_id,  # [B, bs]
+            "block": state.block,  # [B]
+            "predicted": after.predicted[:, :bs],  # the step's forward (the kept predictions of its state)
+            "confidence": after.confidence[:, :bs],
+        }
+        return after, record
+
+    final, records = jax.lax.scan(body, strategy.init(model, prompts, key), None, length=steps)
+    return {**records, "output": final.output.tokens}
+
+
+def trajectory_examples(model: jspec.Model, prompts: list[list[int]], new_tokens: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Features [E, F] and labels [E] of every masked position of every static step with >= 2 masked."""
+    strategy = dllm_static(block_size=block_size, end_of_text=False)
+    request = decode_module.build_prompts(model, prompts, new_tokens, None, [], None, strategy)
+    strategy.validate(model, request)
+    trace = jax.device_get(static_trajectory(model.without_tokenizer(), strategy, request, jax.random.key(0), new_tokens))
+    masked = trace["masked"]  # [steps, B, bs]
+    positions = trace["block"][:, :, None] * block_size + np.arange(block_size)[None, None, :]  # [steps, B, bs]
+    final = np.take_along_axis(np.broadcast_to(trace["output"][None], (new_tokens,) + trace["output"].shape), positions, axis=2)
+    labels = trace["predicted"] == final
+    features = np.asarray(learn2pd.filter_features(jnp.asarray(trace["confidence"]), jnp.asarray(masked)))
+    keep = masked & (masked.sum(axis=2, keepdims=True) >= 2) & (np.arange(len(prompts))[None, :, None] < len(prompts))
+    return features[keep], labels[keep].astype(np.float32)
+
+
+def train_filter(features: np.ndarray, labels: np.ndarray, steps: int = 2000, seed: int = 0, learning_rate: float = 3e-3) -> tuple[dict, list[float]]:
+    """Fit the filter MLP with Adam on binary cross-entropy (full batch); the params and the loss curve."""
+    params = learn2pd.init_mlp(jax.random.key(seed))
+    optimizer = optax.adam(learning_rate)
+    x, y = jnp.asarray(features), jnp.asarray(labels)
+
+    def loss_fn(p):
+        return jnp.mean(optax.sigmoid_binary_cross_entropy(learn2pd.mlp_logits(p, x), y))
+
+    @jax.jit
+    def update(p, opt_state):
+        loss, grads = jax.value_and_grad(loss_fn)(p)
+        updates, opt_state = optimizer.update(grads, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state, loss
+
+    opt_state, losses = optimizer.init(params), []
+    for _ in range(steps):
+        params, opt_state, loss = update(params, opt_state)
+        losses.append(float(loss))
+    return params, losses
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="demo-code-dllm")
+    parser.add_argument("--out", required=True, help="the .safetensors file to write")
+    parser.add_argument("--prompts", type=int, default=48, help="training-split prompts")
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=2000, help="Adam steps (full batch)")
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    model = jspec.load(args.model, dtype="float32")
+    prompts = training_prompts(model.tokenizer, args.prompts, args.prompt_tokens)
+    features, labels = trajectory_examples(model, prompts, args.new_tokens, args.block_size)
+    print(f"{len(prompts)} training prompts, {len(labels)} examples, {labels.mean():.3f} positive", flush=True)
+    params, losses = train_filter(features, labels, steps=args.steps)
+    scores = np.asarray(jax.nn.sigmoid(learn2pd.mlp_logits(params, jnp.asarray(features))))
+    accuracy = float(np.mean((scores > 0.5) == (labels > 0.5)))
+    seconds = time.perf_counter() - start
+    metadata = {
+        "model": args.model,
+        "data": f"static decoding (dllm_static, block_size {args.block_size}, no cache) of the first {args.prompt_tokens} tokens "
+                f"of {len(prompts)} training-split files of the demo corpus, {args.new_tokens} new tokens each",
+        "examples": int(len(labels)),
+        "positive_fraction": float(labels.mean()),
+        "final_bce": losses[-1],
+        "train_accuracy_at_0.5": accuracy,
+        "adam_steps": args.steps,
+        "seconds": round(seconds, 1),
+    }
+    path = learn2pd.save_filter(params, args.out, metadata)
+    print(f"BCE {losses[0]:.4f} -> {losses[-1]:.4f}, train accuracy {accuracy:.3f}, {seconds:.0f} s; wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
