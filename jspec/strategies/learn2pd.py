@@ -173,7 +173,13 @@ def load_filter(path: str | Path) -> tuple[MLPFilter, dict[str, Any]]:
 
 def shipped_filter(model_name: str) -> MLPFilter:
     """The filter shipped beside a demo model (jspec/assets/<model_name>/learn2pd_filter.safetensors)."""
-    return load_filter(filter_path(model_name))[0]
+    path = filter_path(model_name)
+    if not path.is_file():
+        raise ArgumentError(
+            f"filter: no Learn2PD filter is shipped for {model_name!r} (expected {str(path)!r}); pass a model name that "
+            "has one (demo-code-dllm), a .safetensors filter file, or an UnmaskingFilter"
+        )
+    return load_filter(path)[0]
 
 
 def as_filter(value: Any) -> UnmaskingFilter:

@@ -28,7 +28,7 @@ import optax
 
 import jspec
 from jspec.strategies import learn2pd
-from jspec.strategies.diffusion import MaskedDiffusion, dllm_static
+from jspec.strategies.diffusion import LEARN2PD_THRESHOLD, MaskedDiffusion, dllm_static
 
 decode_module = importlib.import_module("jspec.decode")
 
@@ -105,6 +105,26 @@ def train_filter(features: np.ndarray, labels: np.ndarray, steps: int = 2000, se
     return params, losses
 
 
+def measure_heldout(model: jspec.Model, filter: learn2pd.UnmaskingFilter, threshold: float, count: int = 4,
+                    prompt_tokens: int = 64, new_tokens: int = 64, block_size: int = 32) -> dict[str, Any]:
+    """The filter's figures on `count` held-out prompts (`jspec.bench.heldout_prompts`, batched, no stop tokens):
+    tokens per forward (generated tokens / the rows' forwards) and agreement with dllm_static, position by
+    position. tests/test_learn2pd.py re-measures them."""
+    from jspec import bench
+
+    prompts = bench.heldout_prompts(model.tokenizer, count, prompt_tokens)
+    options = dict(max_new_tokens=new_tokens, block_size=block_size, stop_tokens=[])
+    static = jspec.decode(model, prompts, "dllm_static", **options)
+    learned = jspec.decode(model, prompts, "dllm_learn2pd", filter=filter, threshold=threshold, **options)
+    forwards = int(np.asarray(learned.stats["block_forwards"]).sum())
+    return {
+        "prompts": count,
+        "threshold": threshold,
+        "tokens_per_forward": round(float(np.asarray(learned.lengths).sum()) / forwards, 4),
+        "agreement_with_static": round(float(np.mean(np.asarray(learned.tokens) == np.asarray(static.tokens))), 4),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="demo-code-dllm")
@@ -114,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=2000, help="Adam steps (full batch)")
+    parser.add_argument("--threshold", type=float, default=LEARN2PD_THRESHOLD, help="threshold of the held-out figures")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
@@ -125,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     scores = np.asarray(jax.nn.sigmoid(learn2pd.mlp_logits(params, jnp.asarray(features))))
     accuracy = float(np.mean((scores > 0.5) == (labels > 0.5)))
     seconds = time.perf_counter() - start
+    heldout = measure_heldout(model, learn2pd.MLPFilter(params=params), args.threshold)
     metadata = {
         "model": args.model,
         "data": f"static decoding (dllm_static, block_size {args.block_size}, no cache) of the first {args.prompt_tokens} tokens "
@@ -135,9 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         "train_accuracy_at_0.5": accuracy,
         "adam_steps": args.steps,
         "seconds": round(seconds, 1),
+        "heldout": heldout,
     }
     path = learn2pd.save_filter(params, args.out, metadata)
-    print(f"BCE {losses[0]:.4f} -> {losses[-1]:.4f}, train accuracy {accuracy:.3f}, {seconds:.0f} s; wrote {path}")
+    print(f"BCE {losses[0]:.4f} -> {losses[-1]:.4f}, train accuracy {accuracy:.3f}, {seconds:.0f} s; held-out {heldout}; wrote {path}")
     return 0
 
 
