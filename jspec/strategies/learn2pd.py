@@ -20,6 +20,7 @@ rank / neighbour features let one shared per-position MLP see the block context.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -171,8 +172,9 @@ def load_filter(path: str | Path) -> tuple[MLPFilter, dict[str, Any]]:
     return MLPFilter(params=params), metadata
 
 
+@functools.lru_cache(maxsize=8)
 def shipped_filter(model_name: str) -> MLPFilter:
-    """The filter shipped beside a demo model (jspec/assets/<model_name>/learn2pd_filter.safetensors)."""
+    """The filter shipped beside a demo model (jspec/assets/<model_name>/learn2pd_filter.safetensors), read once."""
     path = filter_path(model_name)
     if not path.is_file():
         raise ArgumentError(

@@ -125,6 +125,41 @@ def measure_heldout(model: jspec.Model, filter: learn2pd.UnmaskingFilter, thresh
     }
 
 
+def card_section(assets: Any) -> list[str]:
+    """The model card's entry on the shipped Learn2PD filters (empty when none is shipped); its figures are the
+    filter metadata's, which tests/test_learn2pd.py re-measures."""
+    from pathlib import Path
+
+    lines = []
+    for path in sorted(Path(assets).glob(f"*/{learn2pd.FILTER_FILE}")):
+        meta = learn2pd.load_filter(path)[1]
+        heldout = meta["heldout"]
+        name = path.parent.name
+        lines += [
+            f"## Learn2PD unmasking filter: `{name}/{learn2pd.FILTER_FILE}`",
+            "",
+            f"A {meta.get('hidden', 32)}-unit, two-layer per-position MLP ({sum(int(np.prod(np.shape(v))) for v in learn2pd.load_filter(path)[0].params.values())} "
+            f"parameters) that scores, per masked position of `{meta['model']}`'s current block, whether the current",
+            "prediction already is static decoding's final token (Learn2PD, arXiv 2509.25188); `dllm_learn2pd` unmasks",
+            "the positions it scores above the threshold (`jspec/strategies/learn2pd.py` lists its features).",
+            f"Trained post hoc on {meta['data']}: {meta['examples']} masked positions of the recorded steps, "
+            f"{100 * meta['positive_fraction']:.1f}% labelled final; Adam, binary cross-entropy, {meta['adam_steps']} full-batch steps "
+            f"(final BCE {meta['final_bce']:.3f}, training accuracy at 0.5 {100 * meta['train_accuracy_at_0.5']:.1f}%), "
+            f"{meta['seconds'] / 60:.1f} min on the 2-core CPU, trajectories included.",
+            "",
+            f"On {heldout['prompts']} held-out prompts (64 tokens, 64 new, block 32, float32, batched, no stop tokens), at its",
+            f"default threshold {heldout['threshold']:g}: {heldout['tokens_per_forward']:.2f} tokens per forward, "
+            f"{100 * heldout['agreement_with_static']:.1f}% agreement with `dllm_static` (position by position).",
+            "",
+            "```bash",
+            f"python -m jspec.train.learn2pd --model {meta['model']} --out jspec/assets/{name}/{learn2pd.FILTER_FILE}",
+            "python benchmarks/bench_diffusion.py   # Learn2PD rows beside static, threshold, FreeDave and the oracle filter",
+            "```",
+            "",
+        ]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="demo-code-dllm")
@@ -156,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         "final_bce": losses[-1],
         "train_accuracy_at_0.5": accuracy,
         "adam_steps": args.steps,
+        "hidden": int(params["w1"].shape[1]),
         "seconds": round(seconds, 1),
         "heldout": heldout,
     }
