@@ -61,10 +61,12 @@ def settings(quick: bool) -> list[tuple[str, str, str, dict]]:
     return rows
 
 
-def reference_label(label: str, model_key: str) -> str:
-    """The setting whose outputs a setting's agreement is measured against."""
+def reference_label(label: str, model_key: str) -> str | None:
+    """The setting whose outputs a setting's agreement is measured against (None: none)."""
     if label.endswith("EoTP on"):
         return label.replace("EoTP on", "EoTP off")
+    if label.endswith("EoTP off"):
+        return None
     return {"dllm": "dllm_static", "bd": "block_diffusion t=1.0", "ar": "autoregressive greedy"}[model_key]
 
 
@@ -138,8 +140,9 @@ def main() -> None:
                 if round_index == 0:  # the outputs and counts are the same every round
                     total["calls"] += int(result.stats["model_calls"])
                     total["tokens"] += int(np.sum(result.lengths))
-                    forwards = np.asarray(result.stats["block_forwards"])[0]
-                    total["block_forwards"] += forwards[forwards > 0].tolist()
+                    if "block_forwards" in result.stats:  # diffusion decoders: forwards per block of the row
+                        forwards = np.asarray(result.stats["block_forwards"])[0]
+                        total["block_forwards"] += forwards[forwards > 0].tolist()
                     total["outputs"] += result.sequences()
 
     rows = []
@@ -147,15 +150,16 @@ def main() -> None:
     for label, model_key, strategy, options in chosen:
         total, reference = totals[label], reference_label(label, model_key)
         outputs = total["outputs"]
+        whole = "stop" not in options  # the rows that stop at a line end emit other tokens: no speed ratios
         row = {
             "method": label,
             "model": model_key,
             "tokens/s": total["tokens"] * args.repeats / total["seconds"],
             "tokens/forward": total["tokens"] / total["calls"],
             "forwards/block": float(np.mean(total["block_forwards"])) if total["block_forwards"] else None,
-            "vs dllm_static": seconds["dllm_static"] / total["seconds"],
-            "vs AR greedy": seconds["autoregressive greedy"] / total["seconds"],
-            "agreement": agreement(outputs, totals[reference]["outputs"]),
+            "vs dllm_static": seconds["dllm_static"] / total["seconds"] if whole else None,
+            "vs AR greedy": seconds["autoregressive greedy"] / total["seconds"] if whole else None,
+            "agreement": agreement(outputs, totals[reference]["outputs"]) if reference else None,
             "target NLL": float(np.mean([completion_nll(target, p, o) for p, o in zip(prompts, outputs)])),
             "compile s": max(compile_seconds[label] - total["seconds"] / args.repeats, 0.0),
         }
