@@ -14,7 +14,8 @@ block_forwards), agreement with the model's one-token-per-forward decoding (dllm
 threshold 1), position by position; and the causal demo target's mean negative log-likelihood of the
 completions (nats/token; lower is more plausible code to the target; greedy AR output scores low by
 construction). The "stop at line end" rows decode until the first line break (stop tokens: every token holding
-"\n"), with End-of-Text Prediction off and on: agreement there is with the EoTP-off row (it must be 1).
+"\n"), with End-of-Text Prediction off and on: the EoTP-on row's agreement is with the EoTP-off row (the
+benchmark stops unless they are identical); compare their tokens/forward and forwards/block.
 
     python benchmarks/bench_diffusion.py            # full table
     python benchmarks/bench_diffusion.py --quick    # a few settings
