@@ -19,6 +19,7 @@ import jspec
 from jspec import bench
 from jspec.strategies import learn2pd
 from jspec.strategies.diffusion import LEARN2PD_THRESHOLD
+from jspec.train.learn2pd import weights_digest
 from jspec.validation import ArgumentError
 from conftest import tiny_model
 
@@ -110,7 +111,9 @@ def test_oracle_bounds_the_learned_filter_and_the_shipped_filter_reaches_its_sta
     # passes: the most confident position) can differ, so it is close to static, not equal (see the README)
     assert agreement(oracle, reference) >= max(agreement(learned, reference), 0.85)
 
-    stated = learn2pd.load_filter(learn2pd.filter_path("demo-code-dllm"))[1]["heldout"]
+    metadata = learn2pd.load_filter(learn2pd.filter_path("demo-code-dllm"))[1]
+    assert metadata["model_sha256"] == weights_digest("demo-code-dllm"), "the shipped filter was trained on other demo-code-dllm weights"
+    stated = metadata["heldout"]
     assert stated["prompts"] == HELDOUT_PROMPTS and stated["threshold"] == LEARN2PD_THRESHOLD
     tokens_per_forward = float(np.asarray(learned.lengths).sum() / row_forwards(learned).sum())
     assert tokens_per_forward == pytest.approx(stated["tokens_per_forward"], abs=0.01)

@@ -125,6 +125,16 @@ def measure_heldout(model: jspec.Model, filter: learn2pd.UnmaskingFilter, thresh
     }
 
 
+def weights_digest(model_name: str) -> str | None:
+    """sha256 of a shipped model's model.safetensors (the weights a filter was trained on), None if not shipped."""
+    import hashlib
+
+    from jspec.loading import ASSETS_DIR
+
+    path = ASSETS_DIR / model_name / "model.safetensors"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
 def card_section(assets: Any) -> list[str]:
     """The model card's entry on the shipped Learn2PD filters (empty when none is shipped); its figures are the
     filter metadata's, which tests/test_learn2pd.py re-measures."""
@@ -145,7 +155,8 @@ def card_section(assets: Any) -> list[str]:
             f"Trained post hoc on {meta['data']}: {meta['examples']} masked positions of the recorded steps, "
             f"{100 * meta['positive_fraction']:.1f}% labelled final; Adam, binary cross-entropy, {meta['adam_steps']} full-batch steps "
             f"(final BCE {meta['final_bce']:.3f}, training accuracy at 0.5 {100 * meta['train_accuracy_at_0.5']:.1f}%), "
-            f"{meta['seconds'] / 60:.1f} min on the 2-core CPU, trajectories included.",
+            f"{meta['seconds'] / 60:.1f} min on the 2-core CPU, trajectories included. Trained on the `{meta['model']}` weights with",
+            f"sha256 {str(meta.get('model_sha256'))[:12]}... (retrain it when the model changes; the test checks they match).",
             "",
             f"On {heldout['prompts']} held-out prompts (64 tokens, 64 new, block 32, float32, batched, no stop tokens), at its",
             f"default threshold {heldout['threshold']:g}: {heldout['tokens_per_forward']:.2f} tokens per forward, "
@@ -184,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     heldout = measure_heldout(model, learn2pd.MLPFilter(params=params), args.threshold)
     metadata = {
         "model": args.model,
+        "model_sha256": weights_digest(args.model),
         "data": f"static decoding (dllm_static, block_size {args.block_size}, no cache) of the first {args.prompt_tokens} tokens "
                 f"of {len(prompts)} training-split files of the demo corpus, {args.new_tokens} new tokens each",
         "examples": int(len(labels)),
