@@ -47,9 +47,9 @@ def settings(quick: bool) -> list[tuple[str, str, str, dict]]:
     drafts = (2, 4) if quick else (2, 4, 8)
     rows += [(f"freedave k={k}", "dllm", "freedave", {"draft_steps": k}) for k in drafts if k <= 4]
     rows += [(f"freedave k={k} dual cache", "dllm", "freedave", {"draft_steps": k, "cache": "dual"}) for k in drafts]
-    learn2pd_thresholds = (0.9, 0.5) if quick else (0.95, 0.9, 0.7, 0.5)
+    learn2pd_thresholds = (0.99, 0.9) if quick else (0.99, 0.97, 0.9, 0.7)
     rows += [(f"dllm_learn2pd t={t}", "dllm", "dllm_learn2pd", {"threshold": t}) for t in learn2pd_thresholds]
-    rows += [("dllm_learn2pd t=0.9 dual cache", "dllm", "dllm_learn2pd", {"threshold": 0.9, "cache": "dual"})]
+    rows += [("dllm_learn2pd t=0.99 dual cache", "dllm", "dllm_learn2pd", {"threshold": 0.99, "cache": "dual"})]
     rows += [("dllm_learn2pd oracle filter", "dllm", "dllm_learn2pd", {"threshold": 0.5, "filter": "oracle"})]
     rows += [(f"dllm_static stop at line end, EoTP {'on' if on else 'off'}", "dllm", "dllm_static", {"stop": "line end", "end_of_text": on})
              for on in (False, True)]

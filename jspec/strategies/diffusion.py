@@ -139,7 +139,7 @@ class DualCache(PrefixCache):
         return span_start, prefix | suffix
 
 
-LEARN2PD_THRESHOLD = 0.9  # dllm_learn2pd's default filter threshold (see the model card's Learn2PD entry)
+LEARN2PD_THRESHOLD = 0.99  # dllm_learn2pd's default filter threshold (the model card's Learn2PD entry measures it)
 
 CONTEXT_CACHES = {"none": NoContextCache, "prefix": PrefixCache, "dual": DualCache}
 
