@@ -49,6 +49,10 @@ def test_threshold_one_is_static_token_for_token(cache):
     strict = jspec.decode(model, prompts, "dllm_learn2pd", filter=mlp, threshold=1.0, **options)
     np.testing.assert_array_equal(strict.tokens, static.tokens)
     assert row_forwards(strict).tolist() == row_forwards(static).tolist() == [16, 16, 16]
+    traces = jspec.trace_count()  # another filter and threshold of the same shapes: the same compiled program
+    other = learn2pd.MLPFilter(params=learn2pd.init_mlp(jax.random.key(1)))
+    jspec.decode(model, prompts, "dllm_learn2pd", filter=other, threshold=0.5, **options)
+    assert jspec.trace_count() == traces
     # per-row thresholds: row 0 at 1 stays static while the others unmask in parallel (the same compiled loop)
     loose = jspec.decode(model, prompts, "dllm_learn2pd", filter=mlp, threshold=[1.0, 0.01, 0.01], **options)
     np.testing.assert_array_equal(loose.tokens[0], static.tokens[0])
