@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         "model_sha256": weights_digest(args.model),
         "data": f"static decoding (dllm_static, block_size {args.block_size}, no cache) of the first {args.prompt_tokens} tokens "
                 f"of {len(prompts)} training-split files of the demo corpus, {args.new_tokens} new tokens each",
-        "examples": int(len(labels)),
+        "examples": len(labels),
         "positive_fraction": float(labels.mean()),
         "final_bce": losses[-1],
         "train_accuracy_at_0.5": accuracy,
