@@ -1,15 +1,21 @@
 """Diffusion-LM decoding on the demo models against static decoding and autoregressive greedy.
 
-demo-code-dllm (masked diffusion) runs dllm_static, dllm_threshold (several thresholds and caches) and
-freedave; demo-code-bd (block diffusion) runs block_diffusion (thresholds and caches); demo-code runs
-autoregressive greedy. All on the same held-out code prompts (the models never trained on them), batch 1, one
-prompt after another, in float32, in one process. Every speedup is a ratio of wall-clock times measured in this
-run: against dllm_static (same model) and against autoregressive greedy on the causal demo target.
+demo-code-dllm (masked diffusion) runs dllm_static, dllm_threshold (several thresholds and caches), freedave
+and dllm_learn2pd (the shipped Learn2PD filter at several thresholds, with the dual cache, and the oracle filter:
+Learn2PD's bound, positions whose prediction is static decoding's token); demo-code-bd (block diffusion) runs
+block_diffusion (thresholds and caches); demo-code runs autoregressive greedy. All on the same held-out code
+prompts (the models never trained on them), batch 1, in float32, in one process. Every program is compiled
+first; then each round runs every setting on every prompt, interleaved (A, B, C, A, B, C, ...), so load changes
+fall on every setting alike. Every speedup is a ratio of total wall-clock times measured in this run: against
+dllm_static (same model) and against autoregressive greedy on the causal demo target.
 
-Quality, per setting: agreement with the model's one-token-per-forward decoding (dllm_static, or
-block_diffusion at threshold 1), position by position; and the causal demo target's mean negative
-log-likelihood of the completions (nats/token; lower is more plausible code to the target; greedy AR output
-scores low by construction).
+Per setting: tokens per forward (generated tokens / forwards), forwards per block (mean of the rows'
+block_forwards), agreement with the model's one-token-per-forward decoding (dllm_static, or block_diffusion at
+threshold 1), position by position; and the causal demo target's mean negative log-likelihood of the
+completions (nats/token; lower is more plausible code to the target; greedy AR output scores low by
+construction). The "stop at line end" rows decode until the first line break (stop tokens: every token holding
+"\n"), with End-of-Text Prediction off and on: the EoTP-on row's agreement is with the EoTP-off row (the
+benchmark stops unless they are identical); compare their tokens/forward and forwards/block.
 
     python benchmarks/bench_diffusion.py            # full table
     python benchmarks/bench_diffusion.py --quick    # a few settings
@@ -18,6 +24,7 @@ scores low by construction).
 from __future__ import annotations
 
 import argparse
+import time
 
 import jax
 import jax.numpy as jnp
@@ -25,10 +32,12 @@ import numpy as np
 
 import jspec
 from jspec import bench
+from jspec.strategies import learn2pd
 
 
 def settings(quick: bool) -> list[tuple[str, str, str, dict]]:
-    """(label, model key, strategy, options)."""
+    """(label, model key, strategy, options); options {"filter": "oracle"} is the oracle filter of each prompt's
+    dllm_static output, {"stop": "line end"} stops at the first line break."""
     rows = [("autoregressive greedy", "ar", "greedy", {}), ("dllm_static", "dllm", "dllm_static", {})]
     thresholds = (0.9, 0.7) if quick else (0.9, 0.7, 0.5, 0.3)
     rows += [(f"dllm_threshold t={t}", "dllm", "dllm_threshold", {"threshold": t}) for t in thresholds]
@@ -38,11 +47,28 @@ def settings(quick: bool) -> list[tuple[str, str, str, dict]]:
     drafts = (2, 4) if quick else (2, 4, 8)
     rows += [(f"freedave k={k}", "dllm", "freedave", {"draft_steps": k}) for k in drafts if k <= 4]
     rows += [(f"freedave k={k} dual cache", "dllm", "freedave", {"draft_steps": k, "cache": "dual"}) for k in drafts]
+    learn2pd_thresholds = (0.99, 0.9) if quick else (0.99, 0.97, 0.9, 0.7)
+    rows += [(f"dllm_learn2pd t={t}", "dllm", "dllm_learn2pd", {"threshold": t}) for t in learn2pd_thresholds]
+    rows += [("dllm_learn2pd t=0.99 dual cache", "dllm", "dllm_learn2pd", {"threshold": 0.99, "cache": "dual"})]
+    rows += [("dllm_learn2pd oracle filter", "dllm", "dllm_learn2pd", {"threshold": 0.5, "filter": "oracle"})]
+    rows += [(f"dllm_static stop at line end, EoTP {'on' if on else 'off'}", "dllm", "dllm_static", {"stop": "line end", "end_of_text": on})
+             for on in (False, True)]
     bd_thresholds = (1.0, 0.9) if quick else (1.0, 0.9, 0.7, 0.5)
     rows += [(f"block_diffusion t={t}", "bd", "block_diffusion", {"threshold": t}) for t in bd_thresholds]
     bd_caches = ("sub_block",) if quick else ("none", "sub_block")
     rows += [(f"block_diffusion t=0.9 {c} cache", "bd", "block_diffusion", {"threshold": 0.9, "cache": c}) for c in bd_caches]
+    rows += [(f"block_diffusion t=0.9 stop at line end, EoTP {'on' if on else 'off'}", "bd", "block_diffusion",
+              {"threshold": 0.9, "stop": "line end", "end_of_text": on}) for on in (False, True)]
     return rows
+
+
+def reference_label(label: str, model_key: str) -> str | None:
+    """The setting whose outputs a setting's agreement is measured against (None: none)."""
+    if label.endswith("EoTP on"):
+        return label.replace("EoTP on", "EoTP off")
+    if label.endswith("EoTP off"):
+        return None
+    return {"dllm": "dllm_static", "bd": "block_diffusion t=1.0", "ar": "autoregressive greedy"}[model_key]
 
 
 def completion_nll(target: jspec.Model, prompt: list[int], completion: list[int]) -> float:
@@ -67,7 +93,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64, help="a multiple of the masked-diffusion block size")
     parser.add_argument("--block-size", type=int, default=32, help="dllm block size (block_diffusion uses the model's)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (each runs every setting on every prompt)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
 
@@ -81,40 +107,73 @@ def main() -> None:
     print(bench.environment())
     print(f"{len(prompts)} held-out prompts x {args.prompt_tokens} tokens, {args.new_tokens} new tokens each, batch 1, float32")
 
-    rows, seconds_of, outputs_of = [], {}, {}
-    for label, model_key, strategy, options in settings(args.quick):
-        model = models[model_key]
-        if strategy in ("dllm_static", "dllm_threshold", "freedave"):
+    line_ends = [i for i in range(models["ar"].config.vocab_size) if "\n" in models["ar"].tokenizer.decode([i])]
+    static_of: dict[int, list[int]] = {}  # each prompt's dllm_static output (the oracle filter's reference)
+
+    def call(model_key: str, strategy: str, options: dict, index: int):
+        options = dict(options)
+        stops = line_ends if options.pop("stop", None) == "line end" else []
+        if strategy in ("dllm_static", "dllm_threshold", "freedave", "dllm_learn2pd"):
             options = {"block_size": args.block_size, **options}
-        seconds, compile_seconds, calls, tokens, outputs = 0.0, 0.0, 0, 0, []
-        for prompt in prompts:
-            call = lambda: jspec.decode(model, [prompt], strategy, max_new_tokens=args.new_tokens, stop_tokens=[], key=0, **options)  # noqa: E731
-            timing = bench.time_call(call, args.repeats)
-            seconds += timing.median_seconds
-            compile_seconds += timing.compile_seconds
-            calls += int(timing.result.stats["model_calls"])
-            tokens += int(np.sum(timing.result.lengths))
-            outputs += timing.result.sequences()
-        seconds_of[label], outputs_of[label] = seconds, outputs
-        reference = {"dllm": "dllm_static", "bd": "block_diffusion t=1.0", "ar": "autoregressive greedy"}[model_key]
+        if options.get("filter") == "oracle":
+            options["filter"] = learn2pd.OracleFilter(reference=jnp.asarray([static_of[index]], jnp.int32))
+        model = models[model_key]
+        return lambda: jspec.decode(model, [prompts[index]], strategy, max_new_tokens=args.new_tokens, stop_tokens=stops, key=0, **options)  # noqa: E731
+
+    chosen = settings(args.quick)
+    compile_seconds = {label: 0.0 for label, *_ in chosen}
+    for label, model_key, strategy, options in chosen:  # compile every program (and record the static outputs) first
+        for index in range(len(prompts)):
+            started = time.perf_counter()
+            result = jax.block_until_ready(call(model_key, strategy, options, index)())
+            compile_seconds[label] += time.perf_counter() - started
+            if label == "dllm_static":
+                static_of[index] = result.sequences()[0]
+    totals = {label: dict(seconds=0.0, calls=0, tokens=0, block_forwards=[], outputs=[]) for label, *_ in chosen}
+    for round_index in range(args.repeats):
+        for index in range(len(prompts)):
+            for label, model_key, strategy, options in chosen:  # interleaved: A, B, C, A, B, C, ...
+                run = call(model_key, strategy, options, index)
+                started = time.perf_counter()
+                result = jax.block_until_ready(run())
+                total = totals[label]
+                total["seconds"] += time.perf_counter() - started
+                if round_index == 0:  # the outputs and counts are the same every round
+                    total["calls"] += int(result.stats["model_calls"])
+                    total["tokens"] += int(np.sum(result.lengths))
+                    if "block_forwards" in result.stats:  # diffusion decoders: forwards per block of the row
+                        forwards = np.asarray(result.stats["block_forwards"])[0]
+                        total["block_forwards"] += forwards[forwards > 0].tolist()
+                    total["outputs"] += result.sequences()
+
+    rows = []
+    seconds = {label: totals[label]["seconds"] for label in totals}
+    for label, model_key, strategy, options in chosen:
+        total, reference = totals[label], reference_label(label, model_key)
+        outputs = total["outputs"]
+        whole = "stop" not in options  # the rows that stop at a line end emit other tokens: no speed ratios
         row = {
             "method": label,
             "model": model_key,
-            "tokens/s": tokens / seconds,
-            "forwards/token": calls / tokens,
-            "vs dllm_static": seconds_of["dllm_static"] / seconds if "dllm_static" in seconds_of else None,
-            "vs AR greedy": seconds_of["autoregressive greedy"] / seconds,
-            "agreement": agreement(outputs, outputs_of[reference]) if reference in outputs_of else None,
+            "tokens/s": total["tokens"] * args.repeats / total["seconds"],
+            "tokens/forward": total["tokens"] / total["calls"],
+            "forwards/block": float(np.mean(total["block_forwards"])) if total["block_forwards"] else None,
+            "vs dllm_static": seconds["dllm_static"] / total["seconds"] if whole else None,
+            "vs AR greedy": seconds["autoregressive greedy"] / total["seconds"] if whole else None,
+            "agreement": agreement(outputs, totals[reference]["outputs"]) if reference else None,
             "target NLL": float(np.mean([completion_nll(target, p, o) for p, o in zip(prompts, outputs)])),
-            "compile s": compile_seconds,
+            "compile s": max(compile_seconds[label] - total["seconds"] / args.repeats, 0.0),
         }
         static_label = "dllm_static" if options.get("cache", "none") == "none" else f"dllm_static {options['cache']} cache"
-        if strategy == "freedave" and outputs != outputs_of[static_label]:
+        if strategy == "freedave" and outputs != totals[static_label]["outputs"]:
             raise SystemExit(f"{label}: output differs from dllm_static: FreeDave must be lossless")
+        if label.endswith("EoTP on") and outputs != totals[reference]["outputs"]:
+            raise SystemExit(f"{label}: output differs from {reference}: End-of-Text Prediction must be lossless")
         rows.append(row)
         print(row, flush=True)
     print()
-    bench.print_table(rows, ["method", "model", "tokens/s", "forwards/token", "vs dllm_static", "vs AR greedy", "agreement", "target NLL", "compile s"])
+    columns = ["method", "model", "tokens/s", "tokens/forward", "forwards/block", "vs dllm_static", "vs AR greedy", "agreement", "target NLL", "compile s"]
+    bench.print_table(rows, columns)
     path = bench.write_json("diffusion", {"args": vars(args), "rows": rows})
     print(f"wrote {path}")
 

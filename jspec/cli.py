@@ -31,7 +31,7 @@ from jspec.strategies.base import _REGISTRY, _option_names
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p")
 SPECULATIVE_FLAGS = ("num_draft_tokens", "tree", "skip_layers", "max_ngram", "adaptive")
 BEAM_FLAGS = ("num_beams", "length_penalty", "early_stopping", "num_return_sequences")
-DIFFUSION_FLAGS = ("block_size", "sub_block_size", "threshold", "draft_steps", "cache")
+DIFFUSION_FLAGS = ("block_size", "sub_block_size", "threshold", "draft_steps", "cache", "filter", "end_of_text")
 GENERATION_FLAGS = GENERATION_OPTIONS  # logprobs and logit processors (jspec.processors)
 JACOBI_OPTIONS = (  # name, help, argparse keywords
     ("init", "how empty window slots start: repeat | prompt_lookup | random | repeat_horizon", {}),
@@ -51,7 +51,7 @@ RECURRENT_OPTIONS = (  # name, help, argparse keywords
 RECURRENT_FLAGS = tuple(name for name, _, _ in RECURRENT_OPTIONS)
 OPTION_FLAGS = (SAMPLING_FLAGS + SPECULATIVE_FLAGS + BEAM_FLAGS + DIFFUSION_FLAGS + GENERATION_FLAGS + JACOBI_FLAGS
                 + RECURRENT_FLAGS)
-FLAG_NAMES = {"cache": "--diffusion-cache", "init": "--jacobi-init"}  # option name -> its flag, where they differ
+FLAG_NAMES = {"cache": "--diffusion-cache", "init": "--jacobi-init", "filter": "--learn2pd-filter"}  # option name -> its flag, where they differ
 REQUIRED = inspect.Parameter.empty  # the default of an option a strategy needs
 USER_ERRORS = (ValueError, TypeError, OSError)  # what a user's input can cause; anything else is a bug, shown in full
 
@@ -66,6 +66,7 @@ GUARANTEES = {
     "dllm_static": "masked diffusion, one token per forward",
     "dllm_threshold": "masked diffusion, Fast-dLLM v1 parallel; threshold=1 is dllm_static",
     "freedave": "lossless: dllm_static's tokens in fewer forwards",
+    "dllm_learn2pd": "masked diffusion, Learn2PD learned unmasking filter; threshold=1 is dllm_static",
     "masked_diffusion": "masked diffusion with a named unmasking rule",
     "block_diffusion": "Fast-dLLM v2 block diffusion; the block cache is exact",
     "beam_search": "transformers' beam search: same sequences and sequences_scores",
@@ -179,13 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
     option(beam, "early_stopping", "True, False or never (as transformers)", type=_early_stopping)
     option(beam, "num_return_sequences", "best hypotheses returned per prompt", type=int)
     diffusion = generate.add_argument_group(
-        "diffusion LMs (dllm_static, dllm_threshold, freedave with demo-code-dllm; block_diffusion with demo-code-bd)"
+        "diffusion LMs (dllm_static, dllm_threshold, freedave, dllm_learn2pd with demo-code-dllm; block_diffusion with demo-code-bd)"
     )
     option(diffusion, "block_size", "tokens per block; dllm 32, block_diffusion the model's", type=int)
     option(diffusion, "sub_block_size", "block_diffusion sub-block size, 8", type=int)
-    option(diffusion, "threshold", "confidence threshold in (0, 1], 0.9", type=float)
+    option(diffusion, "threshold", "confidence (dllm_learn2pd: filter score) threshold in (0, 1], 0.9", type=float)
     option(diffusion, "draft_steps", "FreeDave drafts verified per forward, 8", type=int)
     option(diffusion, "cache", "none | prefix | dual (dllm); none | block | sub_block (block_diffusion)")
+    option(diffusion, "filter", "Learn2PD filter: a model name whose filter is shipped (demo-code-dllm) or a .safetensors file")
+    option(diffusion, "end_of_text", "end a row once its decided tokens hold a stop token (lossless, default on)",
+           action=argparse.BooleanOptionalAction, default=None)
     processing = generate.add_argument_group("log-probabilities and logit processors (transformers' order, before sampling)")
     option(processing, "logprobs", "report each token's log-probability and its K most likely tokens' (in --json)",
            type=int, metavar="K")

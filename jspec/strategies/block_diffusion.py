@@ -31,10 +31,11 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jspec import masks
+from jspec import masks, validation
 from jspec.cache import Cache
 from jspec.strategies import unmasking
 from jspec.strategies.base import DecodeOutput, OutputBuffer, Prompts, register_strategy, static_field
+from jspec.strategies.diffusion import emit_decided
 from jspec.validation import ArgumentError
 
 # --- caches --------------------------------------------------------------------------------------------
@@ -189,6 +190,7 @@ class BlockDiffusion:
     cache: BlockDiffusionCache = static_field(default=BlockCache())
     threshold: Any = 0.9
     temperature: Any = 0.0
+    end_of_text: bool = static_field(default=True)
 
     # --- contract -------------------------------------------------------------------------------------
 
@@ -204,6 +206,7 @@ class BlockDiffusion:
         if block_size % self.sub_block_size:
             raise ArgumentError(f"sub_block_size: {self.sub_block_size} does not divide block_size={block_size}")
         unmasking.check_options(prompts, self.temperature, self.threshold)
+        validation.check_bool("end_of_text", self.end_of_text)
 
     def cache_headroom(self) -> int:
         return 0
@@ -344,13 +347,17 @@ class BlockDiffusion:
         return self._emit_complete(model, state, rows)
 
     def _emit_complete(self, model: Any, state: BlockDiffusionState, rows: jax.Array) -> BlockDiffusionState:
-        """Emit the generated tokens of `rows` whose current block is now fully decided."""
+        """Emit the generated tokens of `rows` whose current block is now fully decided (with `end_of_text`, also
+        of rows whose decided prefix already ends them: `emit_decided`)."""
         bs = self._block_size(model)
         complete = rows & ~jnp.any(self._to_decide(model, state), axis=1) & ~state.needs_commit
         first = jnp.maximum(state.committed, state.gen_start)  # the first generated slot of the block
         end = jnp.minimum(state.committed + bs, state.gen_start + state.output.tokens.shape[1])
-        tokens = jnp.take_along_axis(state.canvas, jnp.minimum(first[:, None] + jnp.arange(bs)[None, :], state.canvas.shape[1] - 1), axis=1)
-        output = state.output.append(tokens, jnp.where(complete, end - first, 0), state.stop_tokens)
+        offsets = jnp.arange(bs, dtype=jnp.int32)[None, :]
+        tokens = jnp.take_along_axis(state.canvas, jnp.minimum(first[:, None] + offsets, state.canvas.shape[1] - 1), axis=1)
+        undecided = (tokens == state.mask_token_id) | (offsets >= (end - first)[:, None])
+        open_rows = ~state.output.finished & ~state.needs_commit
+        output = emit_decided(state.output, tokens, undecided, complete, open_rows, state.stop_tokens, self.end_of_text)
         return state.replace(output=output, needs_commit=state.needs_commit | (complete & ~output.finished))
 
     def _place_first_token(self, model: Any, state: BlockDiffusionState, logits: jax.Array, rows: jax.Array) -> BlockDiffusionState:
@@ -380,10 +387,12 @@ def block_diffusion(
     cache: str | BlockDiffusionCache = "block",
     threshold: Any = 0.9,
     temperature: Any = 0.0,
+    end_of_text: bool = True,
 ) -> BlockDiffusion:
     """Fast-dLLM v2 block-diffusion decoding (see the module docstring)."""
     cache = block_diffusion_cache(cache)
-    return BlockDiffusion(block_size=block_size, sub_block_size=sub_block_size, cache=cache, threshold=threshold, temperature=temperature)
+    options = dict(threshold=threshold, temperature=temperature, end_of_text=end_of_text)
+    return BlockDiffusion(block_size=block_size, sub_block_size=sub_block_size, cache=cache, **options)
 
 
 register_strategy("block_diffusion", block_diffusion)

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jspec import masks
+from jspec import masks, validation
 from jspec.cache import Cache
 from jspec.strategies import unmasking
 from jspec.strategies.base import DecodeOutput, OutputBuffer, Prompts, register_strategy, static_field
@@ -139,12 +139,39 @@ class DualCache(PrefixCache):
         return span_start, prefix | suffix
 
 
+LEARN2PD_THRESHOLD = 0.99  # dllm_learn2pd's default filter threshold (the model card's Learn2PD entry measures it)
+
 CONTEXT_CACHES = {"none": NoContextCache, "prefix": PrefixCache, "dual": DualCache}
 
 
 def context_cache(cache: str | ContextCache) -> ContextCache:
     """The context mode a user option names, or the mode object itself."""
     return unmasking.choose_policy("cache", cache, CONTEXT_CACHES, ContextCache)
+
+
+# --- emitting ------------------------------------------------------------------------------------------
+
+
+def emit_decided(
+    output: OutputBuffer,
+    block: jax.Array,  # [B, T] int32: each row's current block from its first generated position
+    undecided: jax.Array,  # [B, T] bool: its positions still to decide, and those past the row's last one
+    complete: jax.Array,  # [B] bool: rows whose block is fully decided: emitted up to their first undecided position
+    open_rows: jax.Array,  # [B] bool: running rows whose current block is not emitted yet
+    stop_tokens: jax.Array,  # [B, K] int32
+    end_of_text: bool,
+) -> OutputBuffer:
+    """Emit the complete blocks; with `end_of_text` (End-of-Text Prediction, Learn2PD), also the decided prefix
+    (the positions before the first undecided one) of every other open row's block where emitting it ends the
+    row (a stop token or stop string in it, or the length limit). Lossless: the emitted tokens are decided and a
+    decided position never changes, so the row emits exactly what it would emit once the block completes (the
+    buffer stops at the first stop either way); the forwards the rest of the block would cost are saved."""
+    length = block.shape[1]
+    prefix = jnp.where(jnp.any(undecided, axis=1), jnp.argmax(undecided, axis=1), length).astype(jnp.int32)  # [B]
+    emitting = complete
+    if end_of_text:
+        emitting = complete | (output.append(block, jnp.where(open_rows, prefix, 0), stop_tokens).finished & open_rows)
+    return output.append(block, jnp.where(emitting, prefix, 0), stop_tokens)
 
 
 # --- the decoder ---------------------------------------------------------------------------------------
@@ -187,6 +214,7 @@ class MaskedDiffusion:
     block_size: int = static_field(default=32)
     cache: ContextCache = static_field(default=NoContextCache())
     temperature: Any = 0.0
+    end_of_text: bool = static_field(default=True)
 
     # --- contract -------------------------------------------------------------------------------------
 
@@ -201,6 +229,7 @@ class MaskedDiffusion:
             )
         unmasking.check_diffusion_model(model, "masked", rule.strategy_name)
         unmasking.check_options(prompts, self.temperature)
+        validation.check_bool("end_of_text", self.end_of_text)
         rule.validate(prompts)
 
     def cache_headroom(self) -> int:
@@ -394,7 +423,8 @@ class MaskedDiffusion:
         bs = self.block_size
         block, masked = self._current_block(state)
         kept = state.predicted[:, :bs], state.confidence[:, :bs]
-        accepted = self.unmasking.accept(block, masked, blocks, *kept, predicted[..., :bs], confidence[..., :bs])
+        positions = (state.block * bs)[:, None] + jnp.arange(bs, dtype=jnp.int32)[None, :]  # [B, bs] generated positions
+        accepted = self.unmasking.accept(block, masked, blocks, *kept, predicted[..., :bs], confidence[..., :bs], positions)
         committed = jnp.where(rows, accepted.committed, 0)
         histogram_index = jnp.where(rows, accepted.branch + 1, 0)
         pick = accepted.branch[:, None, None]
@@ -411,11 +441,12 @@ class MaskedDiffusion:
     def _finish_blocks(self, state: MaskedDiffusionState) -> MaskedDiffusionState:
         """Emit completed blocks (stop tokens end a row there) and move those rows to their next block, with the
         kept predictions for it; they stay valid where the context mode carries predictions over, otherwise the
-        next block starts with a refresh."""
+        next block starts with a refresh. With `end_of_text`, a row whose decided prefix of the current block
+        already ends it (a stop token, or the length limit) is emitted and ends now (see `emit_decided`)."""
         running = ~state.output.finished
         block, masked = self._current_block(state)
         complete = running & ~jnp.any(masked, axis=1)
-        output = state.output.append(block, jnp.where(complete, self.block_size, 0), state.stop_tokens)
+        output = emit_decided(state.output, block, masked, complete, running, state.stop_tokens, self.end_of_text)
         bs = self.block_size
         next_block = lambda window: jnp.concatenate([window[:, bs:], window[:, bs:]], axis=1)  # noqa: E731
         advance = complete[:, None]
@@ -447,35 +478,56 @@ def masked_diffusion(
     draft_steps: int = 8,
     temperature: Any = 0.0,
     threshold: Any = 0.9,
+    filter: Any = "demo-code-dllm",
+    end_of_text: bool = True,
 ) -> MaskedDiffusion:
     """Masked-diffusion decoding with a named (or given) unmasking rule and context mode; `threshold` is the
-    "threshold" rule's, `draft_steps` the "freedave" rule's."""
-    rule = unmasking_rule(unmasking, threshold=threshold, draft_steps=draft_steps)
-    return MaskedDiffusion(unmasking=rule, block_size=block_size, cache=context_cache(cache), temperature=temperature)
+    "threshold" and "learn2pd" rules', `draft_steps` the "freedave" rule's, `filter` the "learn2pd" rule's.
+    end_of_text: end a row once its decided tokens contain a stop (lossless; see `emit_decided`)."""
+    rule = unmasking_rule(unmasking, threshold=threshold, draft_steps=draft_steps, filter=filter)
+    options = dict(block_size=block_size, cache=context_cache(cache), temperature=temperature, end_of_text=end_of_text)
+    return MaskedDiffusion(unmasking=rule, **options)
 
 
-def dllm_static(*, block_size: int = 32, cache: str | ContextCache = "none", temperature: Any = 0.0) -> MaskedDiffusion:
+def dllm_static(
+    *, block_size: int = 32, cache: str | ContextCache = "none", temperature: Any = 0.0, end_of_text: bool = True
+) -> MaskedDiffusion:
     """One token per forward: the most confident masked position of the current block."""
-    return masked_diffusion(unmasking="static", block_size=block_size, cache=cache, temperature=temperature)
+    options = dict(block_size=block_size, cache=cache, temperature=temperature, end_of_text=end_of_text)
+    return masked_diffusion(unmasking="static", **options)
 
 
 def dllm_threshold(
-    *, threshold: Any = 0.9, block_size: int = 32, cache: str | ContextCache = "none", temperature: Any = 0.0
+    *, threshold: Any = 0.9, block_size: int = 32, cache: str | ContextCache = "none", temperature: Any = 0.0,
+    end_of_text: bool = True,
 ) -> MaskedDiffusion:
     """Fast-dLLM v1 parallel decoding: every masked position above `threshold` (and at least one) per forward."""
-    options = dict(block_size=block_size, cache=cache, temperature=temperature)
+    options = dict(block_size=block_size, cache=cache, temperature=temperature, end_of_text=end_of_text)
     return masked_diffusion(unmasking="threshold", threshold=threshold, **options)
 
 
 def freedave(
-    *, draft_steps: int = 8, block_size: int = 32, cache: str | ContextCache = "none", temperature: Any = 0.0
+    *, draft_steps: int = 8, block_size: int = 32, cache: str | ContextCache = "none", temperature: Any = 0.0,
+    end_of_text: bool = True,
 ) -> MaskedDiffusion:
     """FreeDave lossless parallel decoding: the output of dllm_static with fewer forwards."""
-    options = dict(block_size=block_size, cache=cache, temperature=temperature)
+    options = dict(block_size=block_size, cache=cache, temperature=temperature, end_of_text=end_of_text)
     return masked_diffusion(unmasking="freedave", draft_steps=draft_steps, **options)
+
+
+def dllm_learn2pd(
+    *, threshold: Any = LEARN2PD_THRESHOLD, filter: Any = "demo-code-dllm", block_size: int = 32,
+    cache: str | ContextCache = "none", temperature: Any = 0.0, end_of_text: bool = True,
+) -> MaskedDiffusion:
+    """Learn2PD parallel decoding: every masked position a learned filter scores above `threshold` (and at least
+    the most confident one) per forward. filter: a model name whose filter is shipped, a .safetensors filter
+    file, or an `UnmaskingFilter`; threshold 1 is dllm_static."""
+    options = dict(block_size=block_size, cache=cache, temperature=temperature, end_of_text=end_of_text)
+    return masked_diffusion(unmasking="learn2pd", threshold=threshold, filter=filter, **options)
 
 
 register_strategy("dllm_static", dllm_static)
 register_strategy("dllm_threshold", dllm_threshold)
 register_strategy("freedave", freedave)
+register_strategy("dllm_learn2pd", dllm_learn2pd)
 register_strategy("masked_diffusion", masked_diffusion)

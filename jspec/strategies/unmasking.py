@@ -1,7 +1,7 @@
 """What every diffusion-LM decoder shares: turning logits into (token, confidence) predictions at masked
 positions, ranking them, choosing which to unmask, and checking the model and options; and the unmasking
 rules of masked-diffusion decoding as small policy objects (`StaticUnmasking`, `ThresholdUnmasking`,
-`FreeDaveUnmasking`).
+`FreeDaveUnmasking`, `Learn2PDUnmasking`).
 
 Predictions follow LLaDA / Fast-dLLM: the predicted token x0 is the argmax (temperature 0) or a sample from
 softmax(logits / temperature) (Gumbel-max); its confidence is its probability under softmax(logits). The mask
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jspec import validation
+from jspec.strategies import learn2pd
 from jspec.strategies.base import DecodeOutput, Prompts, static_field
 from jspec.validation import ArgumentError
 
@@ -73,12 +74,38 @@ def most_confident(confidence: jax.Array, masked: jax.Array) -> jax.Array:  # [.
     return jax.nn.one_hot(first, masked.shape[-1], dtype=bool) & masked
 
 
+def unmask_above(
+    scores: jax.Array,  # [..., T] float32: each position's score
+    confidence: jax.Array,  # [..., T] float32
+    masked: jax.Array,  # [..., T] bool
+    threshold: jax.Array,  # [B]: broadcast over the trailing axes
+) -> jax.Array:  # [..., T] bool
+    """Every masked position whose score > threshold; where none passes, the most confident one (the position
+    static decoding picks). With threshold 1 and scores in [0, 1] this is `most_confident`. When the scores are
+    the confidences, "and at least the most confident one" (Fast-dLLM) is the same rule."""
+    threshold = threshold.reshape(threshold.shape + (1,) * (scores.ndim - 1))
+    passing = masked & (scores > threshold)
+    return passing | (most_confident(confidence, masked) & ~jnp.any(passing, axis=-1, keepdims=True))
+
+
 def above_threshold(confidence: jax.Array, masked: jax.Array, threshold: jax.Array) -> jax.Array:
     """Fast-dLLM's parallel rule: every masked position with confidence > threshold, and at least the most
     confident one. threshold: [B] (broadcast over the trailing axes). With threshold 1 this is
     `most_confident` (a probability never exceeds 1)."""
-    threshold = threshold.reshape(threshold.shape + (1,) * (confidence.ndim - 1))
-    return (masked & (confidence > threshold)) | most_confident(confidence, masked)
+    return unmask_above(confidence, confidence, masked, threshold)
+
+
+def learn2pd_selection(
+    filter: learn2pd.UnmaskingFilter,
+    threshold: jax.Array,  # [B]
+    predicted: jax.Array,  # [B, T] int32: current predictions
+    confidence: jax.Array,  # [B, T] float32
+    masked: jax.Array,  # [B, T] bool: positions that may be unmasked
+    positions: jax.Array,  # [B, T] int32: generated positions
+) -> jax.Array:  # [B, T] bool
+    """Learn2PD: the masked positions the filter scores above threshold; where none passes, the most confident one."""
+    inputs = learn2pd.FilterInputs(learn2pd.filter_features(confidence, masked), predicted, masked, positions)
+    return unmask_above(filter.scores(inputs), confidence, masked, threshold)
 
 
 class Acceptance(NamedTuple):
@@ -129,13 +156,20 @@ class UnmaskingRule:
         kept_confidence: jax.Array,  # [B, bs] float32
         predicted: jax.Array,  # [B, K, bs] int32: each branch's fresh predictions
         confidence: jax.Array,  # [B, K, bs] float32
+        positions: jax.Array,  # [B, bs] int32: each block position's generated position (0 = first generated)
     ) -> Acceptance:
         """Unmask the positions `select` picks, with their fresh predictions."""
-        chosen = self.select(confidence[:, 0], masked)
+        chosen = self.select(predicted[:, 0], confidence[:, 0], masked, positions)
         zeros = jnp.zeros(block.shape[:1], jnp.int32)
         return Acceptance(zeros, jnp.where(chosen, predicted[:, 0], block), jnp.sum(chosen, axis=1, dtype=jnp.int32))
 
-    def select(self, confidence: jax.Array, masked: jax.Array) -> jax.Array:  # [B, bs] -> [B, bs] bool
+    def select(
+        self,
+        predicted: jax.Array,  # [B, bs] int32: fresh predictions
+        confidence: jax.Array,  # [B, bs] float32
+        masked: jax.Array,  # [B, bs] bool
+        positions: jax.Array,  # [B, bs] int32: generated positions
+    ) -> jax.Array:  # [B, bs] bool: the positions to unmask
         raise NotImplementedError
 
     def stats(self, committed_histogram: jax.Array) -> dict[str, jax.Array]:
@@ -149,7 +183,7 @@ class StaticUnmasking(UnmaskingRule):
 
     strategy_name: ClassVar[str] = "dllm_static"
 
-    def select(self, confidence: jax.Array, masked: jax.Array) -> jax.Array:
+    def select(self, predicted, confidence, masked, positions):
         return most_confident(confidence, masked)
 
 
@@ -164,8 +198,31 @@ class ThresholdUnmasking(UnmaskingRule):
     def validate(self, prompts: Prompts) -> None:
         check_threshold(self.threshold, prompts)
 
-    def select(self, confidence: jax.Array, masked: jax.Array) -> jax.Array:
+    def select(self, predicted, confidence, masked, positions):
         return above_threshold(confidence, masked, per_row(self.threshold, confidence.shape[0]))
+
+
+@struct.dataclass
+class Learn2PDUnmasking(UnmaskingRule):
+    """Learn2PD (arXiv 2509.25188): every masked position a filter (`jspec.strategies.learn2pd`) scores above
+    `threshold`; where none passes, the most confident one (so a step decides at least one position, and an
+    `OracleFilter` only ever unmasks a position where it passes something). filter: an `UnmaskingFilter` pytree (a learned
+    `MLPFilter`, or an `OracleFilter`), traced; threshold in (0, 1], traced (scalar or one per row). Scores lie
+    in [0, 1], so threshold 1 unmasks only the most confident position: `StaticUnmasking` token for token."""
+
+    strategy_name: ClassVar[str] = "dllm_learn2pd"
+    filter: Any = None
+    threshold: Any = 0.9
+
+    def validate(self, prompts: Prompts) -> None:
+        if not isinstance(self.filter, learn2pd.UnmaskingFilter):
+            raise ArgumentError(f"filter: expected an UnmaskingFilter object (learn2pd.as_filter makes one of a name), got {self.filter!r}")
+        self.filter.validate(prompts.batch_size, prompts.max_new_tokens)
+        check_threshold(self.threshold, prompts)
+
+    def select(self, predicted, confidence, masked, positions):
+        threshold = per_row(self.threshold, confidence.shape[0])
+        return learn2pd_selection(self.filter, threshold, predicted, confidence, masked, positions)
 
 
 @struct.dataclass
@@ -199,7 +256,7 @@ class FreeDaveUnmasking(UnmaskingRule):
         drafts = jnp.where(filled, kept_predicted[:, None, :], block[:, None, :])
         return drafts, 1 + jnp.arange(self.draft_steps, dtype=jnp.int32)
 
-    def accept(self, block, masked, blocks, kept_predicted, kept_confidence, predicted, confidence):
+    def accept(self, block, masked, blocks, kept_predicted, kept_confidence, predicted, confidence, positions):
         # draft k+1 is the static step from draft k iff draft k's most confident masked position is the
         # (k+2)-th of the original order and its predicted token there is the original prediction
         order, filled = self._drafted(masked, kept_confidence)
@@ -220,13 +277,17 @@ class FreeDaveUnmasking(UnmaskingRule):
         return {"committed_histogram": committed_histogram}
 
 
-def unmasking_rule(unmasking: str | UnmaskingRule, *, threshold: Any = 0.9, draft_steps: int = 8) -> UnmaskingRule:
-    """The rule a user option names ("threshold" takes `threshold`, "freedave" `draft_steps`), or the rule
+def unmasking_rule(
+    unmasking: str | UnmaskingRule, *, threshold: Any = 0.9, draft_steps: int = 8, filter: Any = "demo-code-dllm"
+) -> UnmaskingRule:
+    """The rule a user option names ("threshold" takes `threshold`, "freedave" `draft_steps`, "learn2pd"
+    `threshold` and `filter`: an `UnmaskingFilter`, or the name of a model whose filter is shipped), or the rule
     object itself."""
     named = {
         "static": StaticUnmasking,
         "threshold": lambda: ThresholdUnmasking(threshold=threshold),
         "freedave": lambda: FreeDaveUnmasking(draft_steps=draft_steps),
+        "learn2pd": lambda: Learn2PDUnmasking(filter=learn2pd.as_filter(filter), threshold=threshold),
     }
     return choose_policy("unmasking", unmasking, named, UnmaskingRule)
 

@@ -513,6 +513,9 @@ def write_model_card(path: Path, models: dict[str, Model], results, recipes, man
     for name in (TARGET, DRAFT):
         lines += [f"`{name}`:", "", "```python", SAMPLE_PROMPT + (figures["samples"][name] or ""), "```", ""]
     lines += diffusion_card_section(path.parent)
+    from jspec.train.learn2pd import card_section as learn2pd_card_section
+
+    lines += learn2pd_card_section(path.parent)
     from jspec.train.demo_mla import mla_card_section
 
     lines += mla_card_section(path.parent)
