@@ -290,8 +290,11 @@ def diffusion_card_section(assets: Path) -> list[str]:
         "",
         "Both are adapted from `demo-code` (its weights, tokenizer and architecture; one token `<|mask|>` added to the",
         "tokenizer and the embedding, initialised at the mean embedding), as Dream and Fast-dLLM v2 adapt autoregressive",
-        "models, and trained on the same corpus. Shipped in bfloat16 (they were trained in bf16 compute); load with",
-        "`jspec.load(name, dtype=\"float32\")` to decode in float32.",
+        "models, and trained on the same corpus (stage 1); a recipe with `distill` then fine-tunes stage 1 on distilled",
+        "targets (stage 2, `jspec/train/distilled.py`): `demo-code`'s own greedy continuations of prefixes cut from the",
+        "training split, far less ambiguous than raw code, so the model grows confident enough for confidence-threshold",
+        "decoding to unmask several tokens per forward. Shipped in bfloat16 (they were trained in bf16 compute); load",
+        "with `jspec.load(name, dtype=\"float32\")` to decode in float32.",
         "",
         "| | " + " | ".join(f"`{n}`" for n in shipped) + " |",
         "|---|" + "---|" * len(shipped),
@@ -302,6 +305,7 @@ def diffusion_card_section(assets: Path) -> list[str]:
         ("Logits", lambda r, c, m: "shifted (position i predicted at i-1)" if m.config.shifted_logits else "unshifted"),
         ("Mask token id (vocab)", lambda r, c, m: f"{m.config.mask_token_id} ({m.config.vocab_size})"),
         ("Objective", lambda r, c, m: f"`{c['objective']}`" + (" (complementary masks, token shift)" if c["objective"] == "block_diffusion" else " (1/t-weighted)")),
+        ("Training data", lambda r, c, m: _training_data(r, c)),
         ("Steps x tokens/step", lambda r, c, m: f"{c['steps']} x {c['batch_size']}x{c['seq_len']} from `{c['init_from']}`"),
         ("Peak LR / warmup", lambda r, c, m: f"{c['learning_rate']:g} / {c['warmup_steps']}, cosine to {c['min_learning_rate_ratio']:g}x"),
         ("Training wall time", lambda r, c, m: _minutes(r["wall_seconds"])),
@@ -320,8 +324,7 @@ def diffusion_card_section(assets: Path) -> list[str]:
         "Rebuild (after `demo-code` exists in the assets):",
         "",
         "```bash",
-        "jspec train --recipe demo-code-dllm --out runs/demo-code-dllm",
-        "jspec train --recipe demo-code-bd --out runs/demo-code-bd",
+        *(_rebuild_commands(info[n][1], n) for n in shipped),
         "python -m jspec.train.demo --out-root runs --export-diffusion --into-package --overwrite   # bf16, rewrites this card",
         "```",
         "",
@@ -334,6 +337,25 @@ def diffusion_card_section(assets: Path) -> list[str]:
         out = jspec.decode(model, [SAMPLE_PROMPT], strategy, max_new_tokens=64, key=0, **options)
         lines += [f"`{name}` (`{strategy}`, {int(out.stats['model_calls'])} forwards):", "", "```python", SAMPLE_PROMPT + out.text[0], "```", ""]
     return lines
+
+
+def _training_data(result: dict[str, Any], recipe: dict[str, Any]) -> str:
+    """The card's description of what a diffusion demo trained on: the packed corpus, or distilled examples."""
+    spec = result.get("corpus", {}).get("distilled")
+    if not recipe.get("distill") or not spec:
+        return "the training split, packed"
+    continuation = recipe["seq_len"] - spec["prefix_tokens"]
+    decoding = "greedy" if spec["temperature"] == 0 else f"sampled at temperature {spec['temperature']:g}"
+    return (f"distilled: {spec['examples']} examples of {spec['prefix_tokens']} training-split tokens + `{spec['teacher']}`'s "
+            f"{decoding} continuation ({continuation} tokens; {spec['teacher_tokens']:,} teacher tokens)")
+
+
+def _rebuild_commands(recipe: dict[str, Any], name: str) -> str:
+    """The `jspec train` line(s) that rebuild a shipped diffusion demo: stage 1 on the corpus, then (when it was
+    distilled) stage 2 from stage 1's output on the distilled examples."""
+    if not recipe.get("distill"):
+        return f"jspec train --recipe {name} --out runs/{name}"
+    return f"jspec train --recipe {name} --out runs/{name}-stage1\njspec train --recipe {name}-distilled --out runs/{name}"
 
 
 def _architecture(model: Model) -> str:

@@ -56,7 +56,7 @@ _TRAJECTORY_FIELDS = (
     "model", "tokenizer_vocab_size", "heldout_fraction", "seq_len", "batch_size", "data_seed", "steps",
     "learning_rate", "min_learning_rate_ratio", "warmup_steps", "weight_decay", "adam_b1", "adam_b2",
     "adam_eps", "grad_clip_norm", "compute_dtype", "init_seed", "init_scale", "objective", "objective_options",
-    "init_from", "mask_token",
+    "init_from", "mask_token", "distill",
 )
 
 
@@ -93,6 +93,9 @@ class TrainConfig:
     # Adaptation (e.g. a diffusion LM from an autoregressive one, as Dream and Fast-dLLM v2 do).
     init_from: str | None = None  # a model jspec.load knows: its weights, architecture and tokenizer are the start
     mask_token: str | None = None  # a special token added to the tokenizer; its id becomes model.mask_token_id
+    # Distillation: train on a teacher's continuations of training prefixes instead of the packed text
+    # (jspec.train.distilled.DistillSpec fields: teacher, temperature, prefix_tokens, num_sequences, seed, batch_rows).
+    distill: dict[str, Any] | None = None
     # Bookkeeping.
     out_dir: str | None = None  # default: runs/<name>
     cache_dir: str | None = None  # tokenized corpora; default ~/.cache/jspec/train (or $JSPEC_CACHE)
@@ -113,6 +116,12 @@ class TrainConfig:
             raise ValueError("warmup_steps must be >= 0 and learning_rate > 0")
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset: expected one of {list(DATASETS)}, got {self.dataset!r}")
+        if self.distill is not None:
+            from jspec.train.distilled import DistillSpec
+
+            if self.dataset != "stdlib":
+                raise ValueError(f"distill: needs dataset 'stdlib' (prefixes of the code corpus), got {self.dataset!r}")
+            DistillSpec.from_dict(self.distill).continuation_tokens(self.seq_len)
 
     @property
     def output_dir(self) -> Path:
@@ -238,10 +247,19 @@ def prepare_data(config: TrainConfig, log=print) -> PreparedData:
             tokenizer = data_lib.load_tokenizer(tokenizer_path)
     train_stream = data_lib.cached_token_stream(tokenizer, train_texts, cache_dir, f"{manifest['digest']}:train")
     heldout_stream = data_lib.cached_token_stream(tokenizer, heldout_texts, cache_dir, f"{manifest['digest']}:heldout")
+    corpus_summary = None
+    if config.distill is not None:  # the training split's prefixes only: the held-out stream is not passed
+        from jspec.train import distilled
+
+        spec = distilled.DistillSpec.from_dict(config.distill)
+        train_stream = distilled.distilled_stream(train_stream, config.seq_len, spec, tokenizer.eos_token_ids[0], config.output_dir, log=log)
+        corpus_summary = {**{k: manifest[k] for k in ("python_version", "num_files", "num_bytes", "num_heldout_files", "digest")},
+                          "distilled": {**dataclasses.asdict(spec), "examples": spec.num_sequences,
+                                        "teacher_tokens": spec.num_sequences * spec.continuation_tokens(config.seq_len)}}
     if config.mask_token:  # added after tokenizing: the corpus never holds it, so the streams are unchanged
         tokenizer, _ = tokenizer.with_special_token(config.mask_token)
     log(f"data: {len(train_stream):,} train tokens, {len(heldout_stream):,} held-out tokens (vocab {tokenizer.vocab_size})")
-    return PreparedData(tokenizer, manifest, train_stream, heldout_stream)
+    return PreparedData(tokenizer, manifest, train_stream, heldout_stream, corpus_summary=corpus_summary)
 
 
 EVAL_METRICS = {  # what the held-out loss of each objective is
