@@ -388,6 +388,27 @@ def _compiled_functions(config: TrainConfig, model_cfg: TransformerConfig, mesh:
     return _COMPILED[key]
 
 
+def mean_eval_loss(eval_step: Any, params: Any, windows: np.ndarray, batch_size: int, place=jnp.asarray) -> dict[str, Any]:
+    """The objective's mean loss over `windows` [N, L + 1], evaluated `batch_size` rows at a time by `eval_step`
+    (`_compiled_functions`' evaluation: one fixed key per chunk, so the chunking is part of the figure)."""
+    loss_sum, count = 0.0, 0.0
+    for start in range(0, len(windows), batch_size):
+        chunk_loss, chunk_count = eval_step(params, place(windows[start : start + batch_size]))
+        loss_sum += float(chunk_loss)
+        count += float(chunk_count)
+    loss = loss_sum / max(count, 1.0)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": int(count), "eval_windows": len(windows)}
+
+
+def recipe_eval_loss(model: Model, recipe: dict[str, Any], windows: np.ndarray) -> dict[str, Any]:
+    """A trained model's held-out figure computed as its run's final evaluation computes it (the recipe's objective,
+    compute dtype, evaluation key and batch size) on `windows`: how a shipped model's card figure is re-measured."""
+    config = TrainConfig.from_dict({k: v for k, v in recipe.items() if k not in ("out_dir", "cache_dir")})
+    _, eval_step = _compiled_functions(config, model.config.replace(dtype="float32"))
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), model.params)  # master weights, as in training
+    return mean_eval_loss(eval_step, params, windows, config.batch_size)
+
+
 class Trainer:
     """The data, the compiled step and evaluation of one recipe; `train()` is the usual entry."""
 
@@ -429,14 +450,7 @@ class Trainer:
     def evaluate(self, params, max_windows: int | None) -> dict[str, float]:
         """Mean loss over the first `max_windows` held-out windows (in stream order; None: all of them)."""
         windows = data_lib.eval_windows(self.data.heldout_stream, self.config.seq_len, max_windows, self.data.window_stride)
-        loss_sum, count = 0.0, 0.0
-        for start in range(0, len(windows), self.config.batch_size):
-            chunk = windows[start : start + self.config.batch_size]
-            chunk_loss, chunk_count = self._eval_step(params, self.place_tokens(chunk))
-            loss_sum += float(chunk_loss)
-            count += float(chunk_count)
-        loss = loss_sum / max(count, 1.0)
-        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": int(count), "eval_windows": len(windows)}
+        return mean_eval_loss(self._eval_step, params, windows, self.config.batch_size, self.place_tokens)
 
     def step(self, state: TrainState) -> tuple[TrainState, dict[str, jax.Array]]:
         return self._train_step(state, self.place_tokens(self.batches.batch(int(state.step))))
