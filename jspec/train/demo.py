@@ -296,6 +296,53 @@ def export_diffusion(
     rewrite_card(assets)
 
 
+HELDOUT_CHECK_WINDOWS = 32  # the card's re-measurable held-out figure of a shipped diffusion demo (a test repeats it)
+
+
+def shipped_heldout_loss(model: Model, recipe: dict[str, Any], windows: int = HELDOUT_CHECK_WINDOWS) -> float:
+    """A shipped diffusion demo's held-out loss on its (bf16) weights over the first `windows` held-out windows, computed
+    as its run's final evaluation computes it (`trainer.recipe_eval_loss`)."""
+    from jspec.train.trainer import recipe_eval_loss
+
+    manifest = json.loads((ASSETS_DIR / TARGET / "corpus_manifest.json").read_text())
+    heldout = heldout_windows({**manifest, "root": str(corpus_lib.stdlib_root())}, model.tokenizer, recipe["seq_len"])
+    return recipe_eval_loss(model, recipe, heldout[:windows])["eval_loss"]
+
+
+# The card's decoding figures: held-out prompts (bench.heldout_prompts), batch 1, float32, greedy, no stop tokens, as
+# benchmarks/bench_diffusion.py measures them; the first setting of each model is its one-token-per-forward reference.
+DECODING_PROMPTS, DECODING_PROMPT_TOKENS, DECODING_NEW_TOKENS = 4, 64, 64
+DECODING_SETTINGS = {
+    DLLM: (("dllm_static", "dllm_static", {"block_size": 32}),
+           ("dllm_threshold t=0.9", "dllm_threshold", {"block_size": 32, "threshold": 0.9}),
+           ("dllm_threshold t=0.7", "dllm_threshold", {"block_size": 32, "threshold": 0.7})),
+    BLOCK_DIFFUSION: (("block_diffusion t=1", "block_diffusion", {"threshold": 1.0}),
+                      ("block_diffusion t=0.9", "block_diffusion", {"threshold": 0.9}),
+                      ("block_diffusion t=0.9 sub_block cache", "block_diffusion", {"threshold": 0.9, "cache": "sub_block"})),
+}
+
+
+def decoding_figures(model: Model, name: str) -> dict[str, dict[str, float]]:
+    """Tokens per forward and agreement with the reference (the first setting) of each of the card's decoding
+    settings for `name` on the held-out prompts, one prompt per call. Deterministic (greedy)."""
+    import jspec
+    from jspec import bench
+
+    prompts = bench.heldout_prompts(model.tokenizer, DECODING_PROMPTS, DECODING_PROMPT_TOKENS)
+    figures, reference = {}, None
+    for label, strategy, options in DECODING_SETTINGS[name]:
+        calls, outputs = 0, []
+        for prompt in prompts:
+            out = jspec.decode(model, [prompt], strategy, max_new_tokens=DECODING_NEW_TOKENS, stop_tokens=[], key=0, **options)
+            calls += int(out.stats["model_calls"])
+            outputs += out.sequences()
+        reference = outputs if reference is None else reference
+        same = sum(a == b for row, ref in zip(outputs, reference) for a, b in zip(row, ref))
+        total = sum(len(row) for row in outputs)
+        figures[label] = {"tokens_per_forward": total / calls, "agreement": same / sum(len(ref) for ref in reference)}
+    return figures
+
+
 DIFFUSION_SAMPLE = {DLLM: ("freedave", {"block_size": 32, "draft_steps": 4}), BLOCK_DIFFUSION: ("block_diffusion", {"threshold": 0.9})}
 
 
@@ -312,8 +359,11 @@ def diffusion_card_section(assets: Path) -> list[str]:
         "",
         "Both are adapted from `demo-code` (its weights, tokenizer and architecture; one token `<|mask|>` added to the",
         "tokenizer and the embedding, initialised at the mean embedding), as Dream and Fast-dLLM v2 adapt autoregressive",
-        "models, and trained on the same corpus. Shipped in bfloat16 (they were trained in bf16 compute); load with",
-        "`jspec.load(name, dtype=\"float32\")` to decode in float32.",
+        "models, and trained on the same corpus (stage 1); a recipe with `distill` then fine-tunes stage 1 on distilled",
+        "targets (stage 2, `jspec/train/distilled.py`): `demo-code`'s own greedy continuations of prefixes cut from the",
+        "training split, far less ambiguous than raw code, so the model grows confident enough for confidence-threshold",
+        "decoding to unmask several tokens per forward. Shipped in bfloat16 (they were trained in bf16 compute); load",
+        "with `jspec.load(name, dtype=\"float32\")` to decode in float32.",
         "",
         "| | " + " | ".join(f"`{n}`" for n in shipped) + " |",
         "|---|" + "---|" * len(shipped),
@@ -324,10 +374,13 @@ def diffusion_card_section(assets: Path) -> list[str]:
         ("Logits", lambda r, c, m: "shifted (position i predicted at i-1)" if m.config.shifted_logits else "unshifted"),
         ("Mask token id (vocab)", lambda r, c, m: f"{m.config.mask_token_id} ({m.config.vocab_size})"),
         ("Objective", lambda r, c, m: f"`{c['objective']}`" + (" (complementary masks, token shift)" if c["objective"] == "block_diffusion" else " (1/t-weighted)")),
-        ("Steps x tokens/step", lambda r, c, m: f"{c['steps']} x {c['batch_size']}x{c['seq_len']} from `{c['init_from']}`"),
+        ("Training data", lambda r, c, m: _training_data(r, c)),
+        ("Steps x tokens/step", lambda r, c, m: f"{c['steps']} x {c['batch_size']}x{c['seq_len']} from "
+         + ("stage 1" if c.get("distill") else f"`{c['init_from']}`")),
         ("Peak LR / warmup", lambda r, c, m: f"{c['learning_rate']:g} / {c['warmup_steps']}, cosine to {c['min_learning_rate_ratio']:g}x"),
         ("Training wall time", lambda r, c, m: _minutes(r["wall_seconds"])),
         ("Held-out loss (nats/token)", lambda r, c, m: f"{r['eval_loss']:.3f}"),
+        (f"Held-out loss, shipped weights, first {HELDOUT_CHECK_WINDOWS} windows", lambda r, c, m: f"{shipped_heldout_loss(m, c):.4f}"),
     ]
     for label, cell in rows:
         lines.append(f"| {label} | " + " | ".join(cell(*info[n]) for n in shipped) + " |")
@@ -342,10 +395,22 @@ def diffusion_card_section(assets: Path) -> list[str]:
         "Rebuild (after `demo-code` exists in the assets):",
         "",
         "```bash",
-        "jspec train --recipe demo-code-dllm --out runs/demo-code-dllm",
-        "jspec train --recipe demo-code-bd --out runs/demo-code-bd",
+        *(_rebuild_commands(info[n][1], n) for n in shipped),
         "python -m jspec.train.demo --out-root runs --export-diffusion --into-package --overwrite   # bf16, rewrites this card",
         "```",
+        "",
+        f"Decoding on {DECODING_PROMPTS} held-out prompts ({DECODING_PROMPT_TOKENS} tokens each, the first of held-out files;",
+        f"{DECODING_NEW_TOKENS} new tokens, batch 1, float32, greedy; agreement: position by position with the first row;",
+        "`jspec.train.demo.decoding_figures`, re-measured by tests/test_diffusion_demo.py):",
+        "",
+        "| Model | Decoding | Tokens per forward | Agreement |",
+        "|---|---|---|---|",
+    ]
+    for name in shipped:
+        model = load_hf(assets / name, dtype="float32")
+        for label, figure in decoding_figures(model, name).items():
+            lines.append(f"| `{name}` | {label} | {figure['tokens_per_forward']:.2f} | {100 * figure['agreement']:.1f}% |")
+    lines += [
         "",
         "Samples (greedy, 64 new tokens, prompt as above):",
         "",
@@ -356,6 +421,25 @@ def diffusion_card_section(assets: Path) -> list[str]:
         out = jspec.decode(model, [SAMPLE_PROMPT], strategy, max_new_tokens=64, key=0, **options)
         lines += [f"`{name}` (`{strategy}`, {int(out.stats['model_calls'])} forwards):", "", "```python", SAMPLE_PROMPT + out.text[0], "```", ""]
     return lines
+
+
+def _training_data(result: dict[str, Any], recipe: dict[str, Any]) -> str:
+    """The card's description of what a diffusion demo trained on: the packed corpus, or distilled examples."""
+    spec = result.get("corpus", {}).get("distilled")
+    if not recipe.get("distill") or not spec:
+        return "the training split, packed"
+    continuation = recipe["seq_len"] - spec["prefix_tokens"]
+    decoding = "greedy" if spec["temperature"] == 0 else f"sampled at temperature {spec['temperature']:g}"
+    return (f"distilled: {spec['examples']} examples of {spec['prefix_tokens']} training-split tokens + `{spec['teacher']}`'s "
+            f"{decoding} continuation ({continuation} tokens; {spec['teacher_tokens']:,} teacher tokens)")
+
+
+def _rebuild_commands(recipe: dict[str, Any], name: str) -> str:
+    """The `jspec train` line(s) that rebuild a shipped diffusion demo: stage 1 on the corpus, then (when it was
+    distilled) stage 2 from stage 1's output on the distilled examples."""
+    if not recipe.get("distill"):
+        return f"jspec train --recipe {name} --out runs/{name}"
+    return f"jspec train --recipe {name} --out runs/{name}-stage1\njspec train --recipe {name}-distilled --out runs/{name}"
 
 
 def _architecture(model: Model) -> str:

@@ -56,7 +56,7 @@ _TRAJECTORY_FIELDS = (
     "model", "tokenizer_vocab_size", "heldout_fraction", "seq_len", "batch_size", "data_seed", "steps",
     "learning_rate", "min_learning_rate_ratio", "warmup_steps", "weight_decay", "adam_b1", "adam_b2",
     "adam_eps", "grad_clip_norm", "compute_dtype", "init_seed", "init_scale", "objective", "objective_options",
-    "init_from", "mask_token",
+    "init_from", "mask_token", "distill",
 )
 
 
@@ -93,6 +93,9 @@ class TrainConfig:
     # Adaptation (e.g. a diffusion LM from an autoregressive one, as Dream and Fast-dLLM v2 do).
     init_from: str | None = None  # a model jspec.load knows: its weights, architecture and tokenizer are the start
     mask_token: str | None = None  # a special token added to the tokenizer; its id becomes model.mask_token_id
+    # Distillation: train on a teacher's continuations of training prefixes instead of the packed text
+    # (jspec.train.distilled.DistillSpec fields: teacher, temperature, prefix_tokens, num_sequences, seed, batch_rows).
+    distill: dict[str, Any] | None = None
     # Bookkeeping.
     out_dir: str | None = None  # default: runs/<name>
     cache_dir: str | None = None  # tokenized corpora; default ~/.cache/jspec/train (or $JSPEC_CACHE)
@@ -113,6 +116,12 @@ class TrainConfig:
             raise ValueError("warmup_steps must be >= 0 and learning_rate > 0")
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset: expected one of {list(DATASETS)}, got {self.dataset!r}")
+        if self.distill is not None:
+            from jspec.train.distilled import DistillSpec
+
+            if self.dataset != "stdlib":
+                raise ValueError(f"distill: needs dataset 'stdlib' (prefixes of the code corpus), got {self.dataset!r}")
+            DistillSpec.from_dict(self.distill).continuation_tokens(self.seq_len)
 
     @property
     def output_dir(self) -> Path:
@@ -238,10 +247,19 @@ def prepare_data(config: TrainConfig, log=print) -> PreparedData:
             tokenizer = data_lib.load_tokenizer(tokenizer_path)
     train_stream = data_lib.cached_token_stream(tokenizer, train_texts, cache_dir, f"{manifest['digest']}:train")
     heldout_stream = data_lib.cached_token_stream(tokenizer, heldout_texts, cache_dir, f"{manifest['digest']}:heldout")
+    corpus_summary = None
+    if config.distill is not None:  # the training split's prefixes only: the held-out stream is not passed
+        from jspec.train import distilled
+
+        spec = distilled.DistillSpec.from_dict(config.distill)
+        train_stream = distilled.distilled_stream(train_stream, config.seq_len, spec, tokenizer.eos_token_ids[0], config.output_dir, log=log)
+        corpus_summary = {**{k: manifest[k] for k in ("python_version", "num_files", "num_bytes", "num_heldout_files", "digest")},
+                          "distilled": {**dataclasses.asdict(spec), "examples": spec.num_sequences,
+                                        "teacher_tokens": spec.num_sequences * spec.continuation_tokens(config.seq_len)}}
     if config.mask_token:  # added after tokenizing: the corpus never holds it, so the streams are unchanged
         tokenizer, _ = tokenizer.with_special_token(config.mask_token)
     log(f"data: {len(train_stream):,} train tokens, {len(heldout_stream):,} held-out tokens (vocab {tokenizer.vocab_size})")
-    return PreparedData(tokenizer, manifest, train_stream, heldout_stream)
+    return PreparedData(tokenizer, manifest, train_stream, heldout_stream, corpus_summary=corpus_summary)
 
 
 EVAL_METRICS = {  # what the held-out loss of each objective is
@@ -374,6 +392,27 @@ def _compiled_functions(config: TrainConfig, model_cfg: TransformerConfig, mesh:
     return _COMPILED[key]
 
 
+def mean_eval_loss(eval_step: Any, params: Any, windows: np.ndarray, batch_size: int, place=jnp.asarray) -> dict[str, Any]:
+    """The objective's mean loss over `windows` [N, L + 1], evaluated `batch_size` rows at a time by `eval_step`
+    (`_compiled_functions`' evaluation: one fixed key per chunk, so the chunking is part of the figure)."""
+    loss_sum, count = 0.0, 0.0
+    for start in range(0, len(windows), batch_size):
+        chunk_loss, chunk_count = eval_step(params, place(windows[start : start + batch_size]))
+        loss_sum += float(chunk_loss)
+        count += float(chunk_count)
+    loss = loss_sum / max(count, 1.0)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": int(count), "eval_windows": len(windows)}
+
+
+def recipe_eval_loss(model: Model, recipe: dict[str, Any], windows: np.ndarray) -> dict[str, Any]:
+    """A trained model's held-out figure computed as its run's final evaluation computes it (the recipe's objective,
+    compute dtype, evaluation key and batch size) on `windows`: how a shipped model's card figure is re-measured."""
+    config = TrainConfig.from_dict({k: v for k, v in recipe.items() if k not in ("out_dir", "cache_dir")})
+    _, eval_step = _compiled_functions(config, model.config.replace(dtype="float32"))
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), model.params)  # master weights, as in training
+    return mean_eval_loss(eval_step, params, windows, config.batch_size)
+
+
 class Trainer:
     """The data, the compiled step and evaluation of one recipe; `train()` is the usual entry."""
 
@@ -415,14 +454,7 @@ class Trainer:
     def evaluate(self, params, max_windows: int | None) -> dict[str, float]:
         """Mean loss over the first `max_windows` held-out windows (in stream order; None: all of them)."""
         windows = data_lib.eval_windows(self.data.heldout_stream, self.config.seq_len, max_windows, self.data.window_stride)
-        loss_sum, count = 0.0, 0.0
-        for start in range(0, len(windows), self.config.batch_size):
-            chunk = windows[start : start + self.config.batch_size]
-            chunk_loss, chunk_count = self._eval_step(params, self.place_tokens(chunk))
-            loss_sum += float(chunk_loss)
-            count += float(chunk_count)
-        loss = loss_sum / max(count, 1.0)
-        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": int(count), "eval_windows": len(windows)}
+        return mean_eval_loss(self._eval_step, params, windows, self.config.batch_size, self.place_tokens)
 
     def step(self, state: TrainState) -> tuple[TrainState, dict[str, jax.Array]]:
         return self._train_step(state, self.place_tokens(self.batches.batch(int(state.step))))
