@@ -66,10 +66,13 @@ from jspec.strategies.base import (
     mark_cache_full,
     prefill,
     register_strategy,
+    run_either,
+    run_if,
+    run_indexed,
     static_field,
 )
 from jspec.strategies import auto_depth
-from jspec.strategies.autoregressive import emit_sampled
+from jspec.strategies.autoregressive import decode_one_token, emit_sampled
 from jspec.strategies.drafters import (
     Drafter,
     DraftModelDrafter,
@@ -293,6 +296,52 @@ class Speculative:
         return 1 if isinstance(self.drafter, PromptLookupDrafter) else auto_depth.PROBE_INTERVAL
 
     def step(self, model: Model, state: SpeculativeState) -> SpeculativeState:
+        control = state.depth_control
+        if control is None:
+            return self.drafting_step(model, state)
+        depth, probe = control.plan(~state.output.finished)  # the batch's depth this step
+        if getattr(self.drafter, "observe", None) is not None:  # a drafter that learns from every verification
+            return self.drafting_step(model, state, depth, probe)
+        return run_either((depth == 0) & ~probe, lambda state: self.plain_step(model, state),
+                          lambda state: self.drafting_step(model, state, depth, probe), state)
+
+    def plain_step(self, model: Model, state: SpeculativeState) -> SpeculativeState:
+        """A step that drafts nothing (auto depth 0, no probe): autoregressive decoding's own step
+        (`decode_one_token`: a one-token forward, the processed, warped next token sampled), with no drafter call, no
+        acceptance walk and no [B, N + 1, V] buffers. It emits what a drafting step at depth 0 emits: greedy, the
+        same token; sampling, an exact sample of the same distribution. It samples with the step's key as
+        autoregressive decoding does, so a decode of plain steps only is autoregressive decoding's, token for token,
+        sampled tokens and log-probabilities included."""
+        running = ~state.output.finished
+        lengths = state.cache.lengths
+        pending = jnp.take_along_axis(state.history, lengths[:, None], axis=1)[:, 0]
+        token, cache, output, processing = decode_one_token(
+            model, state.cache, pending, running, jax.random.fold_in(state.key, state.step), state.output, state.processing,
+            state.sampling, state.stop_tokens, self.generation.logprobs)
+        history = scatter_rows(state.history, token[:, None], jnp.where(running, lengths + 1, -1)[:, None])
+        kept = output.lengths - state.output.lengths
+        no_trials = jnp.zeros((running.shape[0], self.template.max_depth), bool)  # [B, D]
+        control = state.depth_control.after(jnp.int32(0), jnp.bool_(False), no_trials, no_trials, self.probe_interval)
+        stats = dict(state.stats)
+        stats["model_calls"] = stats["model_calls"] + 1
+        stats["active_steps"] = stats["active_steps"] + running
+        stats["emitted_corrections"] = stats["emitted_corrections"] + kept
+        stats["accepted_histogram"] = stats["accepted_histogram"].at[0].add(jnp.sum(running, dtype=jnp.int32))
+        stats["depth_histogram"] = stats["depth_histogram"].at[0].add(1)
+        return state.replace(
+            depth_control=control,
+            cache=cache,
+            history=history,
+            output=mark_cache_full(output, cache.lengths, cache.capacity, self.chunk_width),
+            processing=processing,
+            step=state.step + 1,
+            stats=stats,
+        )
+
+    def drafting_step(self, model: Model, state: SpeculativeState, verified_depth: jax.Array | None = None,
+                      probe: jax.Array | None = None) -> SpeculativeState:
+        """Draft, verify, walk, commit. verified_depth [] int32 and probe [] bool: the auto depth's plan (None: the
+        template's depth); a probe drafts one token and verifies none."""
         template = self.template
         running = ~state.output.finished
         lengths = state.cache.lengths
@@ -307,13 +356,16 @@ class Speculative:
             extra = None if extra is None else (proposal.extra_tokens, *extra)
             chunk_logits, cache = verify(model, template, proposal.target_cache, lengths, pending, proposal.tokens, running, extra)
             verified_depth = template.max_depth
-        else:  # the batch's depth this step; a probe drafts one token and verifies none
-            verified_depth, probe = control.plan(running)
+        else:
             depth_limit = jnp.where(running, jnp.where(probe, 1, verified_depth), 0)
-            propose = lambda: self.drafter.propose(model, state, pending, depth_limit, draft_key, template)  # noqa: E731
-            idle = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(propose))
+            def propose(proposal: Proposal) -> Proposal:  # drafts into the caches the (idle) proposal carries
+                drafting = state.replace(cache=proposal.target_cache, drafter_state=proposal.drafter_state)
+                return self.drafter.propose(model, drafting, pending, depth_limit, draft_key, template)
+
+            shapes = jax.eval_shape(lambda: self.drafter.propose(model, state, pending, depth_limit, draft_key, template))
+            idle = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
             idle = idle.replace(target_cache=state.cache, drafter_state=state.drafter_state)
-            proposal = jax.lax.cond((verified_depth > 0) | probe, propose, lambda: idle)
+            proposal = run_if((verified_depth > 0) | probe, propose, idle)
             chunk_logits, cache = verify_to_depth(model, template, self.verified_nodes(), verified_depth,
                                                   proposal.target_cache, lengths, pending, proposal.tokens, running)
         logits = chunk_logits[:, : template.num_nodes + 1]
@@ -355,7 +407,7 @@ class Speculative:
             ))
 
         draft_depth = state.draft_depth
-        if self.adaptive:
+        if self.adaptive is True:
             accepted_all = num_accepted >= proposal.valid_depth
             draft_depth = jnp.where(
                 running,
@@ -415,15 +467,17 @@ def verify_to_depth(
     running: jax.Array,  # [B] bool
 ) -> tuple[jax.Array, Cache]:  # logits [B, N + 1, V] (zero past the verified nodes), cache
     """`verify` over the pending token and the nodes up to a traced depth: one compiled forward per depth, of that
-    width, selected by `lax.switch` (a shallow step does not pay for the template's full width)."""
+    width, selected by `run_indexed` (a shallow step does not pay for the template's full width; the cache is
+    written in place)."""
 
     def branch(nodes: int):
-        def run():
-            logits, written = verify(model, template, cache, lengths, pending, tokens, running, num_nodes=nodes)
+        def run(operand: tuple[jax.Array, Cache]) -> tuple[jax.Array, Cache]:
+            logits, written = verify(model, template, operand[1], lengths, pending, tokens, running, num_nodes=nodes)
             return jnp.pad(logits, ((0, 0), (0, template.num_nodes - nodes), (0, 0))), written
         return run
 
-    return jax.lax.switch(depth, [branch(nodes) for nodes in verified_nodes])
+    empty = jnp.zeros((pending.shape[0], template.num_nodes + 1, model.config.vocab_size), jnp.float32)
+    return run_indexed(depth, [branch(nodes) for nodes in verified_nodes], (empty, cache))
 
 
 def verify(
