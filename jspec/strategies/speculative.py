@@ -49,6 +49,7 @@ Pallas decode kernels; trees pass their ancestor mask.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, ClassVar
 
 import jax
@@ -222,15 +223,18 @@ class Speculative:
             return auto_depth.measured_costs(key)
         model = model.without_tokenizer()
         state = jax.jit(lambda strategy, *args: strategy.init(*args))(self, model, prompts, jax.random.key(0))
-        step = jax.jit(lambda strategy, *args: strategy.step(*args))
+        step = jax.jit(lambda strategy, model, state: strategy.step(model, state), donate_argnums=2)
         control = state.depth_control
 
         def step_at(depth: int, probe: bool):
             forced = control.replace(costs=control.costs.forcing(depth), idle_steps=jnp.int32(1 << 20 if probe else 0),
                                      probe_interval=jnp.int32(1 if probe else 1 << 20))
-            return lambda: step(self, model, state.replace(depth_control=forced))
+            prepare = lambda: jax.tree.map(jnp.copy, state.replace(depth_control=forced))  # noqa: E731
+            return prepare, lambda inputs: step(self, model, inputs)
 
-        return auto_depth.measure_step_costs(key, step_at, self.template.max_depth)
+        with warnings.catch_warnings():  # a buffer the step does not update cannot be donated: harmless
+            warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+            return auto_depth.measure_step_costs(key, step_at, self.template.max_depth)
 
     def costs(self, model: Model, prompts: Prompts) -> auto_depth.StepCosts:
         """step_costs, else the measured ones (validate measures them), else the memory-bound model (every forward
