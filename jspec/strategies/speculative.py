@@ -33,10 +33,14 @@ deepest row's depth. The verification chunk keeps its static size.
 
 With `adaptive="auto"` (or `num_draft_tokens="auto"`) each step drafts the whole batch to the depth with the most
 expected tokens per second, from call costs measured once per model and shape and each row's running acceptance
-(`jspec.strategies.auto_depth`), down to depth 0: a plain autoregressive step, with no drafter call and a one-token
-verification. The verification is then only as wide as the chosen depth (one compiled forward per depth, picked
-by `lax.switch`), and finished rows do not count in the choice; rows of a batch share the step's depth (the forward
-is shared; what a row does not draft it does not verify). A step whose verification stops short of the accepted
+(`jspec.strategies.auto_depth`), down to depth 0: a plain step, which is autoregressive decoding's own step
+(`autoregressive.decode_one_token`: no drafter call, no acceptance walk, no [B, N + 1, V] buffers; it samples with
+autoregressive decoding's key, so a decode of plain steps only is autoregressive decoding's, sampled tokens
+included). A drafting step verifies only as wide as the chosen depth (one compiled forward per depth), and
+finished rows do not count in the choice; rows of a batch share the step's depth (the forward is shared; what a
+row does not draft it does not verify). The choices between plain and drafting steps and between widths run as
+while loops of zero or one trip (`base.run_if`), not `lax.cond`/`lax.switch`, under which XLA:CPU copied every KV
+cache each step. A step whose verification stops short of the accepted
 path's children (a probe: one draft tried against a one-token verification) emits the accepted drafts without a
 bonus token; a rejection still draws the correction, so every emitted token is an exact sample either way.
 
