@@ -240,6 +240,14 @@ class Speculative:
             warnings.filterwarnings("ignore", "Some donated buffers were not usable")
             return auto_depth.measure_step_costs(key, step_at, self.template.max_depth)
 
+    def measured(self, model: Model, prompts: Prompts) -> "Speculative":
+        """This strategy with the auto depth's costs for this request in `step_costs` (a traced field: the compiled
+        loop takes them as inputs, so a loop compiled for another request's costs, greedy ones say, does not keep
+        those); itself when not auto or when step_costs were given. `jspec.decode` calls it after `validate`."""
+        if not self.auto or self.step_costs is not None:
+            return self
+        return self.replace(step_costs=self.costs(model, prompts))
+
     def costs(self, model: Model, prompts: Prompts) -> auto_depth.StepCosts:
         """step_costs, else the measured ones (validate measures them), else the memory-bound model (every forward
         one unit, a drafter call its share of the target's parameters)."""
@@ -252,8 +260,17 @@ class Speculative:
     def _cost_profile(self, model: Model, prompts: Prompts) -> tuple[Any, float]:
         drafter_key, share = self.drafter.cost_profile(model)
         key = (model.config, drafter_key, self.template.parents, prompts.batch_size, prompts.cache_size,
-               prompts.max_new_tokens, jax.default_backend())
+               prompts.max_new_tokens, jax.default_backend(), self._sampling_regime())
         return key, share
+
+    def _sampling_regime(self) -> tuple[bool, bool] | str:
+        """What the sampling options change in a step's cost: (all greedy, top-k / top-p sorting); "traced" when
+        they are not concrete. Greedy steps skip warping and the sampled walk, so their costs say nothing of these."""
+        values = (self.temperature, self.top_k, self.top_p)
+        if any(isinstance(value, jax.core.Tracer) for value in values):
+            return "traced"
+        temperature, top_k, top_p = (np.asarray(value) for value in values)
+        return bool(np.all(temperature == 0)), bool(np.any(top_k > 0) or np.any(top_p < 1))
 
     # --- the state machine ---------------------------------------------------------------------------
 
