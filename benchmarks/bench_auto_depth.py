@@ -6,6 +6,7 @@ the machine fall on all alike; a speedup is the ratio of total times. Greedy out
 
     python benchmarks/bench_auto_depth.py                      # batch 1 and 8, T = 0 and 0.8
     python benchmarks/bench_auto_depth.py --no-auto            # only the settings an older checkout has
+    python benchmarks/bench_auto_depth.py --methods "chain auto" --prompts 4 --new-tokens 64   # a short run
 """
 
 from __future__ import annotations
@@ -33,6 +34,16 @@ def settings(draft, auto: bool) -> dict[str, tuple[str, dict]]:
     return out
 
 
+def select(available: dict[str, tuple[str, dict]], methods: list[str] | None) -> dict[str, tuple[str, dict]]:
+    """autoregressive and the named settings (all when methods is None); an unknown name is a usage error."""
+    if methods is None:
+        return available
+    unknown = [m for m in methods if m not in available]
+    if unknown:
+        raise SystemExit(f"--methods: unknown setting(s) {unknown}; expected some of {sorted(available)}")
+    return {name: available[name] for name in available if name == "autoregressive" or name in methods}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=8)
@@ -42,6 +53,8 @@ def main() -> None:
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.8])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--no-auto", action="store_true")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="the settings to run beside autoregressive (default: all), e.g. 'chain auto'")
     args = parser.parse_args()
 
     target, draft = jspec.load("demo-code"), jspec.load("demo-code-draft")
@@ -51,7 +64,7 @@ def main() -> None:
     for temperature in args.temperatures:
         for batch in args.batch_sizes:
             groups = [prompts[:batch]] if batch > 1 else [[p] for p in prompts]
-            chosen = settings(draft, not args.no_auto)
+            chosen = select(settings(draft, not args.no_auto), args.methods)
 
             def run(name, group):
                 strategy, options = chosen[name]

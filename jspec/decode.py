@@ -145,9 +145,18 @@ def decode(
                             num_samples=num_samples, stop=stop)
     if max_new_tokens == 0:
         return _empty_output(model, request, strategy)
-    strategy.validate(model, request)
+    strategy = validated(strategy, model, request)
     result = _decode_jit(model.without_tokenizer(), strategy, *_placed(model, request, _as_key(key)))
     return _to_host(model, sharding.to_host(result), request, max_new_tokens, _rows_per_prompt(strategy))
+
+
+def validated(strategy: Strategy, model: Model, request: Prompts) -> Strategy:
+    """strategy.validate(model, request), then the strategy its `measured(model, request)` returns where it has one:
+    the strategy with what it measured for this request in its traced fields (the auto depth's step costs), so the
+    compiled loop takes them as inputs instead of constants of whichever request compiled it first."""
+    strategy.validate(model, request)
+    measured = getattr(strategy, "measured", None)
+    return strategy if measured is None else measured(model, request)
 
 
 def _rows_per_prompt(strategy: Strategy) -> int:
@@ -254,7 +263,7 @@ def stream(
     request = build_prompts(model, prompts, max_new_tokens, prompt_lengths, stop_tokens, cache_size, strategy,
                             num_samples=num_samples, stop=stop)
     if max_new_tokens > 0:
-        strategy.validate(model, request)
+        strategy = validated(strategy, model, request)
     return Stream(model, strategy, request, _as_key(key), int(max_new_tokens))
 
 

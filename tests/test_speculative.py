@@ -387,3 +387,28 @@ def test_auto_depth_sampling_reproduces_the_target_distribution(toy_pair, costs,
         assert depths[1:].sum() > 0 and np.asarray(out.stats["accepted_histogram"])[1:].sum() > 0
     else:
         assert depths[1:].sum() == 0 and 0 < out.stats["probes"] <= depths[0]  # the interval doubles after each probe
+
+
+@pytest.mark.parametrize("drafter", ["model", "prompt-lookup"])
+def test_auto_depth_plain_steps_are_autoregressive_steps(pair, drafter, monkeypatch):
+    """When the auto depth never drafts (costs under which no depth pays, no probes), every step is autoregressive
+    decoding's own step: a ragged batch sampled at T=0.8 with a processor and log-probabilities gives autoregressive
+    sampling's tokens and scores exactly (same key), with no drafter call and no verification wider than one token."""
+    target, draft = pair
+    monkeypatch.setattr(speculative_module.Speculative, "probe_interval", property(lambda self: 1 << 20))
+    jax.clear_caches()  # the interval is read when tracing
+    strategy, options = {
+        "model": ("speculative", dict(draft=draft, num_draft_tokens="auto")),
+        "prompt-lookup": ("prompt_lookup", dict(num_draft_tokens="auto")),
+    }[drafter]
+    common = dict(max_new_tokens=16, stop_tokens=[3], key=7, temperature=0.8, top_k=20, repetition_penalty=1.3, logprobs=2)
+    want = jspec.decode(target, PROMPTS, "sample", **common)
+    try:
+        got = jspec.decode(target, PROMPTS, strategy, step_costs=_never_drafting_costs(4), **common, **options)
+    finally:
+        jax.clear_caches()
+    assert got.sequences() == want.sequences()
+    np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), rtol=1e-5, atol=1e-5)
+    steps = int(got.stats["steps"]) - 1
+    assert int(got.stats["depth_histogram"][0]) == steps and int(got.stats["probes"]) == 0
+    assert int(got.stats["draft_calls"]) == (1 if drafter == "model" else 0)  # the draft model's prefill only

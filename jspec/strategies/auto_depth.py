@@ -106,26 +106,31 @@ def measured_costs(key: Any) -> StepCosts | None:
     return _MEASURED.get(key)
 
 
-def measure_step_costs(key: Any, step_at: Any, max_depth: int, repeats: int = 5) -> StepCosts:
-    """Time step_at(depth, probe) -> thunk (one jitted step forced to that depth, probing or not) for every depth
-    and the probe, once compiled: the fastest of `repeats` runs (other load on the machine only adds); a depth never
-    costs less than a shallower one. Remembered under `key`."""
+def measure_step_costs(key: Any, step_at: Any, max_depth: int, repeats: int = 9) -> StepCosts:
+    """Time step_at(depth, probe) -> (prepare, run) for every depth and the probe: prepare() makes a step's input
+    (not timed), run(input) runs one jitted step forced to that depth, probing or not (its input donated, so it
+    updates the caches in place as the decode loop does; an undonated input would add a copy of every cache to each
+    step and hide how much wider steps cost). Once compiled, the settings run in turn, `repeats` rounds; a setting
+    costs the plain step's fastest run (load only adds) times the median over rounds of its time relative to the
+    plain step's in the same round (runs close in time share the machine's load, and the median drops bursts). A
+    depth never costs less than a shallower one. Remembered under `key`."""
     if key in _MEASURED:
         return _MEASURED[key]
-
-    def seconds(thunk) -> float:
-        jax.block_until_ready(thunk())
-        runs = []
-        for _ in range(repeats):
+    settings = [step_at(depth, False) for depth in range(max_depth + 1)] + [step_at(0, True)]
+    for prepare, run in settings:  # compile, warm up
+        jax.block_until_ready(run(prepare()))
+    times = np.zeros((repeats, len(settings)))
+    for round_ in range(repeats):
+        for index, (prepare, run) in enumerate(settings):
+            inputs = jax.block_until_ready(prepare())
             start = time.perf_counter()
-            jax.block_until_ready(thunk())
-            runs.append(time.perf_counter() - start)
-        return min(runs)
-
-    steps = np.maximum.accumulate([seconds(step_at(depth, False)) for depth in range(max_depth + 1)])
-    costs = StepCosts(jnp.asarray(steps, jnp.float32), jnp.float32(max(seconds(step_at(0, True)), steps[0])))
-    _MEASURED[key] = costs
-    return costs
+            jax.block_until_ready(run(inputs))
+            times[round_, index] = time.perf_counter() - start
+    costs = times[:, 0].min() * np.median(times / times[:, :1], axis=0)
+    steps = np.maximum.accumulate(costs[:-1])
+    measured = StepCosts(jnp.asarray(steps, jnp.float32), jnp.float32(max(costs[-1], steps[0])))
+    _MEASURED[key] = measured
+    return measured
 
 
 @struct.dataclass

@@ -84,14 +84,10 @@ class Autoregressive:
         )
 
     def step(self, model: Any, state: AutoregressiveState) -> AutoregressiveState:
-        cache = state.cache
         running = ~state.output.finished
-        slots = jnp.where(running, cache.lengths, cache.capacity)[:, None]
-        logits, cache = model.forward(state.pending[:, None], cache.lengths[:, None], cache, write_slots=slots)
-        cache = cache.with_lengths(cache.lengths + running)
-        token, output, processing = emit_sampled(
-            jax.random.fold_in(state.key, state.step), logits[:, 0], running, state.output, state.processing,
-            state.sampling, state.stop_tokens, self.generation.logprobs)
+        token, cache, output, processing = decode_one_token(
+            model, state.cache, state.pending, running, jax.random.fold_in(state.key, state.step), state.output,
+            state.processing, state.sampling, state.stop_tokens, self.generation.logprobs)
         return state.replace(
             cache=cache,
             pending=jnp.where(running, token, state.pending),
@@ -107,6 +103,27 @@ class Autoregressive:
     def output(self, state: AutoregressiveState) -> DecodeOutput:
         return state.output.decode_output(
             {"model_calls": state.model_calls, "steps": state.step, "tokens_generated": state.output.lengths})
+
+
+def decode_one_token(
+    model: Any,
+    cache: Cache,  # lengths[b] = committed tokens; the pending token goes to slot lengths[b]
+    pending: jax.Array,  # [B] int32: the last emitted token, not yet in the cache
+    running: jax.Array,  # [B] bool: rows that decode (the others write nowhere and keep their length)
+    key: jax.Array,
+    output: OutputBuffer,
+    processing: processors.Processing,
+    params: sampling.SamplingParams,
+    stop_tokens: jax.Array,  # [B, K]
+    logprobs: int | None,
+) -> tuple[jax.Array, Cache, OutputBuffer, processors.Processing]:  # the new token [B], cache, output, processing
+    """One autoregressive step: a one-token forward over the pending token (committed to the cache for running rows),
+    then `emit_sampled` of the next token. Speculative decoding's steps that draft nothing run this same step."""
+    slots = jnp.where(running, cache.lengths, cache.capacity)[:, None]
+    logits, cache = model.forward(pending[:, None], cache.lengths[:, None], cache, write_slots=slots)
+    cache = cache.with_lengths(cache.lengths + running)
+    token, output, processing = emit_sampled(key, logits[:, 0], running, output, processing, params, stop_tokens, logprobs)
+    return token, cache, output, processing
 
 
 def emit_sampled(

@@ -336,3 +336,24 @@ def prefill(model: Any, prompts: Prompts, cache: Any) -> tuple[jax.Array, Any]:
         prompts.tokens, positions, cache, write_slots=slots, output_indices=(prompts.lengths - 1)[:, None]
     )
     return logits[:, 0], cache.with_lengths(prompts.lengths)
+
+
+def run_if(pred: jax.Array, body: Callable[[Any], Any], operand: Any) -> Any:
+    """body(operand) where pred ([] bool) holds, else operand (body keeps the operand's structure).
+
+    A `lax.cond` that keeps the operand's buffers in place: XLA:CPU copies every buffer a `lax.cond` branch updates
+    in place (a KV cache: megabytes per decode step), while a while loop of zero or one trip updates its carry in
+    place. Take what body updates from its argument, not from a closure (a closed-over buffer is copied)."""
+    return jax.lax.while_loop(lambda carry: carry[0], lambda carry: (jnp.bool_(False), body(carry[1])), (pred, operand))[1]
+
+
+def run_either(pred: jax.Array, if_true: Callable[[Any], Any], if_false: Callable[[Any], Any], operand: Any) -> Any:
+    """if_true(operand) where pred ([] bool) holds, else if_false(operand): `run_if` twice, buffers kept in place."""
+    return run_if(~pred, if_false, run_if(pred, if_true, operand))
+
+
+def run_indexed(index: jax.Array, bodies: list[Callable[[Any], Any]], operand: Any) -> Any:
+    """bodies[index](operand) for index [] int32 in [0, len(bodies)): a `lax.switch` with buffers kept in place."""
+    for i, body in enumerate(bodies):
+        operand = run_if(index == i, body, operand)
+    return operand

@@ -46,7 +46,7 @@ from jspec import masks, sampling, validation
 from jspec.cache import Cache
 from jspec.models.model import Model
 from jspec.processors import Processing
-from jspec.strategies.base import Prompts, prefill, static_field
+from jspec.strategies.base import Prompts, prefill, run_either, run_if, static_field
 from jspec.strategies.tree import TreeTemplate
 from jspec.validation import ArgumentError
 
@@ -176,11 +176,12 @@ class DraftModelDrafter:
         one); after steps that did not draft (auto depth) it lags by more, and the first step back re-reads the last
         `catch_up` committed tokens (entries further back stay as they were: only the proposals can suffer)."""
         lengths = state.cache.lengths
-        read = lambda window: lambda: self.read_last(state.drafter_state, state.history, lengths, window)  # noqa: E731
+        read = lambda window: lambda operand: self.read_last(operand[1], state.history, lengths, window)  # noqa: E731
+        operand = (jnp.zeros((lengths.shape[0], self.draft.config.vocab_size), jnp.float32), state.drafter_state)
         if self.catch_up > 1 and getattr(state, "depth_control", None) is not None:
-            root_logits, cache = jax.lax.cond(state.depth_control.idle_steps > 0, read(self.catch_up + 1), read(2))
+            root_logits, cache = run_either(state.depth_control.idle_steps > 0, read(self.catch_up + 1), read(2), operand)
         else:
-            root_logits, cache = read(2)()
+            root_logits, cache = read(2)(operand)
         drafted = expand_tree(
             self.draft, (), cache, root_logits, lengths, depth_limit, key, template, state.sampling,
             state.processing,
@@ -393,7 +394,7 @@ def expand_tree(
             )
             return cache, node_logits.at[:, start + 1 : end + 1].set(level_logits)
 
-        cache, node_logits = jax.lax.cond(depth < deepest, run_level, lambda operands: operands, (cache, node_logits))
+        cache, node_logits = run_if(depth < deepest, run_level, (cache, node_logits))
         calls = calls + (depth < deepest)
     return Drafted(tokens, parent_logits_all, token_probs, cache, calls)
 

@@ -33,10 +33,14 @@ deepest row's depth. The verification chunk keeps its static size.
 
 With `adaptive="auto"` (or `num_draft_tokens="auto"`) each step drafts the whole batch to the depth with the most
 expected tokens per second, from call costs measured once per model and shape and each row's running acceptance
-(`jspec.strategies.auto_depth`), down to depth 0: a plain autoregressive step, with no drafter call and a one-token
-verification. The verification is then only as wide as the chosen depth (one compiled forward per depth, picked
-by `lax.switch`), and finished rows do not count in the choice; rows of a batch share the step's depth (the forward
-is shared; what a row does not draft it does not verify). A step whose verification stops short of the accepted
+(`jspec.strategies.auto_depth`), down to depth 0: a plain step, which is autoregressive decoding's own step
+(`autoregressive.decode_one_token`: no drafter call, no acceptance walk, no [B, N + 1, V] buffers; it samples with
+autoregressive decoding's key, so a decode of plain steps only is autoregressive decoding's, sampled tokens
+included). A drafting step verifies only as wide as the chosen depth (one compiled forward per depth), and
+finished rows do not count in the choice; rows of a batch share the step's depth (the forward is shared; what a
+row does not draft it does not verify). The choices between plain and drafting steps and between widths run as
+while loops of zero or one trip (`base.run_if`), not `lax.cond`/`lax.switch`, under which XLA:CPU copied every KV
+cache each step. A step whose verification stops short of the accepted
 path's children (a probe: one draft tried against a one-token verification) emits the accepted drafts without a
 bonus token; a rejection still draws the correction, so every emitted token is an exact sample either way.
 
@@ -49,6 +53,7 @@ Pallas decode kernels; trees pass their ancestor mask.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, ClassVar
 
 import jax
@@ -66,10 +71,13 @@ from jspec.strategies.base import (
     mark_cache_full,
     prefill,
     register_strategy,
+    run_either,
+    run_if,
+    run_indexed,
     static_field,
 )
 from jspec.strategies import auto_depth
-from jspec.strategies.autoregressive import emit_sampled
+from jspec.strategies.autoregressive import decode_one_token, emit_sampled
 from jspec.strategies.drafters import (
     Drafter,
     DraftModelDrafter,
@@ -219,15 +227,26 @@ class Speculative:
             return auto_depth.measured_costs(key)
         model = model.without_tokenizer()
         state = jax.jit(lambda strategy, *args: strategy.init(*args))(self, model, prompts, jax.random.key(0))
-        step = jax.jit(lambda strategy, *args: strategy.step(*args))
+        step = jax.jit(lambda strategy, model, state: strategy.step(model, state), donate_argnums=2)
         control = state.depth_control
 
         def step_at(depth: int, probe: bool):
             forced = control.replace(costs=control.costs.forcing(depth), idle_steps=jnp.int32(1 << 20 if probe else 0),
                                      probe_interval=jnp.int32(1 if probe else 1 << 20))
-            return lambda: step(self, model, state.replace(depth_control=forced))
+            prepare = lambda: jax.tree.map(jnp.copy, state.replace(depth_control=forced))  # noqa: E731
+            return prepare, lambda inputs: step(self, model, inputs)
 
-        return auto_depth.measure_step_costs(key, step_at, self.template.max_depth)
+        with warnings.catch_warnings():  # a buffer the step does not update cannot be donated: harmless
+            warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+            return auto_depth.measure_step_costs(key, step_at, self.template.max_depth)
+
+    def measured(self, model: Model, prompts: Prompts) -> "Speculative":
+        """This strategy with the auto depth's costs for this request in `step_costs` (a traced field: the compiled
+        loop takes them as inputs, so a loop compiled for another request's costs, greedy ones say, does not keep
+        those); itself when not auto or when step_costs were given. `jspec.decode` calls it after `validate`."""
+        if not self.auto or self.step_costs is not None:
+            return self
+        return self.replace(step_costs=self.costs(model, prompts))
 
     def costs(self, model: Model, prompts: Prompts) -> auto_depth.StepCosts:
         """step_costs, else the measured ones (validate measures them), else the memory-bound model (every forward
@@ -241,8 +260,17 @@ class Speculative:
     def _cost_profile(self, model: Model, prompts: Prompts) -> tuple[Any, float]:
         drafter_key, share = self.drafter.cost_profile(model)
         key = (model.config, drafter_key, self.template.parents, prompts.batch_size, prompts.cache_size,
-               prompts.max_new_tokens, jax.default_backend())
+               prompts.max_new_tokens, jax.default_backend(), self._sampling_regime())
         return key, share
+
+    def _sampling_regime(self) -> tuple[bool, bool] | str:
+        """What the sampling options change in a step's cost: (all greedy, top-k / top-p sorting); "traced" when
+        they are not concrete. Greedy steps skip warping and the sampled walk, so their costs say nothing of these."""
+        values = (self.temperature, self.top_k, self.top_p)
+        if any(isinstance(value, jax.core.Tracer) for value in values):
+            return "traced"
+        temperature, top_k, top_p = (np.asarray(value) for value in values)
+        return bool(np.all(temperature == 0)), bool(np.any(top_k > 0) or np.any(top_p < 1))
 
     # --- the state machine ---------------------------------------------------------------------------
 
@@ -293,6 +321,52 @@ class Speculative:
         return 1 if isinstance(self.drafter, PromptLookupDrafter) else auto_depth.PROBE_INTERVAL
 
     def step(self, model: Model, state: SpeculativeState) -> SpeculativeState:
+        control = state.depth_control
+        if control is None:
+            return self.drafting_step(model, state)
+        depth, probe = control.plan(~state.output.finished)  # the batch's depth this step
+        if getattr(self.drafter, "observe", None) is not None:  # a drafter that learns from every verification
+            return self.drafting_step(model, state, depth, probe)
+        return run_either((depth == 0) & ~probe, lambda state: self.plain_step(model, state),
+                          lambda state: self.drafting_step(model, state, depth, probe), state)
+
+    def plain_step(self, model: Model, state: SpeculativeState) -> SpeculativeState:
+        """A step that drafts nothing (auto depth 0, no probe): autoregressive decoding's own step
+        (`decode_one_token`: a one-token forward, the processed, warped next token sampled), with no drafter call, no
+        acceptance walk and no [B, N + 1, V] buffers. It emits what a drafting step at depth 0 emits: greedy, the
+        same token; sampling, an exact sample of the same distribution. It samples with the step's key as
+        autoregressive decoding does, so a decode of plain steps only is autoregressive decoding's, token for token,
+        sampled tokens and log-probabilities included."""
+        running = ~state.output.finished
+        lengths = state.cache.lengths
+        pending = jnp.take_along_axis(state.history, lengths[:, None], axis=1)[:, 0]
+        token, cache, output, processing = decode_one_token(
+            model, state.cache, pending, running, jax.random.fold_in(state.key, state.step), state.output, state.processing,
+            state.sampling, state.stop_tokens, self.generation.logprobs)
+        history = scatter_rows(state.history, token[:, None], jnp.where(running, lengths + 1, -1)[:, None])
+        kept = output.lengths - state.output.lengths
+        no_trials = jnp.zeros((running.shape[0], self.template.max_depth), bool)  # [B, D]
+        control = state.depth_control.after(jnp.int32(0), jnp.bool_(False), no_trials, no_trials, self.probe_interval)
+        stats = dict(state.stats)
+        stats["model_calls"] = stats["model_calls"] + 1
+        stats["active_steps"] = stats["active_steps"] + running
+        stats["emitted_corrections"] = stats["emitted_corrections"] + kept
+        stats["accepted_histogram"] = stats["accepted_histogram"].at[0].add(jnp.sum(running, dtype=jnp.int32))
+        stats["depth_histogram"] = stats["depth_histogram"].at[0].add(1)
+        return state.replace(
+            depth_control=control,
+            cache=cache,
+            history=history,
+            output=mark_cache_full(output, cache.lengths, cache.capacity, self.chunk_width),
+            processing=processing,
+            step=state.step + 1,
+            stats=stats,
+        )
+
+    def drafting_step(self, model: Model, state: SpeculativeState, verified_depth: jax.Array | None = None,
+                      probe: jax.Array | None = None) -> SpeculativeState:
+        """Draft, verify, walk, commit. verified_depth [] int32 and probe [] bool: the auto depth's plan (None: the
+        template's depth); a probe drafts one token and verifies none."""
         template = self.template
         running = ~state.output.finished
         lengths = state.cache.lengths
@@ -307,13 +381,16 @@ class Speculative:
             extra = None if extra is None else (proposal.extra_tokens, *extra)
             chunk_logits, cache = verify(model, template, proposal.target_cache, lengths, pending, proposal.tokens, running, extra)
             verified_depth = template.max_depth
-        else:  # the batch's depth this step; a probe drafts one token and verifies none
-            verified_depth, probe = control.plan(running)
+        else:
             depth_limit = jnp.where(running, jnp.where(probe, 1, verified_depth), 0)
-            propose = lambda: self.drafter.propose(model, state, pending, depth_limit, draft_key, template)  # noqa: E731
-            idle = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(propose))
+            def propose(proposal: Proposal) -> Proposal:  # drafts into the caches the (idle) proposal carries
+                drafting = state.replace(cache=proposal.target_cache, drafter_state=proposal.drafter_state)
+                return self.drafter.propose(model, drafting, pending, depth_limit, draft_key, template)
+
+            shapes = jax.eval_shape(lambda: self.drafter.propose(model, state, pending, depth_limit, draft_key, template))
+            idle = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
             idle = idle.replace(target_cache=state.cache, drafter_state=state.drafter_state)
-            proposal = jax.lax.cond((verified_depth > 0) | probe, propose, lambda: idle)
+            proposal = run_if((verified_depth > 0) | probe, propose, idle)
             chunk_logits, cache = verify_to_depth(model, template, self.verified_nodes(), verified_depth,
                                                   proposal.target_cache, lengths, pending, proposal.tokens, running)
         logits = chunk_logits[:, : template.num_nodes + 1]
@@ -355,7 +432,7 @@ class Speculative:
             ))
 
         draft_depth = state.draft_depth
-        if self.adaptive:
+        if self.adaptive is True:
             accepted_all = num_accepted >= proposal.valid_depth
             draft_depth = jnp.where(
                 running,
@@ -415,15 +492,17 @@ def verify_to_depth(
     running: jax.Array,  # [B] bool
 ) -> tuple[jax.Array, Cache]:  # logits [B, N + 1, V] (zero past the verified nodes), cache
     """`verify` over the pending token and the nodes up to a traced depth: one compiled forward per depth, of that
-    width, selected by `lax.switch` (a shallow step does not pay for the template's full width)."""
+    width, selected by `run_indexed` (a shallow step does not pay for the template's full width; the cache is
+    written in place)."""
 
     def branch(nodes: int):
-        def run():
-            logits, written = verify(model, template, cache, lengths, pending, tokens, running, num_nodes=nodes)
+        def run(operand: tuple[jax.Array, Cache]) -> tuple[jax.Array, Cache]:
+            logits, written = verify(model, template, operand[1], lengths, pending, tokens, running, num_nodes=nodes)
             return jnp.pad(logits, ((0, 0), (0, template.num_nodes - nodes), (0, 0))), written
         return run
 
-    return jax.lax.switch(depth, [branch(nodes) for nodes in verified_nodes])
+    empty = jnp.zeros((pending.shape[0], template.num_nodes + 1, model.config.vocab_size), jnp.float32)
+    return run_indexed(depth, [branch(nodes) for nodes in verified_nodes], (empty, cache))
 
 
 def verify(
