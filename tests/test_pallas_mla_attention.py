@@ -249,7 +249,7 @@ def test_mla_triton_width_rules():
     lens = jnp.array([10], jnp.int32)
     with pytest.raises(ValueError, match="kv_lora_rank"):
         mla_decode_attention(q_latent, q_rope, latent, k_rope, lens, scale=0.1, block_size=32, backend="triton")
-    out, lse = mla_decode_attention(q_latent, q_rope, latent, k_rope, lens, scale=0.1, block_size=32, backend="tpu")
+    out, lse = mla_decode_attention(q_latent, q_rope, latent, k_rope, lens, scale=0.1, block_size=32, **backend_kwargs("tpu"))
     ref_out, ref_lse = mla_decode_attention_reference(q_latent, q_rope, latent, k_rope, lens, scale=0.1)
     assert_close(out, lse, ref_out, ref_lse, jnp.float32)
 
