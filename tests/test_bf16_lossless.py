@@ -8,9 +8,12 @@ identically in every strategy and cache mode."""
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jspec
+from jspec.strategies.auto_depth import StepCosts
 
 CODE = [
     "class LRUCache:\n    def __init__(self, capacity):\n        self.capacity = capacity\n",
@@ -46,6 +49,23 @@ def test_speculative_family_equals_greedy_in_bfloat16(demo_pair, greedy_referenc
         options = dict(options, draft=draft)
     got = jspec.decode(target, CODE, strategy, max_new_tokens=32, stop_tokens=[], **options)
     assert got.sequences() == greedy_reference
+
+
+@pytest.mark.parametrize("step_costs, plain", [([1.0, 1.6, 1.8, 2.0, 2.2], False), ([1.0, 2.5, 3.0, 3.5, 4.0], True)],
+                         ids=["drafting", "plain_steps_and_probes"])
+def test_auto_depth_equals_greedy_in_bfloat16(demo_pair, greedy_reference, step_costs, plain):
+    """num_draft_tokens="auto" under given step costs (deterministic: nothing timed): cheap drafts make it draft,
+    dear ones make every step a plain autoregressive step with probes; both reproduce greedy decoding in bf16."""
+    target, draft = demo_pair
+    costs = StepCosts(jnp.asarray(step_costs, jnp.float32), jnp.float32(1.3))
+    got = jspec.decode(target, CODE, "speculative", draft=draft, num_draft_tokens="auto", step_costs=costs,
+                       max_new_tokens=32, stop_tokens=[])
+    assert got.sequences() == greedy_reference
+    depths = np.asarray(got.stats["depth_histogram"])
+    if plain:
+        assert depths[1:].sum() == 0 and int(got.stats["probes"]) > 0
+    else:
+        assert depths[1:].sum() > 0
 
 
 @pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
