@@ -456,8 +456,11 @@ class Trainer:
         windows = data_lib.eval_windows(self.data.heldout_stream, self.config.seq_len, max_windows, self.data.window_stride)
         return mean_eval_loss(self._eval_step, params, windows, self.config.batch_size, self.place_tokens)
 
-    def step(self, state: TrainState) -> tuple[TrainState, dict[str, jax.Array]]:
-        return self._train_step(state, self.place_tokens(self.batches.batch(int(state.step))))
+    def step(self, state: TrainState, step: int | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One optimizer step on batch `step` (None: read `state.step`, a device-to-host sync; the training loop
+        counts steps on the host instead, so it can queue the next step while the device runs this one)."""
+        step = int(state.step) if step is None else step
+        return self._train_step(state, self.place_tokens(self.batches.batch(step)))
 
 
 class CheckpointStore:
@@ -604,9 +607,10 @@ def train(
     metrics_file = (out / "metrics.jsonl").open("a")
     last_eval: dict[str, float] = {}
     try:
-        while int(state.step) < end_step:
-            state, metrics = trainer.step(state)
-            step = int(state.step)
+        step = int(state.step)  # counted on the host from here: no device-to-host sync per step
+        while step < end_step:
+            state, metrics = trainer.step(state, step)
+            step += 1
             pending.append((step, metrics))
             window_steps += 1
             if step % config.log_every == 0 or step == end_step:
