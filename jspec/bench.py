@@ -26,6 +26,33 @@ class Timing:
     runs: list[float]
     result: Any = None
 
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.runs)
+
+
+def time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int = 5) -> dict[str, Timing]:
+    """Each call once to compile, then `repeats` rounds of every call in turn (A, B, ..., A, B, ...), each blocked
+    until its results are ready: load changes on the machine fall on every call alike, so ratios of
+    `total_seconds` compare them fairly."""
+    first = {}
+    for name, fn in calls.items():
+        started = time.perf_counter()
+        jax.block_until_ready(fn())
+        first[name] = time.perf_counter() - started
+    runs: dict[str, list[float]] = {name: [] for name in calls}
+    results: dict[str, Any] = {}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            started = time.perf_counter()
+            results[name] = jax.block_until_ready(fn())
+            runs[name].append(time.perf_counter() - started)
+    timings = {}
+    for name in calls:
+        median = statistics.median(runs[name])
+        timings[name] = Timing(max(first[name] - median, 0.0), median, runs[name], results[name])
+    return timings
+
 
 def time_call(fn: Callable[[], Any], repeats: int = 5) -> Timing:
     """Call fn once to compile, then `repeats` times; every call is blocked until its results are ready."""
