@@ -48,13 +48,11 @@ def test_diffusion_demo_models_load_by_name_with_their_mask_token():
 def test_freedave_equals_static_on_the_demo_model_with_fewer_forwards(dllm):
     options = dict(max_new_tokens=32, block_size=16)
     static = jspec.decode(dllm, PROMPTS, "dllm_static", **options)
-    for draft_steps in (2, 4):
-        free = jspec.decode(dllm, PROMPTS, "freedave", draft_steps=draft_steps, **options)
-        assert free.sequences() == static.sequences()
-        assert int(free.stats["model_calls"]) < int(static.stats["model_calls"])
-    threshold_one = jspec.decode(dllm, PROMPTS, "dllm_threshold", threshold=1.0, cache="dual", **options)
-    static_dual = jspec.decode(dllm, PROMPTS, "dllm_static", cache="dual", **options)
-    assert threshold_one.sequences() == static_dual.sequences()
+    # (draft_steps=4 in bf16 and every cache mode: test_bf16_lossless.py; threshold 1 == static with each cache
+    # mode, and draft_steps 1..5: test_diffusion.py on tiny models)
+    free = jspec.decode(dllm, PROMPTS, "freedave", draft_steps=2, **options)
+    assert free.sequences() == static.sequences()
+    assert int(free.stats["model_calls"]) < int(static.stats["model_calls"])
 
 
 def test_block_diffusion_cache_equals_no_cache_on_the_demo_model(block_model):
