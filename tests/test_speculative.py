@@ -59,6 +59,17 @@ def test_greedy_equals_autoregressive(pair, name):
         assert got.stats["model_calls"] < want.stats["model_calls"] / 2
 
 
+def test_numpy_bool_adaptive_adapts_like_true(pair):
+    """adaptive=np.True_ is adaptive=True (it once compiled a non-adapting loop, then shared it with True)."""
+    target, draft = pair
+    calls = {}
+    for flag in (np.True_, True, False):
+        out = jspec.decode(target, PROMPTS, "speculative", draft=draft, num_draft_tokens=4, adaptive=flag, max_new_tokens=18,
+                           stop_tokens=[])
+        calls[repr(flag)] = int(out.stats["draft_calls"])
+    assert calls["np.True_"] == calls["True"] != calls["False"]
+
+
 @pytest.mark.parametrize("name", ["chain-draft", "tree-draft", "prompt-lookup", "layer-skip-chain"])
 def test_stats_add_up(pair, name):
     target = pair[0]

@@ -156,6 +156,8 @@ class Speculative:
     max_ngram: dataclasses.InitVar[int] = 3
 
     def __post_init__(self, draft: Model | None, skip_layers: tuple[int, ...], max_ngram: int) -> None:
+        if isinstance(self.adaptive, np.bool_):  # a static field: np.True_ == True shares True's compiled loop
+            object.__setattr__(self, "adaptive", bool(self.adaptive))
         if self.drafter is None or isinstance(self.drafter, str):
             object.__setattr__(self, "drafter", drafter_from_options(self.drafter, draft, skip_layers, max_ngram))
         elif draft is not None or skip_layers != () or max_ngram != 3:
