@@ -50,6 +50,8 @@ def test_distillation_terms_match_a_direct_computation(student, teacher):
     log_q = jax.nn.log_softmax(student_logits)
     expected_argmax = -jnp.take_along_axis(log_q, jnp.argmax(teacher_logits, -1)[..., None], -1)[..., 0]
     np.testing.assert_allclose(terms["argmax"], expected_argmax, rtol=1e-5)
+    expected_hard = -jnp.take_along_axis(log_q, tokens[:, 1:, None], -1)[..., 0]  # cross-entropy on the data's tokens
+    np.testing.assert_allclose(terms["hard"], expected_hard, rtol=1e-5)
     np.testing.assert_allclose(terms["loss"], terms["kl"] + 0.3 * terms["hard"] + 0.5 * terms["argmax"], rtol=1e-6)
     same = objectives.distillation_losses(teacher_logits, teacher_logits, tokens[:, 1:], 1.0, 1.0, 0.0, 0.0)
     np.testing.assert_allclose(same["kl"], 0.0, atol=1e-5)
