@@ -34,7 +34,7 @@ from flax import struct
 from jspec import masks, validation
 from jspec.cache import Cache
 from jspec.strategies import unmasking
-from jspec.strategies.base import DecodeOutput, OutputBuffer, Prompts, register_strategy, static_field
+from jspec.strategies.base import DecodeOutput, OutputBuffer, Prompts, register_strategy, run_either, static_field
 from jspec.strategies.diffusion import emit_decided
 from jspec.validation import ArgumentError
 
@@ -254,7 +254,7 @@ class BlockDiffusion:
             state = self._block_step(model, state, running)
         else:
             block_step = lambda s: self._block_step(model, s, whole)  # noqa: E731
-            state = jax.lax.cond(jnp.any(whole), block_step, lambda s: self._sub_block_step(model, s, running), state)
+            state = run_either(jnp.any(whole), block_step, lambda s: self._sub_block_step(model, s, running), state)
         return state.replace(step=state.step + 1)
 
     def done(self, state: BlockDiffusionState) -> jax.Array:

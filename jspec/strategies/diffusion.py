@@ -46,7 +46,7 @@ from flax import struct
 from jspec import masks, validation
 from jspec.cache import Cache
 from jspec.strategies import unmasking
-from jspec.strategies.base import DecodeOutput, OutputBuffer, Prompts, register_strategy, static_field
+from jspec.strategies.base import DecodeOutput, OutputBuffer, Prompts, register_strategy, run_either, static_field
 from jspec.strategies.unmasking import StaticUnmasking, UnmaskingRule, unmasking_rule
 from jspec.validation import ArgumentError
 
@@ -278,7 +278,7 @@ class MaskedDiffusion:
             state = self._live_step(model, state)
         else:
             refresh = lambda s: self._refresh(model, s, stale)  # noqa: E731
-            state = jax.lax.cond(jnp.any(stale), refresh, lambda s: self._live_step(model, s), state)
+            state = run_either(jnp.any(stale), refresh, lambda s: self._live_step(model, s), state)
         return state.replace(step=state.step + 1)
 
     def done(self, state: MaskedDiffusionState) -> jax.Array:
