@@ -350,6 +350,24 @@ def _never_drafting_costs(max_depth):
     return StepCosts(jnp.asarray(np.where(widths > 1, widths + 9, 1.0)), jnp.float32(1.1))
 
 
+def test_probes_stay_within_their_budget():
+    """A probe that costs little more than a plain step comes after the minimum interval, a dear one after enough
+    steps that its extra cost is PROBE_BUDGET of theirs (at most MAX_PROBE_INTERVAL; a larger minimum stays); the
+    interval doubles after a probe that does not bring drafting back and returns to its start after drafting."""
+    from jspec.strategies import auto_depth as ad
+
+    def interval(probe, minimum=8):
+        return int(ad.first_probe_interval(ad.StepCosts(jnp.asarray([1.0, 1.5]), jnp.float32(probe)), minimum))
+
+    assert interval(1.0) == 8 and interval(1.05, minimum=1) == 3  # 0.05 / 0.02 -> 3 steps
+    assert interval(1.25) == 13 and interval(3.0) == ad.MAX_PROBE_INTERVAL and interval(3.0, minimum=1 << 20) == 1 << 20
+    control = ad.DepthControl.create(ad.StepCosts(jnp.asarray([1.0, 1.5]), jnp.float32(1.25)), 2, 8)
+    none = jnp.zeros((2, 1), bool)
+    probed = control.after(jnp.int32(0), jnp.bool_(True), none, none)
+    drafted = probed.after(jnp.int32(1), jnp.bool_(False), none, none)
+    assert (int(control.probe_interval), int(probed.probe_interval), int(drafted.probe_interval)) == (13, 26, 13)
+
+
 @pytest.mark.parametrize("name", ["chain-random-draft", "tree-self-as-draft", "prompt-lookup"])
 def test_auto_depth_greedy_equals_autoregressive(pair, name):
     """num_draft_tokens="auto" / adaptive="auto" equal greedy autoregressive decoding; a useless (random) draft is
@@ -387,6 +405,7 @@ def test_auto_depth_sampling_reproduces_the_target_distribution(toy_pair, costs,
     target, draft = toy_pair
     step_costs = auto_depth.StepCosts.memory_bound(4, 0.1) if costs == "memory-bound" else _never_drafting_costs(4)
     monkeypatch.setattr(auto_depth, "PROBE_INTERVAL", 1)  # probe every step that does not draft
+    monkeypatch.setattr(auto_depth, "PROBE_BUDGET", float("inf"))  # ... however dear the probe
     jax.clear_caches()
     try:
         p_value, out = _p_value(target, [1, 2, 3], "speculative", dict(draft=draft, num_draft_tokens="auto", step_costs=step_costs), 4)

@@ -14,7 +14,8 @@ state), or given (`Speculative.step_costs`). Each row's acceptance rate is a dec
 (`AcceptanceEstimate`), starting from an optimistic prior. While the batch does not draft, a probe every
 `probe_interval` steps runs the drafter's first call only and tries its first draft against the one-token
 verification (emitting one token either way, so it costs the drafter's call and no wider forward); the interval
-doubles after each probe that does not bring drafting back.
+starts at the larger of `probe_interval` and the steps over which a probe's extra cost (measured) is PROBE_BUDGET
+of a plain step's (capped at MAX_PROBE_INTERVAL), and doubles after each probe that does not bring drafting back.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from flax import struct
 PRIOR_ACCEPTANCE = 0.6  # the acceptance rate assumed before a row has tried any draft
 PRIOR_WEIGHT = 1.0  # ... worth this many observed drafts
 DECAY = 0.95  # each observed draft weighs the older ones down by this factor (the rate reaches 0.03 at the lowest)
-PROBE_INTERVAL = 8  # steps without drafting before the first probe
+PROBE_INTERVAL = 8  # steps without drafting before the first probe (at least; see PROBE_BUDGET)
 MAX_PROBE_INTERVAL = 64
+PROBE_BUDGET = 0.02  # a probe's extra cost over a plain step, spread over the steps between probes, stays below this
 CATCH_UP = PROBE_INTERVAL  # tokens a draft model re-reads before the pending one after steps without drafting
 
 
@@ -141,21 +143,32 @@ class DepthControl:
     acceptance: AcceptanceEstimate
     idle_steps: jax.Array  # [] int32: steps since the drafter last ran
     probe_interval: jax.Array  # [] int32
+    base_interval: jax.Array  # [] int32: the interval after a drafting step
 
     @classmethod
     def create(cls, costs: StepCosts, batch_size: int, probe_interval: int) -> "DepthControl":
-        return cls(costs, AcceptanceEstimate.create(batch_size), jnp.int32(0), jnp.int32(probe_interval))
+        base = first_probe_interval(costs, probe_interval)
+        return cls(costs, AcceptanceEstimate.create(batch_size), jnp.int32(0), base, base)
 
     def plan(self, running: jax.Array) -> tuple[jax.Array, jax.Array]:  # depth [] int32, probe [] bool
         """This step's depth for the batch, and whether it probes (depth 0, the drafter's first draft tried)."""
         depth = choose_depth(self.acceptance.rate, running, self.costs)
         return depth, (depth == 0) & (self.idle_steps + 1 >= self.probe_interval) & jnp.any(running)
 
-    def after(self, depth: jax.Array, probe: jax.Array, accepted_at: jax.Array, tried_at: jax.Array,
-              base_interval: int) -> "DepthControl":
+    def after(self, depth: jax.Array, probe: jax.Array, accepted_at: jax.Array, tried_at: jax.Array) -> "DepthControl":
         """The control after a step at `depth` (probing or not) whose walk accepted / tried these drafts [B, D]."""
         drafted = (depth > 0) | probe
-        interval = jnp.where(depth > 0, base_interval,
-                             jnp.where(probe, jnp.minimum(2 * self.probe_interval, MAX_PROBE_INTERVAL), self.probe_interval))
-        return DepthControl(self.costs, self.acceptance.observe(accepted_at, tried_at),
-                            jnp.where(drafted, 0, self.idle_steps + 1).astype(jnp.int32), interval.astype(jnp.int32))
+        doubled = jnp.maximum(jnp.minimum(2 * self.probe_interval, MAX_PROBE_INTERVAL), self.probe_interval)
+        interval = jnp.where(depth > 0, self.base_interval, jnp.where(probe, doubled, self.probe_interval))
+        return self.replace(acceptance=self.acceptance.observe(accepted_at, tried_at),
+                            idle_steps=jnp.where(drafted, 0, self.idle_steps + 1).astype(jnp.int32),
+                            probe_interval=interval.astype(jnp.int32))
+
+
+def first_probe_interval(costs: StepCosts, minimum: int) -> jax.Array:  # [] int32
+    """The larger of `minimum` and the steps over which a probe's extra cost over a plain step is PROBE_BUDGET of a
+    plain step's (at most MAX_PROBE_INTERVAL): a cheap probe (a drafter without a network) comes often, a dear one
+    (a draft model re-reading the steps it missed, for a batch of rows) rarely."""
+    extra = jnp.maximum(costs.probe / costs.step[0] - 1.0, 0.0)
+    budgeted = jnp.minimum(jnp.ceil(extra / PROBE_BUDGET), MAX_PROBE_INTERVAL).astype(jnp.int32)
+    return jnp.maximum(jnp.int32(minimum), budgeted)

@@ -319,7 +319,8 @@ class Speculative:
 
     @property
     def probe_interval(self) -> int:
-        """Steps without drafting before a probe: every step for a drafter without a network (it costs nothing)."""
+        """The fewest steps without drafting before a probe (every step for a drafter without a network: it costs
+        nothing); `auto_depth.first_probe_interval` raises it where the measured probe is dear."""
         return 1 if isinstance(self.drafter, PromptLookupDrafter) else auto_depth.PROBE_INTERVAL
 
     def step(self, model: Model, state: SpeculativeState) -> SpeculativeState:
@@ -348,7 +349,7 @@ class Speculative:
         history = scatter_rows(state.history, token[:, None], jnp.where(running, lengths + 1, -1)[:, None])
         kept = output.lengths - state.output.lengths
         no_trials = jnp.zeros((running.shape[0], self.template.max_depth), bool)  # [B, D]
-        control = state.depth_control.after(jnp.int32(0), jnp.bool_(False), no_trials, no_trials, self.probe_interval)
+        control = state.depth_control.after(jnp.int32(0), jnp.bool_(False), no_trials, no_trials)
         stats = dict(state.stats)
         stats["model_calls"] = stats["model_calls"] + 1
         stats["active_steps"] = stats["active_steps"] + running
@@ -453,7 +454,7 @@ class Speculative:
         stats["tried_by_depth"] = stats["tried_by_depth"] + jnp.sum(walk.tried_at_depth & running[:, None], axis=0)
         if control is not None:
             control = control.after(verified_depth, probe, walk.accepted_at_depth & running[:, None],
-                                    walk.tried_at_depth & running[:, None], self.probe_interval)
+                                    walk.tried_at_depth & running[:, None])
             stats["depth_histogram"] = stats["depth_histogram"].at[verified_depth].add(1)
             stats["probes"] = stats["probes"] + probe
         return state.replace(
