@@ -5,8 +5,13 @@ A row's prompt fills its complete blocks, which are committed (their keys/values
 prompt's tail (or, when the prompt ends on a block boundary, the block whose first token is the argmax of the
 prompt's last logit) is the first one decoded. A block is decided sub-block by sub-block (`sub_block_size`, left
 to right): each iteration runs the block bidirectionally over the committed prefix, predicts masked positions
-with the token shift (position i from the logits at i - 1), and unmasks every masked position of the current
-sub-block with confidence > `threshold`, and at least the most confident one. A complete block is emitted (stop
+with the token shift (position i from the logits at i - 1), and lets the unmasking rule (`unmasking`, the
+masked-diffusion rules of jspec/strategies/unmasking.py that decide from one forward) choose among the masked
+positions of the current sub-block: "threshold" (Fast-dLLM v2: every one with confidence > `threshold`, and at
+least the most confident one), "static" (the most confident one), or "learn2pd" (Learn2PD: every one a learned
+filter scores above `threshold`, and at least the most confident one; the filter's features are computed over
+the sub-block, the positions the rule may unmask). Threshold 1 decides one token per forward under either
+threshold rule, the same tokens as "static". A complete block is emitted (stop
 tokens end the row there) and committed by one more forward, whose last logit gives the next block's first token.
 Rows move through blocks independently; positions past max_new_tokens are never decided.
 
@@ -35,7 +40,8 @@ from jspec import masks, validation
 from jspec.cache import Cache
 from jspec.strategies import unmasking
 from jspec.strategies.base import DecodeOutput, OutputBuffer, Prompts, register_strategy, static_field
-from jspec.strategies.diffusion import emit_decided
+from jspec.strategies.diffusion import LEARN2PD_THRESHOLD, emit_decided
+from jspec.strategies.unmasking import ThresholdUnmasking, UnmaskingRule, unmasking_rule
 from jspec.validation import ArgumentError
 
 # --- caches --------------------------------------------------------------------------------------------
@@ -165,7 +171,6 @@ class BlockDiffusionState:
     output: OutputBuffer
     stop_tokens: jax.Array  # [B, K]
     temperature: jax.Array  # [B] float32
-    threshold: jax.Array  # [B] float32
     key: jax.Array
     step: jax.Array  # [] int32
     model_calls: jax.Array  # [] int32
@@ -179,8 +184,9 @@ class BlockDiffusion:
 
     block_size (static, None: the model's training block size), sub_block_size (static, divides block_size),
     cache (static): a `BlockDiffusionCache` (the factory `block_diffusion` takes the names "none" | "block" |
-    "sub_block"). threshold in (0, 1] and temperature >= 0: traced, scalar or one per row. threshold 1 decides
-    one token per forward.
+    "sub_block"). unmasking: a one-branch `UnmaskingRule` (`ThresholdUnmasking`, `StaticUnmasking`,
+    `Learn2PDUnmasking`), applied to the current sub-block; its threshold and filter are traced (swapping them
+    does not recompile). temperature >= 0: traced, scalar or one per row.
     """
 
     name: ClassVar[str] = "block_diffusion"
@@ -188,7 +194,7 @@ class BlockDiffusion:
     block_size: int | None = static_field(default=None)
     sub_block_size: int = static_field(default=8)
     cache: BlockDiffusionCache = static_field(default=BlockCache())
-    threshold: Any = 0.9
+    unmasking: UnmaskingRule = ThresholdUnmasking(threshold=0.9)
     temperature: Any = 0.0
     end_of_text: bool = static_field(default=True)
 
@@ -205,8 +211,10 @@ class BlockDiffusion:
         block_size = self._block_size(model)
         if block_size % self.sub_block_size:
             raise ArgumentError(f"sub_block_size: {self.sub_block_size} does not divide block_size={block_size}")
-        unmasking.check_options(prompts, self.temperature, self.threshold)
+        unmasking.check_options(prompts, self.temperature)
         validation.check_bool("end_of_text", self.end_of_text)
+        check_sub_block_rule(self.unmasking)
+        self.unmasking.validate(prompts)
 
     def cache_headroom(self) -> int:
         return 0
@@ -233,7 +241,6 @@ class BlockDiffusion:
             output=OutputBuffer.create(batch, new),
             stop_tokens=prompts.stop_tokens,
             temperature=unmasking.per_row(self.temperature, batch),
-            threshold=unmasking.per_row(self.threshold, batch),
             key=key,
             step=jnp.int32(0),
             model_calls=jnp.int32(0),
@@ -325,24 +332,28 @@ class BlockDiffusion:
     # --- decisions --------------------------------------------------------------------------------------
 
     def _decide(self, model: Any, state: BlockDiffusionState, logits: jax.Array, first: jax.Array, rows: jax.Array) -> BlockDiffusionState:
-        """Unmask in the current sub-block of `rows`, from logits [B, T, V] predicting block offsets
+        """Let the rule unmask in the current sub-block of `rows`, from logits [B, T, V] predicting block offsets
         first [B] + t; then emit a completed block."""
-        bs = self._block_size(model)
         length = logits.shape[1]
         offsets = first[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]  # [B, T] block offsets predicted
-        slots = state.committed[:, None] + offsets
         predicted, confidence = unmasking.predict(
-            logits[:, None], slots, state.decided[:, None], state.temperature, state.key, state.mask_token_id
+            logits[:, None], state.committed[:, None] + offsets, state.decided[:, None], state.temperature, state.key,
+            state.mask_token_id,
         )
-        predicted, confidence = predicted[:, 0], confidence[:, 0]
-        to_decide = self._to_decide(model, state)  # [B, bs]
-        sub_block = self._current_sub_block(model, state)
-        in_sub_block = (offsets // self.sub_block_size) == sub_block[:, None]
-        eligible = jnp.take_along_axis(to_decide, jnp.clip(offsets, 0, bs - 1), axis=1) & (offsets < bs) & in_sub_block
-        chosen = unmasking.above_threshold(confidence, eligible, state.threshold) & rows[:, None]
+        # the sub-block's window: its block offsets and where the logits predict them
+        sub = self.sub_block_size
+        window = self._current_sub_block(model, state)[:, None] * sub + jnp.arange(sub, dtype=jnp.int32)[None, :]  # [B, sub]
+        index = window - first[:, None]  # [B, sub]: the logit predicting each window position
+        predicted_here = (index >= 0) & (index < length)
+        gather = lambda x: jnp.take_along_axis(x[:, 0], jnp.clip(index, 0, length - 1), axis=1)  # noqa: E731
+        to_decide = jnp.take_along_axis(self._to_decide(model, state), jnp.clip(window, 0, self._block_size(model) - 1), axis=1)
+        eligible = to_decide & predicted_here & (window >= 0) & rows[:, None]
+        slots = state.committed[:, None] + window  # [B, sub]
+        window_predicted = gather(predicted)
+        chosen = self.unmasking.select(window_predicted, gather(confidence), eligible, slots - state.gen_start[:, None])
         write = jnp.where(chosen, slots, state.canvas.shape[1])
         batch_rows = jnp.arange(state.canvas.shape[0])[:, None]
-        canvas = state.canvas.at[batch_rows, write].set(predicted, mode="drop")
+        canvas = state.canvas.at[batch_rows, write].set(window_predicted, mode="drop")
         state = state.replace(canvas=canvas, decided=state.decided + jnp.sum(chosen, axis=1, dtype=jnp.int32))
         return self._emit_complete(model, state, rows)
 
@@ -380,19 +391,37 @@ class BlockDiffusion:
         return state.block_forwards + jax.nn.one_hot(index, max_blocks, dtype=jnp.int32) * rows[:, None]
 
 
+def check_sub_block_rule(rule: Any) -> None:
+    """A rule block_diffusion can apply: one that decides from one forward's predictions of the current state."""
+    rule = unmasking.choose_policy("unmasking", rule, {}, UnmaskingRule)
+    if rule.num_branches != 1 or rule.drafts_from_kept_predictions:
+        raise ArgumentError(
+            f"unmasking: block_diffusion decides each sub-block from one forward of its current state; "
+            f"{type(rule).__name__} runs drafted branches (use 'threshold', 'static' or 'learn2pd')"
+        )
+
+
 def block_diffusion(
     *,
     block_size: int | None = None,
     sub_block_size: int = 8,
     cache: str | BlockDiffusionCache = "block",
-    threshold: Any = 0.9,
+    unmasking: str | UnmaskingRule = "threshold",
+    threshold: Any = None,
+    filter: Any = "demo-code-bd",
     temperature: Any = 0.0,
     end_of_text: bool = True,
 ) -> BlockDiffusion:
-    """Fast-dLLM v2 block-diffusion decoding (see the module docstring)."""
-    cache = block_diffusion_cache(cache)
-    options = dict(threshold=threshold, temperature=temperature, end_of_text=end_of_text)
-    return BlockDiffusion(block_size=block_size, sub_block_size=sub_block_size, cache=cache, **options)
+    """Fast-dLLM v2 block-diffusion decoding (see the module docstring). unmasking: "threshold" | "static" |
+    "learn2pd" or a rule object; threshold: the "threshold" rule's confidence threshold (None: 0.9) or the
+    "learn2pd" rule's filter-score threshold (None: LEARN2PD_THRESHOLD); filter: the "learn2pd" rule's (a model
+    name whose filter is shipped, a .safetensors filter file, or an `UnmaskingFilter`)."""
+    if threshold is None:
+        threshold = LEARN2PD_THRESHOLD if unmasking == "learn2pd" else 0.9
+    rule = unmasking_rule(unmasking, threshold=threshold, filter=filter)
+    check_sub_block_rule(rule)
+    options = dict(temperature=temperature, end_of_text=end_of_text)
+    return BlockDiffusion(block_size=block_size, sub_block_size=sub_block_size, cache=block_diffusion_cache(cache), unmasking=rule, **options)
 
 
 register_strategy("block_diffusion", block_diffusion)
