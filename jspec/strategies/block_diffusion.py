@@ -30,7 +30,7 @@ Caches (`cache`: a name, or one of the policy objects `NoBlockCache`, `BlockCach
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -159,6 +159,16 @@ def canvas_logits(
 # --- the decoder ---------------------------------------------------------------------------------------
 
 
+class SubBlockDecision(NamedTuple):
+    """What the unmasking rule saw at a row's last decision: the current sub-block's positions (the Learn2PD
+    trainer, jspec/train/learn2pd.py, records these along static decoding)."""
+
+    predicted: jax.Array  # [B, sub] int32: the fresh predictions
+    confidence: jax.Array  # [B, sub] float32
+    masked: jax.Array  # [B, sub] bool: positions the rule could unmask (none where the row's forward decided nothing)
+    positions: jax.Array  # [B, sub] int32: generated positions (0 = the first generated token)
+
+
 @struct.dataclass
 class BlockDiffusionState:
     canvas: jax.Array  # [B, S] int32: prompt, decided tokens, mask tokens elsewhere
@@ -175,6 +185,7 @@ class BlockDiffusionState:
     step: jax.Array  # [] int32
     model_calls: jax.Array  # [] int32
     block_forwards: jax.Array  # [B, max_blocks] int32: forwards each row spent deciding each of its blocks
+    last_decision: SubBlockDecision
     mask_token_id: int = static_field()
 
 
@@ -245,6 +256,7 @@ class BlockDiffusion:
             step=jnp.int32(0),
             model_calls=jnp.int32(0),
             block_forwards=jnp.zeros((batch, max_blocks), jnp.int32),
+            last_decision=SubBlockDecision(*(jnp.zeros((batch, self.sub_block_size), t) for t in (jnp.int32, jnp.float32, bool, jnp.int32))),
             mask_token_id=mask_id,
         )
         # Prefill: commit the prompt's complete blocks; where the prompt ends on a block boundary its last
@@ -349,12 +361,13 @@ class BlockDiffusion:
         to_decide = jnp.take_along_axis(self._to_decide(model, state), jnp.clip(window, 0, self._block_size(model) - 1), axis=1)
         eligible = to_decide & predicted_here & (window >= 0) & rows[:, None]
         slots = state.committed[:, None] + window  # [B, sub]
-        window_predicted = gather(predicted)
-        chosen = self.unmasking.select(window_predicted, gather(confidence), eligible, slots - state.gen_start[:, None])
+        decision = SubBlockDecision(gather(predicted), gather(confidence), eligible, slots - state.gen_start[:, None])
+        chosen = self.unmasking.select(*decision)
         write = jnp.where(chosen, slots, state.canvas.shape[1])
         batch_rows = jnp.arange(state.canvas.shape[0])[:, None]
-        canvas = state.canvas.at[batch_rows, write].set(window_predicted, mode="drop")
-        state = state.replace(canvas=canvas, decided=state.decided + jnp.sum(chosen, axis=1, dtype=jnp.int32))
+        canvas = state.canvas.at[batch_rows, write].set(decision.predicted, mode="drop")
+        decided = state.decided + jnp.sum(chosen, axis=1, dtype=jnp.int32)
+        state = state.replace(canvas=canvas, decided=decided, last_decision=decision)
         return self._emit_complete(model, state, rows)
 
     def _emit_complete(self, model: Any, state: BlockDiffusionState, rows: jax.Array) -> BlockDiffusionState:
