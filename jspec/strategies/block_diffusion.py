@@ -346,22 +346,18 @@ class BlockDiffusion:
     def _decide(self, model: Any, state: BlockDiffusionState, logits: jax.Array, first: jax.Array, rows: jax.Array) -> BlockDiffusionState:
         """Let the rule unmask in the current sub-block of `rows`, from logits [B, T, V] predicting block offsets
         first [B] + t; then emit a completed block."""
-        length = logits.shape[1]
-        offsets = first[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]  # [B, T] block offsets predicted
-        predicted, confidence = unmasking.predict(
-            logits[:, None], state.committed[:, None] + offsets, state.decided[:, None], state.temperature, state.key,
-            state.mask_token_id,
-        )
-        # the sub-block's window: its block offsets and where the logits predict them
-        sub = self.sub_block_size
+        # the current sub-block's window: its block offsets, and which logit predicts each (token shift)
+        sub, length = self.sub_block_size, logits.shape[1]
         window = self._current_sub_block(model, state)[:, None] * sub + jnp.arange(sub, dtype=jnp.int32)[None, :]  # [B, sub]
-        index = window - first[:, None]  # [B, sub]: the logit predicting each window position
-        predicted_here = (index >= 0) & (index < length)
-        gather = lambda x: jnp.take_along_axis(x[:, 0], jnp.clip(index, 0, length - 1), axis=1)  # noqa: E731
-        to_decide = jnp.take_along_axis(self._to_decide(model, state), jnp.clip(window, 0, self._block_size(model) - 1), axis=1)
-        eligible = to_decide & predicted_here & (window >= 0) & rows[:, None]
+        index = window - first[:, None]  # [B, sub]
+        window_logits = jnp.take_along_axis(logits, jnp.clip(index, 0, length - 1)[:, :, None], axis=1)  # [B, sub, V]
         slots = state.committed[:, None] + window  # [B, sub]
-        decision = SubBlockDecision(gather(predicted), gather(confidence), eligible, slots - state.gen_start[:, None])
+        predicted, confidence = unmasking.predict(
+            window_logits[:, None], slots, state.decided[:, None], state.temperature, state.key, state.mask_token_id
+        )
+        to_decide = jnp.take_along_axis(self._to_decide(model, state), jnp.clip(window, 0, self._block_size(model) - 1), axis=1)
+        eligible = to_decide & (index >= 0) & (index < length) & (window >= 0) & rows[:, None]
+        decision = SubBlockDecision(predicted[:, 0], confidence[:, 0], eligible, slots - state.gen_start[:, None])
         chosen = self.unmasking.select(*decision)
         write = jnp.where(chosen, slots, state.canvas.shape[1])
         batch_rows = jnp.arange(state.canvas.shape[0])[:, None]
