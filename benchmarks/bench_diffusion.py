@@ -3,7 +3,9 @@
 demo-code-dllm (masked diffusion) runs dllm_static, dllm_threshold (several thresholds and caches), freedave
 and dllm_learn2pd (the shipped Learn2PD filter at several thresholds, with the dual cache, and the oracle filter:
 Learn2PD's bound, positions whose prediction is static decoding's token); demo-code-bd (block diffusion) runs
-block_diffusion (thresholds and caches); demo-code runs autoregressive greedy. All on the same held-out code
+block_diffusion (thresholds and caches) and block_diffusion with Learn2PD on its sub-blocks (demo-code-bd's
+shipped filter with the default block cache and the sub-block cache, and the oracle filter of block_diffusion
+at threshold 1); demo-code runs autoregressive greedy. All on the same held-out code
 prompts (the models never trained on them), batch 1, in float32, in one process. Every program is compiled
 first; then each round runs every setting on every prompt, interleaved (A, B, C, A, B, C, ...), so load changes
 fall on every setting alike. Every speedup is a ratio of total wall-clock times measured in this run: against
@@ -37,7 +39,8 @@ from jspec.strategies import learn2pd
 
 def settings(quick: bool) -> list[tuple[str, str, str, dict]]:
     """(label, model key, strategy, options); options {"filter": "oracle"} is the oracle filter of each prompt's
-    dllm_static output, {"stop": "line end"} stops at the first line break."""
+    output under the model's reference setting (`reference_label`), {"stop": "line end"} stops at the first line
+    break."""
     rows = [("autoregressive greedy", "ar", "greedy", {}), ("dllm_static", "dllm", "dllm_static", {})]
     thresholds = (0.9, 0.7) if quick else (0.9, 0.7, 0.5, 0.3)
     rows += [(f"dllm_threshold t={t}", "dllm", "dllm_threshold", {"threshold": t}) for t in thresholds]
@@ -57,6 +60,10 @@ def settings(quick: bool) -> list[tuple[str, str, str, dict]]:
     rows += [(f"block_diffusion t={t}", "bd", "block_diffusion", {"threshold": t}) for t in bd_thresholds]
     bd_caches = ("sub_block",) if quick else ("none", "sub_block")
     rows += [(f"block_diffusion t=0.9 {c} cache", "bd", "block_diffusion", {"threshold": 0.9, "cache": c}) for c in bd_caches]
+    learned = {"unmasking": "learn2pd", "threshold": 0.99}
+    rows += [("block_diffusion learn2pd t=0.99", "bd", "block_diffusion", learned)]
+    rows += [("block_diffusion learn2pd t=0.99 sub_block cache", "bd", "block_diffusion", {**learned, "cache": "sub_block"})]
+    rows += [("block_diffusion learn2pd oracle filter", "bd", "block_diffusion", {"unmasking": "learn2pd", "threshold": 0.5, "filter": "oracle"})]
     rows += [(f"block_diffusion t=0.9 stop at line end, EoTP {'on' if on else 'off'}", "bd", "block_diffusion",
               {"threshold": 0.9, "stop": "line end", "end_of_text": on}) for on in (False, True)]
     return rows
@@ -108,7 +115,7 @@ def main() -> None:
     print(f"{len(prompts)} held-out prompts x {args.prompt_tokens} tokens, {args.new_tokens} new tokens each, batch 1, float32")
 
     line_ends = [i for i in range(models["ar"].config.vocab_size) if "\n" in models["ar"].tokenizer.decode([i])]
-    static_of: dict[int, list[int]] = {}  # each prompt's dllm_static output (the oracle filter's reference)
+    static_of: dict[tuple[str, int], list[int]] = {}  # (model key, prompt): the reference setting's output (the oracle's)
 
     def call(model_key: str, strategy: str, options: dict, index: int):
         options = dict(options)
@@ -116,7 +123,7 @@ def main() -> None:
         if strategy in ("dllm_static", "dllm_threshold", "freedave", "dllm_learn2pd"):
             options = {"block_size": args.block_size, **options}
         if options.get("filter") == "oracle":
-            options["filter"] = learn2pd.OracleFilter(reference=jnp.asarray([static_of[index]], jnp.int32))
+            options["filter"] = learn2pd.OracleFilter(reference=jnp.asarray([static_of[model_key, index]], jnp.int32))
         model = models[model_key]
         return lambda: jspec.decode(model, [prompts[index]], strategy, max_new_tokens=args.new_tokens, stop_tokens=stops, key=0, **options)  # noqa: E731
 
@@ -127,8 +134,8 @@ def main() -> None:
             started = time.perf_counter()
             result = jax.block_until_ready(call(model_key, strategy, options, index)())
             compile_seconds[label] += time.perf_counter() - started
-            if label == "dllm_static":
-                static_of[index] = result.sequences()[0]
+            if label == reference_label(label, model_key):
+                static_of[model_key, index] = result.sequences()[0]
     totals = {label: dict(seconds=0.0, calls=0, tokens=0, block_forwards=[], outputs=[]) for label, *_ in chosen}
     for round_index in range(args.repeats):
         for index in range(len(prompts)):

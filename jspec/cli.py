@@ -31,7 +31,7 @@ from jspec.strategies.base import _REGISTRY, _option_names
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p")
 SPECULATIVE_FLAGS = ("num_draft_tokens", "tree", "skip_layers", "max_ngram", "adaptive")
 BEAM_FLAGS = ("num_beams", "length_penalty", "early_stopping", "num_return_sequences")
-DIFFUSION_FLAGS = ("block_size", "sub_block_size", "threshold", "draft_steps", "cache", "filter", "end_of_text")
+DIFFUSION_FLAGS = ("block_size", "sub_block_size", "unmasking", "threshold", "draft_steps", "cache", "filter", "end_of_text")
 GENERATION_FLAGS = GENERATION_OPTIONS  # logprobs and logit processors (jspec.processors)
 JACOBI_OPTIONS = (  # name, help, argparse keywords
     ("init", "how empty window slots start: repeat | prompt_lookup | random | repeat_horizon", {}),
@@ -68,7 +68,7 @@ GUARANTEES = {
     "freedave": "lossless: dllm_static's tokens in fewer forwards",
     "dllm_learn2pd": "masked diffusion, Learn2PD learned unmasking filter; threshold=1 is dllm_static",
     "masked_diffusion": "masked diffusion with a named unmasking rule",
-    "block_diffusion": "Fast-dLLM v2 block diffusion; the block cache is exact",
+    "block_diffusion": "Fast-dLLM v2 block diffusion (threshold, static or Learn2PD sub-blocks); the block cache is exact",
     "beam_search": "transformers' beam search: same sequences and sequences_scores",
     "jacobi": "lossless: greedy Jacobi iteration, token-identical to greedy",
     "sjd": "Speculative Jacobi Decoding, distribution-identical (lossy only with lossy=True, relaxed=gsd)",
@@ -184,10 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     option(diffusion, "block_size", "tokens per block; dllm 32, block_diffusion the model's", type=int)
     option(diffusion, "sub_block_size", "block_diffusion sub-block size, 8", type=int)
-    option(diffusion, "threshold", "confidence (dllm_learn2pd: filter score) threshold in (0, 1], 0.9", type=float)
+    option(diffusion, "unmasking", "unmasking rule: static | threshold | learn2pd (masked_diffusion also freedave)")
+    option(diffusion, "threshold", "confidence (learn2pd: filter score) threshold in (0, 1], 0.9 (learn2pd: 0.99)", type=float)
     option(diffusion, "draft_steps", "FreeDave drafts verified per forward, 8", type=int)
     option(diffusion, "cache", "none | prefix | dual (dllm); none | block | sub_block (block_diffusion)")
-    option(diffusion, "filter", "Learn2PD filter: a model name whose filter is shipped (demo-code-dllm) or a .safetensors file")
+    option(diffusion, "filter", "Learn2PD filter: a model name whose filter is shipped (demo-code-dllm, demo-code-bd) or a "
+           ".safetensors file")
     option(diffusion, "end_of_text", "end a row once its decided tokens hold a stop token (lossless, default on)",
            action=argparse.BooleanOptionalAction, default=None)
     processing = generate.add_argument_group("log-probabilities and logit processors (transformers' order, before sampling)")

@@ -5,8 +5,13 @@ A row's prompt fills its complete blocks, which are committed (their keys/values
 prompt's tail (or, when the prompt ends on a block boundary, the block whose first token is the argmax of the
 prompt's last logit) is the first one decoded. A block is decided sub-block by sub-block (`sub_block_size`, left
 to right): each iteration runs the block bidirectionally over the committed prefix, predicts masked positions
-with the token shift (position i from the logits at i - 1), and unmasks every masked position of the current
-sub-block with confidence > `threshold`, and at least the most confident one. A complete block is emitted (stop
+with the token shift (position i from the logits at i - 1), and lets the unmasking rule (`unmasking`, the
+masked-diffusion rules of jspec/strategies/unmasking.py that decide from one forward) choose among the masked
+positions of the current sub-block: "threshold" (Fast-dLLM v2: every one with confidence > `threshold`, and at
+least the most confident one), "static" (the most confident one), or "learn2pd" (Learn2PD: every one a learned
+filter scores above `threshold`, and at least the most confident one; the filter's features are computed over
+the sub-block, the positions the rule may unmask). Threshold 1 decides one token per forward under either
+threshold rule, the same tokens as "static". A complete block is emitted (stop
 tokens end the row there) and committed by one more forward, whose last logit gives the next block's first token.
 Rows move through blocks independently; positions past max_new_tokens are never decided.
 
@@ -25,7 +30,7 @@ Caches (`cache`: a name, or one of the policy objects `NoBlockCache`, `BlockCach
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +40,8 @@ from jspec import masks, validation
 from jspec.cache import Cache
 from jspec.strategies import unmasking
 from jspec.strategies.base import DecodeOutput, OutputBuffer, Prompts, register_strategy, run_either, static_field
-from jspec.strategies.diffusion import emit_decided
+from jspec.strategies.diffusion import LEARN2PD_THRESHOLD, emit_decided
+from jspec.strategies.unmasking import ThresholdUnmasking, UnmaskingRule, unmasking_rule
 from jspec.validation import ArgumentError
 
 # --- caches --------------------------------------------------------------------------------------------
@@ -153,6 +159,16 @@ def canvas_logits(
 # --- the decoder ---------------------------------------------------------------------------------------
 
 
+class SubBlockDecision(NamedTuple):
+    """What the unmasking rule saw at a row's last decision: the current sub-block's positions (the Learn2PD
+    trainer, jspec/train/learn2pd.py, records these along static decoding)."""
+
+    predicted: jax.Array  # [B, sub] int32: the fresh predictions
+    confidence: jax.Array  # [B, sub] float32
+    masked: jax.Array  # [B, sub] bool: positions the rule could unmask (none where the row's forward decided nothing)
+    positions: jax.Array  # [B, sub] int32: generated positions (0 = the first generated token)
+
+
 @struct.dataclass
 class BlockDiffusionState:
     canvas: jax.Array  # [B, S] int32: prompt, decided tokens, mask tokens elsewhere
@@ -165,11 +181,11 @@ class BlockDiffusionState:
     output: OutputBuffer
     stop_tokens: jax.Array  # [B, K]
     temperature: jax.Array  # [B] float32
-    threshold: jax.Array  # [B] float32
     key: jax.Array
     step: jax.Array  # [] int32
     model_calls: jax.Array  # [] int32
     block_forwards: jax.Array  # [B, max_blocks] int32: forwards each row spent deciding each of its blocks
+    last_decision: SubBlockDecision
     mask_token_id: int = static_field()
 
 
@@ -179,8 +195,9 @@ class BlockDiffusion:
 
     block_size (static, None: the model's training block size), sub_block_size (static, divides block_size),
     cache (static): a `BlockDiffusionCache` (the factory `block_diffusion` takes the names "none" | "block" |
-    "sub_block"). threshold in (0, 1] and temperature >= 0: traced, scalar or one per row. threshold 1 decides
-    one token per forward.
+    "sub_block"). unmasking: a one-branch `UnmaskingRule` (`ThresholdUnmasking`, `StaticUnmasking`,
+    `Learn2PDUnmasking`), applied to the current sub-block; its threshold and filter are traced (swapping them
+    does not recompile). temperature >= 0: traced, scalar or one per row.
     """
 
     name: ClassVar[str] = "block_diffusion"
@@ -188,7 +205,7 @@ class BlockDiffusion:
     block_size: int | None = static_field(default=None)
     sub_block_size: int = static_field(default=8)
     cache: BlockDiffusionCache = static_field(default=BlockCache())
-    threshold: Any = 0.9
+    unmasking: UnmaskingRule = ThresholdUnmasking(threshold=0.9)
     temperature: Any = 0.0
     end_of_text: bool = static_field(default=True)
 
@@ -205,8 +222,10 @@ class BlockDiffusion:
         block_size = self._block_size(model)
         if block_size % self.sub_block_size:
             raise ArgumentError(f"sub_block_size: {self.sub_block_size} does not divide block_size={block_size}")
-        unmasking.check_options(prompts, self.temperature, self.threshold)
+        unmasking.check_options(prompts, self.temperature)
         validation.check_bool("end_of_text", self.end_of_text)
+        check_sub_block_rule(self.unmasking)
+        self.unmasking.validate(prompts)
 
     def cache_headroom(self) -> int:
         return 0
@@ -233,11 +252,11 @@ class BlockDiffusion:
             output=OutputBuffer.create(batch, new),
             stop_tokens=prompts.stop_tokens,
             temperature=unmasking.per_row(self.temperature, batch),
-            threshold=unmasking.per_row(self.threshold, batch),
             key=key,
             step=jnp.int32(0),
             model_calls=jnp.int32(0),
             block_forwards=jnp.zeros((batch, max_blocks), jnp.int32),
+            last_decision=SubBlockDecision(*(jnp.zeros((batch, self.sub_block_size), t) for t in (jnp.int32, jnp.float32, bool, jnp.int32))),
             mask_token_id=mask_id,
         )
         # Prefill: commit the prompt's complete blocks; where the prompt ends on a block boundary its last
@@ -325,25 +344,26 @@ class BlockDiffusion:
     # --- decisions --------------------------------------------------------------------------------------
 
     def _decide(self, model: Any, state: BlockDiffusionState, logits: jax.Array, first: jax.Array, rows: jax.Array) -> BlockDiffusionState:
-        """Unmask in the current sub-block of `rows`, from logits [B, T, V] predicting block offsets
+        """Let the rule unmask in the current sub-block of `rows`, from logits [B, T, V] predicting block offsets
         first [B] + t; then emit a completed block."""
-        bs = self._block_size(model)
-        length = logits.shape[1]
-        offsets = first[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]  # [B, T] block offsets predicted
-        slots = state.committed[:, None] + offsets
+        # the current sub-block's window: its block offsets, and which logit predicts each (token shift)
+        sub, length = self.sub_block_size, logits.shape[1]
+        window = self._current_sub_block(model, state)[:, None] * sub + jnp.arange(sub, dtype=jnp.int32)[None, :]  # [B, sub]
+        index = window - first[:, None]  # [B, sub]
+        window_logits = jnp.take_along_axis(logits, jnp.clip(index, 0, length - 1)[:, :, None], axis=1)  # [B, sub, V]
+        slots = state.committed[:, None] + window  # [B, sub]
         predicted, confidence = unmasking.predict(
-            logits[:, None], slots, state.decided[:, None], state.temperature, state.key, state.mask_token_id
+            window_logits[:, None], slots, state.decided[:, None], state.temperature, state.key, state.mask_token_id
         )
-        predicted, confidence = predicted[:, 0], confidence[:, 0]
-        to_decide = self._to_decide(model, state)  # [B, bs]
-        sub_block = self._current_sub_block(model, state)
-        in_sub_block = (offsets // self.sub_block_size) == sub_block[:, None]
-        eligible = jnp.take_along_axis(to_decide, jnp.clip(offsets, 0, bs - 1), axis=1) & (offsets < bs) & in_sub_block
-        chosen = unmasking.above_threshold(confidence, eligible, state.threshold) & rows[:, None]
+        to_decide = jnp.take_along_axis(self._to_decide(model, state), jnp.clip(window, 0, self._block_size(model) - 1), axis=1)
+        eligible = to_decide & (index >= 0) & (index < length) & (window >= 0) & rows[:, None]
+        decision = SubBlockDecision(predicted[:, 0], confidence[:, 0], eligible, slots - state.gen_start[:, None])
+        chosen = self.unmasking.select(*decision)
         write = jnp.where(chosen, slots, state.canvas.shape[1])
         batch_rows = jnp.arange(state.canvas.shape[0])[:, None]
-        canvas = state.canvas.at[batch_rows, write].set(predicted, mode="drop")
-        state = state.replace(canvas=canvas, decided=state.decided + jnp.sum(chosen, axis=1, dtype=jnp.int32))
+        canvas = state.canvas.at[batch_rows, write].set(decision.predicted, mode="drop")
+        decided = state.decided + jnp.sum(chosen, axis=1, dtype=jnp.int32)
+        state = state.replace(canvas=canvas, decided=decided, last_decision=decision)
         return self._emit_complete(model, state, rows)
 
     def _emit_complete(self, model: Any, state: BlockDiffusionState, rows: jax.Array) -> BlockDiffusionState:
@@ -380,19 +400,37 @@ class BlockDiffusion:
         return state.block_forwards + jax.nn.one_hot(index, max_blocks, dtype=jnp.int32) * rows[:, None]
 
 
+def check_sub_block_rule(rule: Any) -> None:
+    """A rule block_diffusion can apply: one that decides from one forward's predictions of the current state."""
+    rule = unmasking.choose_policy("unmasking", rule, {}, UnmaskingRule)
+    if rule.num_branches != 1 or rule.drafts_from_kept_predictions:
+        raise ArgumentError(
+            f"unmasking: block_diffusion decides each sub-block from one forward of its current state; "
+            f"{type(rule).__name__} runs drafted branches (use 'threshold', 'static' or 'learn2pd')"
+        )
+
+
 def block_diffusion(
     *,
     block_size: int | None = None,
     sub_block_size: int = 8,
     cache: str | BlockDiffusionCache = "block",
-    threshold: Any = 0.9,
+    unmasking: str | UnmaskingRule = "threshold",
+    threshold: Any = None,
+    filter: Any = "demo-code-bd",
     temperature: Any = 0.0,
     end_of_text: bool = True,
 ) -> BlockDiffusion:
-    """Fast-dLLM v2 block-diffusion decoding (see the module docstring)."""
-    cache = block_diffusion_cache(cache)
-    options = dict(threshold=threshold, temperature=temperature, end_of_text=end_of_text)
-    return BlockDiffusion(block_size=block_size, sub_block_size=sub_block_size, cache=cache, **options)
+    """Fast-dLLM v2 block-diffusion decoding (see the module docstring). unmasking: "threshold" | "static" |
+    "learn2pd" or a rule object; threshold: the "threshold" rule's confidence threshold (None: 0.9) or the
+    "learn2pd" rule's filter-score threshold (None: LEARN2PD_THRESHOLD); filter: the "learn2pd" rule's (a model
+    name whose filter is shipped, a .safetensors filter file, or an `UnmaskingFilter`)."""
+    if threshold is None:
+        threshold = LEARN2PD_THRESHOLD if unmasking == "learn2pd" else 0.9
+    rule = unmasking_rule(unmasking, threshold=threshold, filter=filter)
+    check_sub_block_rule(rule)
+    options = dict(temperature=temperature, end_of_text=end_of_text)
+    return BlockDiffusion(block_size=block_size, sub_block_size=sub_block_size, cache=block_diffusion_cache(cache), unmasking=rule, **options)
 
 
 register_strategy("block_diffusion", block_diffusion)

@@ -6,6 +6,7 @@ current prediction there already equals the final output; the "learn2pd" unmaski
 A filter is a pytree (its arrays are traced: swapping filters of one kind and shape does not recompile) with
 `scores(inputs) -> [B, T]` in [0, 1]:
 - `MLPFilter`: the learned filter, a per-position MLP over `filter_features` (shared weights across positions),
+  over the current block (masked diffusion) or the current sub-block (block_diffusion's unmasking="learn2pd"),
   trained by `jspec.train.learn2pd` and shipped beside the model it was trained for
   (`jspec/assets/<model>/learn2pd_filter.safetensors`, loaded with `shipped_filter(name)`).
 - `OracleFilter`: the bound a learned filter approximates: 1 where the current prediction equals a given
@@ -179,7 +180,7 @@ def shipped_filter(model_name: str) -> MLPFilter:
     if not path.is_file():
         raise ArgumentError(
             f"filter: no Learn2PD filter is shipped for {model_name!r} (expected {str(path)!r}); pass a model name that "
-            "has one (demo-code-dllm), a .safetensors filter file, or an UnmaskingFilter"
+            "has one (demo-code-dllm, demo-code-bd), a .safetensors filter file, or an UnmaskingFilter"
         )
     return load_filter(path)[0]
 
@@ -191,6 +192,6 @@ def as_filter(value: Any) -> UnmaskingFilter:
     if isinstance(value, (str, Path)):
         return load_filter(value)[0] if Path(value).suffix == ".safetensors" else shipped_filter(str(value))
     raise ArgumentError(
-        f"filter: expected a demo model name whose Learn2PD filter is shipped (e.g. 'demo-code-dllm'), a .safetensors "
+        f"filter: expected a demo model name whose Learn2PD filter is shipped ('demo-code-dllm', 'demo-code-bd'), a .safetensors "
         f"filter file, or an UnmaskingFilter object, got {value!r}"
     )

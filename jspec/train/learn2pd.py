@@ -1,16 +1,21 @@
-"""Train a Learn2PD unmasking filter (arXiv 2509.25188) for a masked-diffusion model, post hoc.
+"""Train a Learn2PD unmasking filter (arXiv 2509.25188) for a diffusion LM, post hoc. The model's kind chooses
+the decoder: a masked-diffusion model (config.diffusion == "masked") is decoded by `dllm_static` (no context
+cache) and its filter scores the positions of the current block; a block-diffusion model ("block") by
+`block_diffusion` with the static rule (the exact block cache) and its filter scores the positions of the current
+sub-block, the positions the rule may unmask there.
 
-1. Trajectories: static decoding (`dllm_static`, no context cache, no stop tokens) of prompts cut from the
-   TRAINING split of the demo corpus (file beginnings, as `jspec.bench.heldout_prompts` cuts the held-out files
-   the benchmarks and tests use), batched, in one compiled `lax.scan` over the decoder's own `step`. Each step
-   records the current block before the step, and the fresh predictions and confidences of its forward.
-2. Examples: every masked position of a step's block (steps with at least two masked positions: with one, the
-   rule unmasks it anyway): `filter_features` as the rule computes them; label 1 when the prediction equals
-   static decoding's final token there (Learn2PD's "extremely greedy parallel" oracle, which the filter learns).
+1. Trajectories: static decoding (no stop tokens) of prompts cut from the TRAINING split of the demo corpus (file
+   beginnings, as `jspec.bench.heldout_prompts` cuts the held-out files the benchmarks and tests use), batched,
+   in one compiled `lax.scan` over the decoder's own `step`. Each step records the positions the rule could
+   unmask and the fresh predictions and confidences of its forward there (`decision_record`).
+2. Examples: every such position (of steps with at least two: with one, the rule unmasks it anyway):
+   `filter_features` as the rule computes them; label 1 when the prediction equals static decoding's final
+   token there (Learn2PD's "extremely greedy parallel" oracle, which the filter learns).
 3. The per-position MLP (`jspec.strategies.learn2pd`) trained with optax (Adam, binary cross-entropy, full
    batch), written as a safetensors file with its metadata (data, figures).
 
     python -m jspec.train.learn2pd --model demo-code-dllm --out jspec/assets/demo-code-dllm/learn2pd_filter.safetensors
+    python -m jspec.train.learn2pd --model demo-code-bd --out jspec/assets/demo-code-bd/learn2pd_filter.safetensors
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import optax
 
 import jspec
 from jspec.strategies import learn2pd
+from jspec.strategies.block_diffusion import BlockDiffusion, block_diffusion
 from jspec.strategies.diffusion import LEARN2PD_THRESHOLD, MaskedDiffusion, dllm_static
 
 decode_module = importlib.import_module("jspec.decode")
@@ -46,40 +52,66 @@ def training_prompts(tokenizer: Any, count: int, prompt_tokens: int, min_continu
     return [ids[:prompt_tokens] for ids in long_enough[::stride][:count]]
 
 
-@partial(jax.jit, static_argnames=("steps",))
-def static_trajectory(model: Any, strategy: MaskedDiffusion, prompts: Any, key: jax.Array, steps: int) -> dict[str, jax.Array]:
-    """Run `steps` steps of `strategy` (one compiled scan); per step the block before it and its forward's
-    predictions, and the final output."""
+def static_decoder(model: jspec.Model, block_size: int | None) -> MaskedDiffusion | BlockDiffusion:
+    """The one-token-per-forward decoder whose output labels a filter's examples (no early end at stops):
+    dllm_static (block_size, no context cache) for a masked-diffusion model; block_diffusion's static rule
+    (the model's block size, sub-blocks of 8, the exact block cache) for a block-diffusion model."""
+    if model.config.diffusion == "block":
+        return block_diffusion(unmasking="static", end_of_text=False)
+    return dllm_static(block_size=block_size or 32, end_of_text=False)
+
+
+def trajectory_steps(strategy: MaskedDiffusion | BlockDiffusion, model: jspec.Model, new_tokens: int) -> int:
+    """Steps that finish static decoding of new_tokens: one per token, and for block diffusion one commit per block."""
+    if isinstance(strategy, BlockDiffusion):
+        return new_tokens + new_tokens // (strategy.block_size or model.config.diffusion_block_size) + 2
+    return new_tokens
+
+
+def decision_record(strategy: MaskedDiffusion | BlockDiffusion, before: Any, after: Any) -> dict[str, jax.Array]:
+    """What a step's rule decided from, per row [B, T]: the positions it could unmask ("masked"), their
+    generated positions, and the step's fresh predictions and confidences there."""
+    if isinstance(strategy, BlockDiffusion):
+        return after.last_decision._asdict()  # the current sub-block (no positions where the row decided nothing)
     bs = strategy.block_size
+    block_slots = (before.gen_start + before.block * bs)[:, None] + jnp.arange(bs, dtype=jnp.int32)[None, :]
+    block = jnp.take_along_axis(before.canvas, jnp.minimum(block_slots, before.canvas.shape[1] - 1), axis=1)
+    return {
+        "masked": (block == before.mask_token_id) & ~before.output.finished[:, None],
+        "positions": (before.block * bs)[:, None] + jnp.arange(bs, dtype=jnp.int32)[None, :],
+        "predicted": after.predicted[:, :bs],  # the step's forward (the kept predictions of its state)
+        "confidence": after.confidence[:, :bs],
+    }
+
+
+@partial(jax.jit, static_argnames=("steps",))
+def static_trajectory(model: Any, strategy: MaskedDiffusion | BlockDiffusion, prompts: Any, key: jax.Array, steps: int) -> dict[str, jax.Array]:
+    """Run `steps` steps of `strategy` (one compiled scan); per step its `decision_record`, and the final
+    output and which rows finished."""
 
     def body(state, _):
-        block_slots = (state.gen_start + state.block * bs)[:, None] + jnp.arange(bs, dtype=jnp.int32)[None, :]
-        block = jnp.take_along_axis(state.canvas, jnp.minimum(block_slots, state.canvas.shape[1] - 1), axis=1)
         after = strategy.step(model, state)
-        record = {
-            "masked": block == state.mask_token_id,  # [B, bs]
-            "block": state.block,  # [B]
-            "predicted": after.predicted[:, :bs],  # the step's forward (the kept predictions of its state)
-            "confidence": after.confidence[:, :bs],
-        }
-        return after, record
+        return after, decision_record(strategy, state, after)
 
     final, records = jax.lax.scan(body, strategy.init(model, prompts, key), None, length=steps)
-    return {**records, "output": final.output.tokens}
+    return {**records, "output": final.output.tokens, "finished": final.output.finished}
 
 
-def trajectory_examples(model: jspec.Model, prompts: list[list[int]], new_tokens: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Features [E, F] and labels [E] of every masked position of every static step with >= 2 masked."""
-    strategy = dllm_static(block_size=block_size, end_of_text=False)
+def trajectory_examples(model: jspec.Model, prompts: list[list[int]], new_tokens: int, block_size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Features [E, F] and labels [E] of every position a static step could unmask, of steps with >= 2 of them."""
+    strategy = static_decoder(model, block_size)
     request = decode_module.build_prompts(model, prompts, new_tokens, None, [], None, strategy)
     strategy.validate(model, request)
-    trace = jax.device_get(static_trajectory(model.without_tokenizer(), strategy, request, jax.random.key(0), new_tokens))
-    masked = trace["masked"]  # [steps, B, bs]
-    positions = trace["block"][:, :, None] * block_size + np.arange(block_size)[None, None, :]  # [steps, B, bs]
-    final = np.take_along_axis(np.broadcast_to(trace["output"][None], (new_tokens,) + trace["output"].shape), positions, axis=2)
+    steps = trajectory_steps(strategy, model, new_tokens)
+    trace = jax.device_get(static_trajectory(model.without_tokenizer(), strategy, request, jax.random.key(0), steps))
+    if not np.all(trace["finished"][: len(prompts)]):
+        raise RuntimeError(f"static decoding did not finish in {steps} steps")
+    masked = trace["masked"]  # [steps, B, T]
+    output = np.broadcast_to(trace["output"][None], (steps,) + trace["output"].shape)
+    final = np.take_along_axis(output, np.clip(trace["positions"], 0, new_tokens - 1), axis=2)
     labels = trace["predicted"] == final
     features = np.asarray(learn2pd.filter_features(jnp.asarray(trace["confidence"]), jnp.asarray(masked)))
-    keep = masked & (masked.sum(axis=2, keepdims=True) >= 2) & (np.arange(len(prompts))[None, :, None] < len(prompts))
+    keep = masked & (masked.sum(axis=2, keepdims=True) >= 2) & (np.arange(masked.shape[1])[None, :, None] < len(prompts))
     return features[keep], labels[keep].astype(np.float32)
 
 
@@ -105,23 +137,42 @@ def train_filter(features: np.ndarray, labels: np.ndarray, steps: int = 2000, se
     return params, losses
 
 
+def heldout_decoders(model: jspec.Model, filter: learn2pd.UnmaskingFilter, threshold: float, block_size: int | None) -> tuple[tuple[str, dict], tuple[str, dict]]:
+    """(strategy, options) of the static decoder and of Learn2PD with `filter` for the model's kind (as
+    `static_decoder`: block_diffusion with its default sub-blocks and block cache, dllm with block_size)."""
+    if model.config.diffusion == "block":
+        return ("block_diffusion", {"unmasking": "static"}), ("block_diffusion", {"unmasking": "learn2pd", "filter": filter, "threshold": threshold})
+    options = {"block_size": block_size or 32}
+    return ("dllm_static", options), ("dllm_learn2pd", {**options, "filter": filter, "threshold": threshold})
+
+
+def decode_counting_forwards(model: jspec.Model, prompts: list[list[int]], strategy: str, options: dict, new_tokens: int) -> tuple[np.ndarray, int]:
+    """Tokens [count, new_tokens] and forwards of decoding `prompts` (no stop tokens). Masked diffusion: one
+    batched call, forwards = the rows' block_forwards (every forward decides). Block diffusion: each prompt
+    alone, forwards = model_calls (the prefill and block commits count too, as in bench_diffusion)."""
+    if model.config.diffusion == "block":
+        outputs = [jspec.decode(model, [prompt], strategy, max_new_tokens=new_tokens, stop_tokens=[], **options) for prompt in prompts]
+        return np.concatenate([np.asarray(o.tokens) for o in outputs]), sum(int(o.stats["model_calls"]) for o in outputs)
+    output = jspec.decode(model, prompts, strategy, max_new_tokens=new_tokens, stop_tokens=[], **options)
+    return np.asarray(output.tokens), int(np.asarray(output.stats["block_forwards"]).sum())
+
+
 def measure_heldout(model: jspec.Model, filter: learn2pd.UnmaskingFilter, threshold: float, count: int = 4,
-                    prompt_tokens: int = 64, new_tokens: int = 64, block_size: int = 32) -> dict[str, Any]:
-    """The filter's figures on `count` held-out prompts (`jspec.bench.heldout_prompts`, batched, no stop tokens):
-    tokens per forward (generated tokens / the rows' forwards) and agreement with dllm_static, position by
+                    prompt_tokens: int = 64, new_tokens: int = 64, block_size: int | None = None) -> dict[str, Any]:
+    """The filter's figures on `count` held-out prompts (`jspec.bench.heldout_prompts`, no stop tokens): tokens
+    per forward (`decode_counting_forwards`) and agreement with static decoding (`heldout_decoders`), position by
     position. tests/test_learn2pd.py re-measures them."""
     from jspec import bench
 
     prompts = bench.heldout_prompts(model.tokenizer, count, prompt_tokens)
-    options = dict(max_new_tokens=new_tokens, block_size=block_size, stop_tokens=[])
-    static = jspec.decode(model, prompts, "dllm_static", **options)
-    learned = jspec.decode(model, prompts, "dllm_learn2pd", filter=filter, threshold=threshold, **options)
-    forwards = int(np.asarray(learned.stats["block_forwards"]).sum())
+    static, learned = heldout_decoders(model, filter, threshold, block_size)
+    static_tokens, _ = decode_counting_forwards(model, prompts, *static, new_tokens)
+    tokens, forwards = decode_counting_forwards(model, prompts, *learned, new_tokens)
     return {
         "prompts": count,
         "threshold": threshold,
-        "tokens_per_forward": round(float(np.asarray(learned.lengths).sum()) / forwards, 4),
-        "agreement_with_static": round(float(np.mean(np.asarray(learned.tokens) == np.asarray(static.tokens))), 4),
+        "tokens_per_forward": round(tokens.size / forwards, 4),
+        "agreement_with_static": round(float(np.mean(tokens == static_tokens)), 4),
     }
 
 
@@ -135,6 +186,20 @@ def weights_digest(model_name: str) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
+CARD_WORDS = {  # per model kind: what the filter scores, the rule that uses it, the static decoder, the held-out setting
+    "masked": dict(
+        scope="current block", rule="`dllm_learn2pd` unmasks", static="`dllm_static`", setting="block 32, float32, batched",
+        bench="Learn2PD rows beside static, threshold, FreeDave and the oracle filter",
+    ),
+    "block": dict(
+        scope="current sub-block", rule='`block_diffusion(unmasking="learn2pd")` unmasks',
+        static="static `block_diffusion` (threshold 1)",
+        setting="sub-block 8, block cache, float32, each prompt alone, every forward counted: prefill and block commits too",
+        bench="block_diffusion + Learn2PD rows beside block_diffusion's",
+    ),
+}
+
+
 def card_section(assets: Any) -> list[str]:
     """The model card's entry on the shipped Learn2PD filters (empty when none is shipped); its figures are the
     filter metadata's, which tests/test_learn2pd.py re-measures."""
@@ -142,15 +207,16 @@ def card_section(assets: Any) -> list[str]:
 
     lines = []
     for path in sorted(Path(assets).glob(f"*/{learn2pd.FILTER_FILE}")):
-        meta = learn2pd.load_filter(path)[1]
+        filter, meta = learn2pd.load_filter(path)
         heldout = meta["heldout"]
         name = path.parent.name
+        words = CARD_WORDS[meta.get("kind", "masked")]
         lines += [
             f"## Learn2PD unmasking filter: `{name}/{learn2pd.FILTER_FILE}`",
             "",
-            f"A {meta.get('hidden', 32)}-unit, two-layer per-position MLP ({sum(int(np.prod(np.shape(v))) for v in learn2pd.load_filter(path)[0].params.values())} "
-            f"parameters) that scores, per masked position of `{meta['model']}`'s current block, whether the current",
-            "prediction already is static decoding's final token (Learn2PD, arXiv 2509.25188); `dllm_learn2pd` unmasks",
+            f"A {meta.get('hidden', 32)}-unit, two-layer per-position MLP ({sum(int(np.prod(np.shape(v))) for v in filter.params.values())} "
+            f"parameters) that scores, per masked position of `{meta['model']}`'s {words['scope']}, whether the current",
+            f"prediction already is static decoding's final token (Learn2PD, arXiv 2509.25188); {words['rule']}",
             "the positions it scores above the threshold (`jspec/strategies/learn2pd.py` lists its features).",
             f"Trained post hoc on {meta['data']}: {meta['examples']} masked positions of the recorded steps, "
             f"{100 * meta['positive_fraction']:.1f}% labelled final; Adam, binary cross-entropy, {meta['adam_steps']} full-batch steps "
@@ -158,13 +224,13 @@ def card_section(assets: Any) -> list[str]:
             f"{meta['seconds'] / 60:.1f} min on the 2-core CPU, trajectories included. Trained on the `{meta['model']}` weights with",
             f"sha256 {str(meta.get('model_sha256'))[:12]}... (retrain it when the model changes; the test checks they match).",
             "",
-            f"On {heldout['prompts']} held-out prompts (64 tokens, 64 new, block 32, float32, batched, no stop tokens), at its",
+            f"On {heldout['prompts']} held-out prompts (64 tokens, 64 new, {words['setting']}, no stop tokens), at its",
             f"default threshold {heldout['threshold']:g}: {heldout['tokens_per_forward']:.2f} tokens per forward, "
-            f"{100 * heldout['agreement_with_static']:.1f}% agreement with `dllm_static` (position by position).",
+            f"{100 * heldout['agreement_with_static']:.1f}% agreement with {words['static']} (position by position).",
             "",
             "```bash",
             f"python -m jspec.train.learn2pd --model {meta['model']} --out jspec/assets/{name}/{learn2pd.FILTER_FILE}",
-            "python benchmarks/bench_diffusion.py   # Learn2PD rows beside static, threshold, FreeDave and the oracle filter",
+            f"python benchmarks/bench_diffusion.py   # {words['bench']}",
             "```",
             "",
         ]
@@ -178,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=48, help="training-split prompts")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--block-size", type=int, help="masked diffusion: the block size, 32 (block diffusion: the model's)")
     parser.add_argument("--steps", type=int, default=2000, help="Adam steps (full batch)")
     parser.add_argument("--threshold", type=float, default=LEARN2PD_THRESHOLD, help="threshold of the held-out figures")
     args = parser.parse_args(argv)
@@ -192,11 +258,15 @@ def main(argv: list[str] | None = None) -> int:
     scores = np.asarray(jax.nn.sigmoid(learn2pd.mlp_logits(params, jnp.asarray(features))))
     accuracy = float(np.mean((scores > 0.5) == (labels > 0.5)))
     seconds = time.perf_counter() - start
-    heldout = measure_heldout(model, learn2pd.MLPFilter(params=params), args.threshold)
+    heldout = measure_heldout(model, learn2pd.MLPFilter(params=params), args.threshold, block_size=args.block_size)
+    kind = model.config.diffusion
+    decoder = ("block_diffusion static rule, sub-block 8, block cache" if kind == "block"
+               else f"dllm_static, block_size {args.block_size or 32}, no cache")
     metadata = {
         "model": args.model,
+        "kind": kind,
         "model_sha256": weights_digest(args.model),
-        "data": f"static decoding (dllm_static, block_size {args.block_size}, no cache) of the first {args.prompt_tokens} tokens "
+        "data": f"static decoding ({decoder}) of the first {args.prompt_tokens} tokens "
                 f"of {len(prompts)} training-split files of the demo corpus, {args.new_tokens} new tokens each",
         "examples": len(labels),
         "positive_fraction": float(labels.mean()),
