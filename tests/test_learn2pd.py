@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import jspec
 from jspec import bench
 from jspec.strategies import learn2pd
-from jspec.strategies.diffusion import LEARN2PD_THRESHOLD
+from jspec.strategies.unmasking import LEARN2PD_THRESHOLD
 from jspec.train.learn2pd import decode_counting_forwards, weights_digest
 from jspec.validation import ArgumentError
 from conftest import tiny_model

@@ -40,7 +40,7 @@ from jspec import masks, validation
 from jspec.cache import Cache
 from jspec.strategies import unmasking
 from jspec.strategies.base import DecodeOutput, OutputBuffer, Prompts, register_strategy, run_either, static_field
-from jspec.strategies.diffusion import LEARN2PD_THRESHOLD, emit_decided
+from jspec.strategies.diffusion import emit_decided
 from jspec.strategies.unmasking import ThresholdUnmasking, UnmaskingRule, unmasking_rule
 from jspec.validation import ArgumentError
 
@@ -423,10 +423,8 @@ def block_diffusion(
 ) -> BlockDiffusion:
     """Fast-dLLM v2 block-diffusion decoding (see the module docstring). unmasking: "threshold" | "static" |
     "learn2pd" or a rule object; threshold: the "threshold" rule's confidence threshold (None: 0.9) or the
-    "learn2pd" rule's filter-score threshold (None: LEARN2PD_THRESHOLD); filter: the "learn2pd" rule's (a model
+    "learn2pd" rule's filter-score threshold (None: unmasking.LEARN2PD_THRESHOLD, 0.99); filter: the "learn2pd" rule's (a model
     name whose filter is shipped, a .safetensors filter file, or an `UnmaskingFilter`)."""
-    if threshold is None:
-        threshold = LEARN2PD_THRESHOLD if unmasking == "learn2pd" else 0.9
     rule = unmasking_rule(unmasking, threshold=threshold, filter=filter)
     check_sub_block_rule(rule)
     options = dict(temperature=temperature, end_of_text=end_of_text)

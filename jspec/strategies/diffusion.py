@@ -47,7 +47,7 @@ from jspec import masks, validation
 from jspec.cache import Cache
 from jspec.strategies import unmasking
 from jspec.strategies.base import DecodeOutput, OutputBuffer, Prompts, register_strategy, run_either, static_field
-from jspec.strategies.unmasking import StaticUnmasking, UnmaskingRule, unmasking_rule
+from jspec.strategies.unmasking import LEARN2PD_THRESHOLD, THRESHOLD, StaticUnmasking, UnmaskingRule, unmasking_rule
 from jspec.validation import ArgumentError
 
 # --- attention context ---------------------------------------------------------------------------------
@@ -139,7 +139,6 @@ class DualCache(PrefixCache):
         return span_start, prefix | suffix
 
 
-LEARN2PD_THRESHOLD = 0.99  # dllm_learn2pd's default filter threshold (the model card's Learn2PD entry measures it)
 
 CONTEXT_CACHES = {"none": NoContextCache, "prefix": PrefixCache, "dual": DualCache}
 
@@ -477,12 +476,13 @@ def masked_diffusion(
     cache: str | ContextCache = "none",
     draft_steps: int = 8,
     temperature: Any = 0.0,
-    threshold: Any = 0.9,
+    threshold: Any = None,
     filter: Any = "demo-code-dllm",
     end_of_text: bool = True,
 ) -> MaskedDiffusion:
     """Masked-diffusion decoding with a named (or given) unmasking rule and context mode; `threshold` is the
-    "threshold" and "learn2pd" rules', `draft_steps` the "freedave" rule's, `filter` the "learn2pd" rule's.
+    "threshold" and "learn2pd" rules' (None: their defaults, 0.9 and 0.99), `draft_steps` the "freedave" rule's,
+    `filter` the "learn2pd" rule's.
     end_of_text: end a row once its decided tokens contain a stop (lossless; see `emit_decided`)."""
     rule = unmasking_rule(unmasking, threshold=threshold, draft_steps=draft_steps, filter=filter)
     options = dict(block_size=block_size, cache=context_cache(cache), temperature=temperature, end_of_text=end_of_text)
@@ -498,7 +498,7 @@ def dllm_static(
 
 
 def dllm_threshold(
-    *, threshold: Any = 0.9, block_size: int = 32, cache: str | ContextCache = "none", temperature: Any = 0.0,
+    *, threshold: Any = THRESHOLD, block_size: int = 32, cache: str | ContextCache = "none", temperature: Any = 0.0,
     end_of_text: bool = True,
 ) -> MaskedDiffusion:
     """Fast-dLLM v1 parallel decoding: every masked position above `threshold` (and at least one) per forward."""

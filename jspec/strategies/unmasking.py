@@ -25,6 +25,9 @@ from jspec.strategies import learn2pd
 from jspec.strategies.base import DecodeOutput, Prompts, static_field
 from jspec.validation import ArgumentError
 
+THRESHOLD = 0.9  # the "threshold" rule's default confidence threshold (Fast-dLLM)
+LEARN2PD_THRESHOLD = 0.99  # the "learn2pd" rule's default filter threshold (the model card's Learn2PD entries measure it)
+
 Policy = TypeVar("Policy")
 
 
@@ -193,7 +196,7 @@ class ThresholdUnmasking(UnmaskingRule):
     confident one. threshold in (0, 1], traced (scalar or one per row); 1 is `StaticUnmasking`."""
 
     strategy_name: ClassVar[str] = "dllm_threshold"
-    threshold: Any = 0.9
+    threshold: Any = THRESHOLD
 
     def validate(self, prompts: Prompts) -> None:
         check_threshold(self.threshold, prompts)
@@ -205,14 +208,15 @@ class ThresholdUnmasking(UnmaskingRule):
 @struct.dataclass
 class Learn2PDUnmasking(UnmaskingRule):
     """Learn2PD (arXiv 2509.25188): every masked position a filter (`jspec.strategies.learn2pd`) scores above
-    `threshold`; where none passes, the most confident one (so a step decides at least one position, and an
-    `OracleFilter` only ever unmasks a position where it passes something). filter: an `UnmaskingFilter` pytree (a learned
-    `MLPFilter`, or an `OracleFilter`), traced; threshold in (0, 1], traced (scalar or one per row). Scores lie
-    in [0, 1], so threshold 1 unmasks only the most confident position: `StaticUnmasking` token for token."""
+    `threshold`; where none passes, the most confident one (so a step decides at least one position; with an
+    `OracleFilter` the positions it passes hold the reference's tokens, the fallback's need not). filter: an
+    `UnmaskingFilter` pytree (a learned `MLPFilter`, or an `OracleFilter`), traced; threshold in (0, 1], traced
+    (scalar or one per row). Scores lie in [0, 1], so threshold 1 unmasks only the most confident position:
+    `StaticUnmasking` token for token."""
 
     strategy_name: ClassVar[str] = "dllm_learn2pd"
     filter: Any = None
-    threshold: Any = 0.9
+    threshold: Any = LEARN2PD_THRESHOLD
 
     def validate(self, prompts: Prompts) -> None:
         if not isinstance(self.filter, learn2pd.UnmaskingFilter):
@@ -278,16 +282,17 @@ class FreeDaveUnmasking(UnmaskingRule):
 
 
 def unmasking_rule(
-    unmasking: str | UnmaskingRule, *, threshold: Any = 0.9, draft_steps: int = 8, filter: Any = "demo-code-dllm"
+    unmasking: str | UnmaskingRule, *, threshold: Any = None, draft_steps: int = 8, filter: Any = "demo-code-dllm"
 ) -> UnmaskingRule:
-    """The rule a user option names ("threshold" takes `threshold`, "freedave" `draft_steps`, "learn2pd"
-    `threshold` and `filter`: an `UnmaskingFilter`, or the name of a model whose filter is shipped), or the rule
-    object itself."""
+    """The rule a user option names ("threshold" takes `threshold`, None: THRESHOLD; "freedave" `draft_steps`;
+    "learn2pd" `threshold`, None: LEARN2PD_THRESHOLD, and `filter`: an `UnmaskingFilter`, or the name of a model
+    whose filter is shipped), or the rule object itself."""
     named = {
         "static": StaticUnmasking,
-        "threshold": lambda: ThresholdUnmasking(threshold=threshold),
+        "threshold": lambda: ThresholdUnmasking(threshold=THRESHOLD if threshold is None else threshold),
         "freedave": lambda: FreeDaveUnmasking(draft_steps=draft_steps),
-        "learn2pd": lambda: Learn2PDUnmasking(filter=learn2pd.as_filter(filter), threshold=threshold),
+        "learn2pd": lambda: Learn2PDUnmasking(filter=learn2pd.as_filter(filter),
+                                              threshold=LEARN2PD_THRESHOLD if threshold is None else threshold),
     }
     return choose_policy("unmasking", unmasking, named, UnmaskingRule)
 

@@ -34,7 +34,8 @@ import optax
 import jspec
 from jspec.strategies import learn2pd
 from jspec.strategies.block_diffusion import BlockDiffusion, block_diffusion
-from jspec.strategies.diffusion import LEARN2PD_THRESHOLD, MaskedDiffusion, dllm_static
+from jspec.strategies.diffusion import MaskedDiffusion, dllm_static
+from jspec.strategies.unmasking import LEARN2PD_THRESHOLD
 
 decode_module = importlib.import_module("jspec.decode")
 
