@@ -178,8 +178,9 @@ def plot_forwards_per_token(plt, results: dict) -> Path | None:
         rows = [r for r in results["jacobi"]["rows"] if r.get("batch") == 1]
         series.append(("Jacobi family (batch 1)", [f"{r['method']} T={r['T']}" for r in rows], [r["calls/token"] for r in rows]))
     if "diffusion" in results:
-        rows = results["diffusion"]["rows"]
-        series.append(("diffusion (batch 1)", [r["method"] for r in rows], [r["forwards/token"] for r in rows]))
+        # bench_diffusion reports tokens per forward; the rows that stop at line ends measure stopping, not parallelism
+        rows = [r for r in results["diffusion"]["rows"] if r.get("tokens/forward") and "stop at" not in r["method"]]
+        series.append(("diffusion (batch 1)", [r["method"] for r in rows], [1.0 / r["tokens/forward"] for r in rows]))
     if not series:
         return None
     fig, axes = plt.subplots(1, len(series), figsize=(5.5 * len(series), 4.5), squeeze=False)
@@ -256,7 +257,7 @@ TABLE_COLUMNS = {
     "speculative": ["T", "batch", "method", "tokens/s", "target calls/token", "draft calls/token", "speedup (measured)",
                     "predicted", "measured/predicted", "memory-bound", "same tokens as jspec"],
     "jacobi": ["T", "batch", "method", "tokens/s", "calls/token", "speedup (measured)", "predicted", "memory-bound"],
-    "diffusion": ["method", "model", "tokens/s", "forwards/token", "vs dllm_static", "vs AR greedy", "agreement", "target NLL"],
+    "diffusion": ["method", "model", "tokens/s", "tokens/forward", "forwards/block", "vs dllm_static", "vs AR greedy", "agreement", "target NLL"],
     "autoregressive": ["batch", "method", "tokens/s", "median s", "compile s", "speedup vs naive"],
     "vs_transformers": ["method", "tokens/s", "ms/token", "median s", "compile s", "speedup vs transformers"],
     "sharded": ["strategy", "mesh (data x model)", "devices", "tokens/s", "time vs 1x1", "compile s", "same tokens as 1x1",
