@@ -208,10 +208,15 @@ def line_ends(dllm) -> list[int]:
 
 
 @demo
-def test_end_of_text_prediction_is_lossless_and_saves_forwards(dllm, heldout, line_ends):
-    options = dict(max_new_tokens=NEW_TOKENS, block_size=BLOCK, stop_tokens=line_ends)
-    plain = jspec.decode(dllm, heldout, "dllm_static", end_of_text=False, **options)
-    early = jspec.decode(dllm, heldout, "dllm_static", end_of_text=True, **options)
+@pytest.mark.parametrize("strategy, options", [
+    ("dllm_static", dict(cache="none")),
+    ("dllm_threshold", dict(threshold=0.7, cache="dual")),  # several positions decided per forward
+    ("freedave", dict(draft_steps=3, cache="prefix")),  # decisions accepted from drafted branches
+], ids=["static", "threshold-dual", "freedave-prefix"])
+def test_end_of_text_prediction_is_lossless_and_saves_forwards(dllm, heldout, line_ends, strategy, options):
+    options = dict(options, max_new_tokens=NEW_TOKENS, block_size=BLOCK, stop_tokens=line_ends)
+    plain = jspec.decode(dllm, heldout, strategy, end_of_text=False, **options)
+    early = jspec.decode(dllm, heldout, strategy, end_of_text=True, **options)
     assert np.any(np.asarray(plain.lengths) < NEW_TOKENS)  # rows stop at a line break
     assert early.sequences() == plain.sequences()
     np.testing.assert_array_equal(early.finish_reason, plain.finish_reason)
