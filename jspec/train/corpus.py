@@ -46,7 +46,8 @@ def _excluded_dir(name: str) -> bool:
     return name in EXCLUDED_DIRS or name.startswith("test_") or name.startswith(".")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 (hex) of a file's bytes."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -72,7 +73,7 @@ def build_manifest(root: str | Path | None = None, heldout_fraction: float = DEF
                 path.read_bytes().decode("utf-8")
             except UnicodeDecodeError:
                 continue
-            files.append({"path": relative, "size": size, "sha256": _sha256(path), "split": split_of(relative, heldout_fraction)})
+            files.append({"path": relative, "size": size, "sha256": file_sha256(path), "split": split_of(relative, heldout_fraction)})
     files.sort(key=lambda entry: entry["path"])
     digest = hashlib.sha256("\n".join(f"{f['path']} {f['sha256']}" for f in files).encode()).hexdigest()
     return {

@@ -179,12 +179,11 @@ def measure_heldout(model: jspec.Model, filter: learn2pd.UnmaskingFilter, thresh
 
 def weights_digest(model_name: str) -> str | None:
     """sha256 of a shipped model's model.safetensors (the weights a filter was trained on), None if not shipped."""
-    import hashlib
-
     from jspec.loading import ASSETS_DIR
+    from jspec.train.corpus import file_sha256
 
     path = ASSETS_DIR / model_name / "model.safetensors"
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    return file_sha256(path) if path.is_file() else None
 
 
 CARD_WORDS = {  # per model kind: what the filter scores, the rule that uses it, the static decoder, the held-out setting
@@ -252,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     model = jspec.load(args.model, dtype="float32")
+    if model.config.diffusion == "block" and args.block_size is not None:
+        parser.error(f"--block-size: a block-diffusion model decodes in its own blocks ({model.config.diffusion_block_size}); "
+                     "the flag is for masked-diffusion models")
     prompts = training_prompts(model.tokenizer, args.prompts, args.prompt_tokens)
     features, labels = trajectory_examples(model, prompts, args.new_tokens, args.block_size)
     print(f"{len(prompts)} training prompts, {len(labels)} examples, {labels.mean():.3f} positive", flush=True)
