@@ -70,6 +70,7 @@ def test_bad_options_raise_naming_the_argument():
         (dict(filter=mlp, threshold=[0.5, 1.5]), "threshold"),
         (dict(filter="no-such-model"), "filter"),
         (dict(filter=3), "filter"),
+        (dict(filter="demo-code-dllm"), "filter"),  # a shipped filter, trained for a model of another shape
         (dict(filter=learn2pd.OracleFilter(reference=jnp.zeros((2, 4), jnp.int32))), "filter"),
         (dict(filter=mlp, end_of_text="yes"), "end_of_text"),
     ]
@@ -117,6 +118,7 @@ def test_block_diffusion_bad_learn2pd_options_raise_naming_the_argument():
         (dict(unmasking="learn2pd", filter=mlp, threshold=[0.5, 1.5]), "threshold"),
         (dict(unmasking="learn2pd", filter="no-such-model"), "filter"),
         (dict(unmasking="learn2pd", filter=3), "filter"),
+        (dict(unmasking="learn2pd"), "filter"),  # the default: demo-code-bd's filter, for a model of another shape
         (dict(unmasking="learn2pd", filter=learn2pd.OracleFilter(reference=jnp.zeros((2, 4), jnp.int32))), "filter"),
     ]
     for kwargs, name in cases:

@@ -225,7 +225,7 @@ class BlockDiffusion:
         unmasking.check_options(prompts, self.temperature)
         validation.check_bool("end_of_text", self.end_of_text)
         check_sub_block_rule(self.unmasking)
-        self.unmasking.validate(prompts)
+        self.unmasking.validate(model.config, prompts)
 
     def cache_headroom(self) -> int:
         return 0

@@ -229,7 +229,7 @@ class MaskedDiffusion:
         unmasking.check_diffusion_model(model, "masked", rule.strategy_name)
         unmasking.check_options(prompts, self.temperature)
         validation.check_bool("end_of_text", self.end_of_text)
-        rule.validate(prompts)
+        rule.validate(model.config, prompts)
 
     def cache_headroom(self) -> int:
         return 0

@@ -45,6 +45,13 @@ FEATURE_NAMES = (
 )
 FILTER_FILE = "learn2pd_filter.safetensors"
 LAYER_NAMES = ("w1", "b1", "w2", "b2", "w3", "b3")
+SHAPE_FIELDS = ("diffusion", "vocab_size", "hidden_size", "num_layers")  # what a filter records of its model
+
+
+def model_shape(config: Any) -> dict[str, Any]:
+    """The fields of a model config (`SHAPE_FIELDS`) a filter's metadata records ("model_shape") and decoding
+    checks: a filter trained for one model must not be used silently on a model of another shape."""
+    return {name: getattr(config, name) for name in SHAPE_FIELDS}
 
 
 def filter_features(
@@ -84,8 +91,8 @@ class UnmaskingFilter:
     def scores(self, inputs: FilterInputs) -> jax.Array:  # [B, T] float32
         raise NotImplementedError
 
-    def validate(self, batch_size: int, max_new_tokens: int) -> None:
-        """Concrete checks against the request, before tracing."""
+    def validate(self, config: Any, batch_size: int, max_new_tokens: int) -> None:
+        """Concrete checks against the model's config and the request, before tracing."""
 
 
 def mlp_logits(params: dict[str, jax.Array], features: jax.Array) -> jax.Array:  # [..., F] -> [...]
@@ -107,18 +114,34 @@ def init_mlp(key: jax.Array, hidden: int = 32) -> dict[str, jax.Array]:
 
 @struct.dataclass
 class MLPFilter(UnmaskingFilter):
-    """The learned Learn2PD filter: sigmoid(MLP(features)) per position (weights traced)."""
+    """The learned Learn2PD filter: sigmoid(MLP(features)) per position (weights traced).
+
+    trained_for (static): ((field, value), ...) of `model_shape` of the model it was trained for, and its name
+    under "model" (`load_filter` fills it from the file's metadata); decoding a model of another shape with it is
+    an error. Empty: unchecked (a filter built in code)."""
 
     params: dict[str, jax.Array]
+    trained_for: tuple = struct.field(pytree_node=False, default=())
 
     def scores(self, inputs: FilterInputs) -> jax.Array:
         return jax.nn.sigmoid(mlp_logits(self.params, inputs.features))
 
-    def validate(self, batch_size: int, max_new_tokens: int) -> None:
+    def validate(self, config: Any, batch_size: int, max_new_tokens: int) -> None:
         if not isinstance(self.params, dict) or set(self.params) != set(LAYER_NAMES):
             raise ArgumentError(f"filter: an MLPFilter needs params with the arrays {LAYER_NAMES}, got {type(self.params).__name__}")
         if np.shape(self.params["w1"])[0] != len(FEATURE_NAMES):
             raise ArgumentError(f"filter: the MLP's first layer takes {np.shape(self.params['w1'])[0]} features, expected {len(FEATURE_NAMES)}")
+        expected = dict(self.trained_for)
+        name = expected.pop("model", "another model")
+        actual = model_shape(config)
+        differ = {field: (value, actual[field]) for field, value in expected.items() if actual.get(field) != value}
+        if differ:
+            found = ", ".join(f"{field} {theirs!r} (the filter's model: {ours!r})" for field, (ours, theirs) in differ.items())
+            raise ArgumentError(
+                f"filter: this Learn2PD filter was trained for {name!r}, a model of another shape than the one decoded "
+                f"({found}); train one for this model (python -m jspec.train.learn2pd --model PATH --out FILE) and pass "
+                "filter=FILE, or pass an UnmaskingFilter"
+            )
 
 
 @struct.dataclass
@@ -133,7 +156,7 @@ class OracleFilter(UnmaskingFilter):
         expected = jnp.take_along_axis(self.reference, jnp.clip(inputs.positions, 0, width - 1), axis=1)
         return (inputs.predicted == expected).astype(jnp.float32)
 
-    def validate(self, batch_size: int, max_new_tokens: int) -> None:
+    def validate(self, config: Any, batch_size: int, max_new_tokens: int) -> None:
         shape = np.shape(self.reference)
         if len(shape) != 2 or shape[0] != batch_size or shape[1] < max_new_tokens:
             raise ArgumentError(
@@ -159,7 +182,8 @@ def save_filter(params: dict[str, Any], path: str | Path, metadata: dict[str, An
 
 
 def load_filter(path: str | Path) -> tuple[MLPFilter, dict[str, Any]]:
-    """An `MLPFilter` from a file `save_filter` wrote, and its metadata."""
+    """An `MLPFilter` from a file `save_filter` wrote (checked against the model shape its metadata records,
+    where it records one), and its metadata."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -170,7 +194,10 @@ def load_filter(path: str | Path) -> tuple[MLPFilter, dict[str, Any]]:
         params = {name: jnp.asarray(handle.get_tensor(name)) for name in handle.keys()}
     if tuple(metadata.get("features", ())) != FEATURE_NAMES:
         raise ArgumentError(f"filter: {str(path)!r} was trained on features {metadata.get('features')}, this jspec computes {FEATURE_NAMES}")
-    return MLPFilter(params=params), metadata
+    trained_for = tuple(sorted(metadata.get("model_shape", {}).items()))
+    if trained_for:
+        trained_for += (("model", metadata.get("model")),)
+    return MLPFilter(params=params, trained_for=trained_for), metadata
 
 
 @functools.lru_cache(maxsize=8)

@@ -137,8 +137,8 @@ class UnmaskingRule:
     def num_branches(self) -> int:
         return 1
 
-    def validate(self, prompts: Prompts) -> None:
-        """Concrete checks of the rule's options, before tracing."""
+    def validate(self, config: Any, prompts: Prompts) -> None:
+        """Concrete checks of the rule's options against the model's config and the request, before tracing."""
 
     def branches(
         self,
@@ -198,7 +198,7 @@ class ThresholdUnmasking(UnmaskingRule):
     strategy_name: ClassVar[str] = "dllm_threshold"
     threshold: Any = THRESHOLD
 
-    def validate(self, prompts: Prompts) -> None:
+    def validate(self, config: Any, prompts: Prompts) -> None:
         check_threshold(self.threshold, prompts)
 
     def select(self, predicted, confidence, masked, positions):
@@ -218,10 +218,10 @@ class Learn2PDUnmasking(UnmaskingRule):
     filter: Any = None
     threshold: Any = LEARN2PD_THRESHOLD
 
-    def validate(self, prompts: Prompts) -> None:
+    def validate(self, config: Any, prompts: Prompts) -> None:
         if not isinstance(self.filter, learn2pd.UnmaskingFilter):
             raise ArgumentError(f"filter: expected an UnmaskingFilter object (learn2pd.as_filter makes one of a name), got {self.filter!r}")
-        self.filter.validate(prompts.batch_size, prompts.max_new_tokens)
+        self.filter.validate(config, prompts.batch_size, prompts.max_new_tokens)
         check_threshold(self.threshold, prompts)
 
     def select(self, predicted, confidence, masked, positions):
@@ -245,7 +245,7 @@ class FreeDaveUnmasking(UnmaskingRule):
     def num_branches(self) -> int:
         return self.draft_steps
 
-    def validate(self, prompts: Prompts) -> None:
+    def validate(self, config: Any, prompts: Prompts) -> None:
         check_positive_int("draft_steps", self.draft_steps)
 
     def _drafted(self, masked: jax.Array, kept_confidence: jax.Array) -> tuple[jax.Array, jax.Array]:

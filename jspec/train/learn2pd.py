@@ -269,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model,
         "kind": kind,
         "model_sha256": weights_digest(args.model),
+        "model_shape": learn2pd.model_shape(model.config),
         "data": f"static decoding ({decoder}) of the first {args.prompt_tokens} tokens "
                 f"of {len(prompts)} training-split files of the demo corpus, {args.new_tokens} new tokens each",
         "examples": len(labels),
