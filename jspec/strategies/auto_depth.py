@@ -9,8 +9,8 @@ tokens per second over the running rows: argmax_d sum_rows E_row(d) / C(d), down
 step that calls no drafter.
 
 The costs are measured once per (target, drafter, template, batch, cache size, backend) when a strategy is
-validated (`measure_step_costs`: the strategy's own jitted step, forced to each depth, on the request's first
-state), or given (`Speculative.step_costs`). Each row's acceptance rate is a decayed count of its tried and accepted drafts
+validated (`measure_step_costs`: the strategy's own jitted steps, forced to each depth, from the request's first
+state, a call's fixed cost taken off), or given (`Speculative.step_costs`). Each row's acceptance rate is a decayed count of its tried and accepted drafts
 (`AcceptanceEstimate`), starting from an optimistic prior. While the batch does not draft, a probe every
 `probe_interval` steps runs the drafter's first call only and tries its first draft against the one-token
 verification (emitting one token either way, so it costs the drafter's call and no wider forward); the interval
@@ -108,26 +108,38 @@ def measured_costs(key: Any) -> StepCosts | None:
     return _MEASURED.get(key)
 
 
+STEPS_PER_CALL = 4  # steps one timed call runs when measuring a setting (see measure_step_costs)
+
+
 def measure_step_costs(key: Any, step_at: Any, max_depth: int, repeats: int = 9) -> StepCosts:
     """Time step_at(depth, probe) -> (prepare, run) for every depth and the probe: prepare() makes a step's input
-    (not timed), run(input) runs one jitted step forced to that depth, probing or not (its input donated, so it
-    updates the caches in place as the decode loop does; an undonated input would add a copy of every cache to each
-    step and hide how much wider steps cost). Once compiled, the settings run in turn, `repeats` rounds; a setting
-    costs the plain step's fastest run (load only adds) times the median over rounds of its time relative to the
-    plain step's in the same round (runs close in time share the machine's load, and the median drops bursts). A
-    depth never costs less than a shallower one. Remembered under `key`."""
+    (not timed), run(input, count) runs `count` jitted steps forced to that depth, probing or not, in one call, as
+    the decode loop runs them (its input donated, so it updates the caches in place as the loop does; an undonated
+    input would add a copy of every cache to each call and hide how much wider steps cost). A call's fixed cost
+    (dispatch, donation: milliseconds for a batch's caches, which the compiled loop never pays per step) is timed
+    as a call of zero steps and taken off: a setting's time is (its STEPS_PER_CALL-step call - the zero-step call) /
+    STEPS_PER_CALL (a fixed cost left in would make every step look alike and deep drafting look cheap). Once
+    compiled, the settings run in turn, `repeats` rounds; a setting costs the plain step's fastest time (load only
+    adds) times the median over rounds of its time relative to the plain step's in the same round (runs close in
+    time share the machine's load, and the median drops bursts). A depth never costs less than a shallower one.
+    Remembered under `key`."""
     if key in _MEASURED:
         return _MEASURED[key]
     settings = [step_at(depth, False) for depth in range(max_depth + 1)] + [step_at(0, True)]
     for prepare, run in settings:  # compile, warm up
-        jax.block_until_ready(run(prepare()))
+        jax.block_until_ready(run(prepare(), STEPS_PER_CALL))
+
+    def timed(prepare: Any, run: Any, count: int) -> float:
+        inputs = jax.block_until_ready(prepare())
+        start = time.perf_counter()
+        jax.block_until_ready(run(inputs, count))
+        return time.perf_counter() - start
+
     times = np.zeros((repeats, len(settings)))
     for round_ in range(repeats):
+        fixed = timed(*settings[0], 0)
         for index, (prepare, run) in enumerate(settings):
-            inputs = jax.block_until_ready(prepare())
-            start = time.perf_counter()
-            jax.block_until_ready(run(inputs))
-            times[round_, index] = time.perf_counter() - start
+            times[round_, index] = max(timed(prepare, run, STEPS_PER_CALL) - fixed, 1e-9) / STEPS_PER_CALL
     costs = times[:, 0].min() * np.median(times / times[:, :1], axis=0)
     steps = np.maximum.accumulate(costs[:-1])
     measured = StepCosts(jnp.asarray(steps, jnp.float32), jnp.float32(max(costs[-1], steps[0])))

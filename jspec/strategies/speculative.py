@@ -111,6 +111,19 @@ class SpeculativeState:
     depth_control: auto_depth.DepthControl | None = None  # adaptive="auto": costs, acceptance, probing
 
 
+def forced_steps(strategy: "Speculative", model: Model, state: SpeculativeState, count: jax.Array) -> SpeculativeState:
+    """`count` steps of an auto-depth strategy in one loop, each with the probing schedule `state`'s depth control
+    has (so every step probes, or none does; its costs force the depth): what `auto_depth.measure_step_costs`
+    times."""
+    held = state.depth_control
+
+    def body(_: Any, current: SpeculativeState) -> SpeculativeState:
+        control = current.depth_control.replace(idle_steps=held.idle_steps, probe_interval=held.probe_interval)
+        return strategy.step(model, current.replace(depth_control=control))
+
+    return jax.lax.fori_loop(0, count, body, state)
+
+
 @struct.dataclass
 class Speculative:
     """Speculative decoding with a pluggable drafter (see the module docstring for the guarantees).
@@ -229,14 +242,14 @@ class Speculative:
             return auto_depth.measured_costs(key)
         model = model.without_tokenizer()
         state = jax.jit(lambda strategy, *args: strategy.init(*args))(self, model, prompts, jax.random.key(0))
-        step = jax.jit(lambda strategy, model, state: strategy.step(model, state), donate_argnums=2)
+        steps = jax.jit(forced_steps, donate_argnums=2)
         control = state.depth_control
 
         def step_at(depth: int, probe: bool):
             forced = control.replace(costs=control.costs.forcing(depth), idle_steps=jnp.int32(1 << 20 if probe else 0),
                                      probe_interval=jnp.int32(1 if probe else 1 << 20))
             prepare = lambda: jax.tree.map(jnp.copy, state.replace(depth_control=forced))  # noqa: E731
-            return prepare, lambda inputs: step(self, model, inputs)
+            return prepare, lambda inputs, count: steps(self, model, inputs, jnp.int32(count))
 
         with warnings.catch_warnings():  # a buffer the step does not update cannot be donated: harmless
             warnings.filterwarnings("ignore", "Some donated buffers were not usable")
