@@ -4,9 +4,11 @@ A step that drafts to depth d costs C(d): the drafter's calls (none at depth 0),
 token and the template's nodes up to depth d, the acceptance walk and the bookkeeping. Under an acceptance rate alpha
 it emits
 E(d) = 1 + alpha + ... + alpha^d = (1 - alpha^(d + 1)) / (1 - alpha) tokens in expectation (ALGORITHMS.md section
-1). Each step takes, for the whole batch (the verification forward is shared), the depth with the most expected
-tokens per second over the running rows: argmax_d sum_rows E_row(d) / C(d), down to d = 0, a plain autoregressive
-step that calls no drafter.
+1). Each step takes, for the whole batch (the verification forward is shared), the depth under which the batch is
+expected to finish soonest: argmin_d C(d) * max_rows R_row / E_row(d), R_row the tokens a running row may still
+emit, down to d = 0, a plain autoregressive step that calls no drafter. A decode returns when its last row
+finishes, so tokens that rows with high acceptance would emit early do not shorten it: the row with the most steps
+left decides (for one row, or rows alike, this is the depth with the most expected tokens per second, E(d) / C(d)).
 
 The costs are measured once per (target, drafter, template, batch, cache size, backend) when a strategy is
 validated (`measure_step_costs`: the strategy's own jitted steps, forced to each depth, from the request's first
@@ -91,11 +93,16 @@ def expected_tokens(rate: jax.Array, max_depth: int) -> jax.Array:  # [B] -> [B,
     return jnp.cumsum(powers, axis=1)
 
 
-def choose_depth(rate: jax.Array, running: jax.Array, costs: StepCosts) -> jax.Array:  # [] int32
-    """The depth with the most expected tokens per unit of cost over the running rows (0 when none runs)."""
+def choose_depth(
+    rate: jax.Array,  # [B] float32: each row's acceptance rate
+    remaining: jax.Array,  # [B] float32: tokens each row may still emit (0: finished)
+    costs: StepCosts,
+) -> jax.Array:  # [] int32
+    """The depth under which the batch is expected to finish soonest: argmin_d C(d) * max_rows remaining / E(d)
+    (0 when no row runs)."""
     max_depth = costs.step.shape[0] - 1
-    tokens = jnp.sum(jnp.where(running[:, None], expected_tokens(rate, max_depth), 0.0), axis=0)  # [D + 1]
-    return jnp.argmax(tokens / costs.step).astype(jnp.int32)
+    steps_left = jnp.max(remaining[:, None] / expected_tokens(rate, max_depth), axis=0)  # [D + 1]
+    return jnp.argmin(steps_left * costs.step).astype(jnp.int32)
 
 
 # --- measuring the costs ----------------------------------------------------------------------------------
@@ -162,10 +169,11 @@ class DepthControl:
         base = first_probe_interval(costs, probe_interval)
         return cls(costs, AcceptanceEstimate.create(batch_size), jnp.int32(0), base, base)
 
-    def plan(self, running: jax.Array) -> tuple[jax.Array, jax.Array]:  # depth [] int32, probe [] bool
-        """This step's depth for the batch, and whether it probes (depth 0, the drafter's first draft tried)."""
-        depth = choose_depth(self.acceptance.rate, running, self.costs)
-        return depth, (depth == 0) & (self.idle_steps + 1 >= self.probe_interval) & jnp.any(running)
+    def plan(self, remaining: jax.Array) -> tuple[jax.Array, jax.Array]:  # depth [] int32, probe [] bool
+        """This step's depth for the batch, and whether it probes (depth 0, the drafter's first draft tried).
+        remaining: [B] tokens each row may still emit (0: finished)."""
+        depth = choose_depth(self.acceptance.rate, remaining, self.costs)
+        return depth, (depth == 0) & (self.idle_steps + 1 >= self.probe_interval) & jnp.any(remaining > 0)
 
     def after(self, depth: jax.Array, probe: jax.Array, accepted_at: jax.Array, tried_at: jax.Array) -> "DepthControl":
         """The control after a step at `depth` (probing or not) whose walk accepted / tried these drafts [B, D]."""

@@ -340,7 +340,9 @@ class Speculative:
         control = state.depth_control
         if control is None:
             return self.drafting_step(model, state)
-        depth, probe = control.plan(~state.output.finished)  # the batch's depth this step
+        output = state.output
+        remaining = jnp.where(output.finished, 0, output.limits - output.lengths).astype(jnp.float32)
+        depth, probe = control.plan(remaining)  # the batch's depth this step
         if getattr(self.drafter, "observe", None) is not None:  # a drafter that learns from every verification
             return self.drafting_step(model, state, depth, probe)
         return run_either((depth == 0) & ~probe, lambda state: self.plain_step(model, state),
