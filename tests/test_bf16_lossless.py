@@ -1,5 +1,6 @@
 """Lossless in the dtype users run: every lossless strategy, with the shipped demo models in bfloat16, reproduces
-its reference token for token (greedy autoregressive decoding; dllm_static for FreeDave).
+its reference token for token (greedy autoregressive decoding; dllm_static for FreeDave; the same rule without
+End-of-Text Prediction for EoTP).
 
 In bfloat16 a verification forward over more tokens (or FreeDave's draft rows) can round differently from the
 reference's forwards where XLA:CPU reduces differently for another shape, so token identity holds while no
@@ -77,3 +78,24 @@ def test_freedave_equals_static_in_the_shipped_bfloat16(cache):
     free = jspec.decode(dllm, CODE, "freedave", draft_steps=4, **options)
     assert free.sequences() == static.sequences()
     assert int(free.stats["model_calls"]) < int(static.stats["model_calls"])
+
+
+@pytest.mark.parametrize("name, strategy, options", [
+    ("demo-code-dllm", "dllm_threshold", dict(threshold=0.7, cache="dual", block_size=16)),  # several per forward
+    ("demo-code-dllm", "freedave", dict(draft_steps=3, cache="prefix", block_size=16)),  # drafted branches
+    ("demo-code-bd", "block_diffusion", dict(threshold=0.9, cache="sub_block")),
+], ids=["threshold-dual", "freedave-prefix", "block-diffusion"])
+def test_end_of_text_prediction_changes_no_token_in_the_shipped_bfloat16(name, strategy, options):
+    """EoTP ends a row once its decided prefix holds a stop token (here every token with a line break: rows stop
+    at the end of their first line) and skips the rest of the block: the same tokens and finish reasons as
+    end_of_text=False, fewer forwards (tests/test_learn2pd.py: the same in float32 on held-out prompts)."""
+    model = jspec.load(name)
+    line_ends = [i for i in range(model.config.vocab_size - 1) if "\n" in model.tokenizer.decode([i])]
+    options = dict(options, max_new_tokens=32, stop_tokens=line_ends)
+    plain = jspec.decode(model, CODE, strategy, end_of_text=False, **options)
+    early = jspec.decode(model, CODE, strategy, end_of_text=True, **options)
+    assert np.any(np.asarray(plain.lengths) < 32)  # rows stop at a line break
+    assert early.sequences() == plain.sequences()
+    np.testing.assert_array_equal(early.finish_reason, plain.finish_reason)
+    forwards = lambda out: np.asarray(out.stats["block_forwards"]).sum(axis=1)  # noqa: E731
+    assert np.all(forwards(early) <= forwards(plain)) and np.any(forwards(early) < forwards(plain))

@@ -213,8 +213,7 @@ def line_ends(dllm) -> list[int]:
 @pytest.mark.parametrize("strategy, options", [
     ("dllm_static", dict(cache="none")),
     ("dllm_threshold", dict(threshold=0.7, cache="dual")),  # several positions decided per forward
-    ("freedave", dict(draft_steps=3, cache="prefix")),  # decisions accepted from drafted branches
-], ids=["static", "threshold-dual", "freedave-prefix"])
+], ids=["static", "threshold-dual"])  # FreeDave (drafted branches) and block_diffusion in bf16: test_bf16_lossless.py
 def test_end_of_text_prediction_is_lossless_and_saves_forwards(dllm, heldout, line_ends, strategy, options):
     options = dict(options, max_new_tokens=NEW_TOKENS, block_size=BLOCK, stop_tokens=line_ends)
     plain = jspec.decode(dllm, heldout, strategy, end_of_text=False, **options)
