@@ -384,6 +384,24 @@ def test_shipped_demo_models():
 CARD_MARGIN = 0.01  # nats: the card's figures are fp32 on the shipped weights; only summation order may differ
 
 
+def test_model_card_ends_with_the_sections_a_rewrite_writes(monkeypatch):
+    """Rewriting MODEL_CARD.md (demo.rewrite_card, a demo export) keeps every section after the two code models':
+    they are generated from the model directories, hand-written text included (CARD_NOTES files), so nothing in
+    the card is lost by a rewrite (the recurrent section and the diffusion stage notes once were). The diffusion
+    section's own figures take 40 s to measure: the card's text stands in for them here (test_diffusion_demo.py
+    re-measures them)."""
+    from jspec.train import demo
+
+    card = (demo.ASSETS_DIR / "MODEL_CARD.md").read_text()
+    generated = card[card.index("## Diffusion demo models") : card.index("Stage 2 against stage 1")]
+    monkeypatch.setattr(demo, "diffusion_card_section", lambda assets: generated.split("\n")[:-1])
+    tail = "\n".join(demo.other_models_card_sections(demo.ASSETS_DIR))
+    assert card.endswith(tail)
+    for heading in ("## Diffusion demo models", "Stage 2 against stage 1", "## Learn2PD unmasking filter",
+                    "## Recurrent-depth demo model", "## MLA demo model", "## Limitations"):
+        assert heading in tail, heading
+
+
 def _card_row(card: str, label: str) -> list[float]:
     import re
 

@@ -596,14 +596,31 @@ def write_model_card(path: Path, models: dict[str, Model], results, recipes, man
     ]
     for name in (TARGET, DRAFT):
         lines += [f"`{name}`:", "", "```python", SAMPLE_PROMPT + (figures["samples"][name] or ""), "```", ""]
-    lines += diffusion_card_section(path.parent)
+    lines += other_models_card_sections(path.parent)
+    write_text_atomically(path, "\n".join(lines))
+
+
+CARD_NOTES = "card_notes.md"  # hand-written card text beside a model's weights (an export that replaces the
+# model directory drops it with the weights it describes; see other_models_card_sections)
+
+
+def card_notes(assets: Path, name: str) -> list[str]:
+    """The hand-written lines of <assets>/<name>/CARD_NOTES (none when absent), then a blank line."""
+    path = Path(assets) / name / CARD_NOTES
+    return path.read_text().rstrip("\n").splitlines() + [""] if path.is_file() else []
+
+
+def other_models_card_sections(assets: Path) -> list[str]:
+    """The card's sections after demo-code's and demo-code-draft's, each from what its model directories hold: the
+    diffusion demos (generated, then demo-code-dllm's CARD_NOTES), the Learn2PD filters, demo-code-recurrent (its
+    CARD_NOTES: the section is written by hand), demo-code-mla, and the limitations. Hand-written text lives in
+    CARD_NOTES files, so a rewrite of the card keeps it (tests/test_demo_model.py compares the card with this)."""
+    from jspec.train.demo_mla import mla_card_section
     from jspec.train.learn2pd import card_section as learn2pd_card_section
 
-    lines += learn2pd_card_section(path.parent)
-    from jspec.train.demo_mla import mla_card_section
-
-    lines += mla_card_section(path.parent)
-    lines += [
+    lines = diffusion_card_section(assets) + card_notes(assets, "demo-code-dllm") + learn2pd_card_section(assets)
+    lines += card_notes(assets, "demo-code-recurrent") + mla_card_section(assets)
+    return lines + [
         "## Limitations",
         "",
         "Tiny models trained briefly: the code they write is plausible-looking stdlib-flavoured Python, often wrong.",
@@ -611,7 +628,6 @@ def write_model_card(path: Path, models: dict[str, Model], results, recipes, man
         "exercise and benchmark decoding algorithms.",
         "",
     ]
-    write_text_atomically(path, "\n".join(lines))
 
 
 def export_digits(
