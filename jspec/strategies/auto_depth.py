@@ -87,9 +87,13 @@ class AcceptanceEstimate:
         return AcceptanceEstimate(accepted, tried)
 
 
-def expected_tokens(rate: jax.Array, max_depth: int) -> jax.Array:  # [B] -> [B, D + 1]
-    """Tokens a step drafting to depth d = 0..D emits in expectation at acceptance rate `rate`: sum_{i <= d} rate^i."""
-    powers = rate[:, None] ** jnp.arange(max_depth + 1, dtype=jnp.float32)[None, :]
+def expected_tokens(rate: jax.Array, max_depth: int, remaining: jax.Array | None = None) -> jax.Array:  # [B] -> [B, D + 1]
+    """Tokens a step drafting to depth d = 0..D emits in expectation at acceptance rate `rate`: sum_{i <= d} rate^i;
+    with `remaining` [B] (tokens each row may still emit), only the terms i < remaining count (a row emits no more)."""
+    exponents = jnp.arange(max_depth + 1, dtype=jnp.float32)[None, :]
+    powers = rate[:, None] ** exponents
+    if remaining is not None:
+        powers = jnp.where(exponents < remaining[:, None], powers, 0.0)
     return jnp.cumsum(powers, axis=1)
 
 
@@ -98,10 +102,14 @@ def choose_depth(
     remaining: jax.Array,  # [B] float32: tokens each row may still emit (0: finished)
     costs: StepCosts,
 ) -> jax.Array:  # [] int32
-    """The depth under which the batch is expected to finish soonest: argmin_d C(d) * max_rows remaining / E(d)
-    (0 when no row runs)."""
+    """The depth under which the batch is expected to finish soonest: argmin_d C(d) * max_rows remaining / E(d),
+    E capped at what each row may still emit; when no row runs, the cheapest depth (so costs that force a depth
+    keep forcing it)."""
     max_depth = costs.step.shape[0] - 1
-    steps_left = jnp.max(remaining[:, None] / expected_tokens(rate, max_depth), axis=0)  # [D + 1]
+    tokens = expected_tokens(rate, max_depth, remaining)  # [B, D + 1]
+    running = remaining[:, None] > 0
+    steps_left = jnp.max(jnp.where(running, remaining[:, None] / jnp.where(running, tokens, 1.0), 0.0), axis=0)  # [D + 1]
+    steps_left = jnp.where(jnp.any(running), steps_left, 1.0)
     return jnp.argmin(steps_left * costs.step).astype(jnp.int32)
 
 

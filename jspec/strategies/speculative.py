@@ -31,8 +31,9 @@ that accepted every draft, one shallower otherwise. Nodes below a row's depth ar
 rejected without being tried), so the output distribution is unchanged; draft model calls stop at the
 deepest row's depth. The verification chunk keeps its static size.
 
-With `adaptive="auto"` (or `num_draft_tokens="auto"`) each step drafts the whole batch to the depth with the most
-expected tokens per second, from call costs measured once per model and shape and each row's running acceptance
+With `adaptive="auto"` (or `num_draft_tokens="auto"`) each step drafts the whole batch to the depth under which it
+is expected to finish soonest (the row with the most steps left decides; for one row: the most expected tokens per
+second), from call costs measured once per model and shape and each row's running acceptance
 (`jspec.strategies.auto_depth`), down to depth 0: a plain step, which is autoregressive decoding's own step
 (`autoregressive.decode_one_token`: no drafter call, no acceptance walk, no [B, N + 1, V] buffers; it samples with
 autoregressive decoding's key, so a decode of plain steps only is autoregressive decoding's, sampled tokens
@@ -136,7 +137,7 @@ class Speculative:
     tree: branching factor per depth, e.g. (3, 2, 1, 1): a static tree of top-k children.
     tree_parents: an explicit template instead (parent of each node, -1 = root, breadth-first).
     adaptive: adapt each row's draft depth (True: one deeper after a full acceptance, one shallower otherwise), or
-        "auto": each step drafts (the whole batch) to the depth with the most expected tokens per second from
+        "auto": each step drafts (the whole batch) to the depth under which it is expected to finish soonest, from
         measured call costs and each row's running acceptance, down to plain autoregressive steps
         (`jspec.strategies.auto_depth`); the verification forward is only as wide as that depth.
     step_costs: with adaptive="auto", the costs to decide with (`auto_depth.StepCosts`); None: measured once per
@@ -236,7 +237,8 @@ class Speculative:
 
     def measure_costs(self, model: Model, prompts: Prompts) -> auto_depth.StepCosts:
         """The auto depth's step costs for this model, drafter and shape, measured once per process: this strategy's
-        jitted step on the request's first state, forced to each depth (`auto_depth.measure_step_costs`)."""
+        jitted steps from the request's first state, forced to each depth, a call's fixed cost taken off
+        (`auto_depth.measure_step_costs`)."""
         key, _ = self._cost_profile(model, prompts)
         if auto_depth.measured_costs(key) is not None:
             return auto_depth.measured_costs(key)
