@@ -63,3 +63,20 @@ def tiny_model(family: str = "llama", seed: int = 0, init_scale: float = 0.3, **
 @pytest.fixture
 def model() -> jspec.Model:
     return tiny_model("llama")
+
+
+def line_break_tokens(model: jspec.Model) -> list[int]:
+    """A diffusion demo's tokens that contain a line break (its last token, the mask, left out): as stop tokens,
+    decoding stops at the end of the first line."""
+    return [i for i in range(model.config.vocab_size - 1) if "\n" in model.tokenizer.decode([i])]
+
+
+def assert_end_of_text_changes_no_token(plain: jspec.DecodeOutput, early: jspec.DecodeOutput) -> None:
+    """A diffusion decode with End-of-Text Prediction (early) against the same decode without it (plain): the same
+    tokens and finish reasons, no row runs more forwards, and some row runs fewer."""
+    import numpy as np
+
+    forwards = lambda out: np.asarray(out.stats["block_forwards"]).sum(axis=1)  # noqa: E731
+    assert early.sequences() == plain.sequences()
+    np.testing.assert_array_equal(early.finish_reason, plain.finish_reason)
+    assert np.all(forwards(early) <= forwards(plain)) and np.any(forwards(early) < forwards(plain))

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import jspec
+from conftest import assert_end_of_text_changes_no_token, line_break_tokens
 from jspec.strategies.auto_depth import StepCosts
 
 CODE = [
@@ -88,14 +89,11 @@ def test_freedave_equals_static_in_the_shipped_bfloat16(cache):
 def test_end_of_text_prediction_changes_no_token_in_the_shipped_bfloat16(name, strategy, options):
     """EoTP ends a row once its decided prefix holds a stop token (here every token with a line break: rows stop
     at the end of their first line) and skips the rest of the block: the same tokens and finish reasons as
-    end_of_text=False, fewer forwards (tests/test_learn2pd.py: the same in float32 on held-out prompts)."""
+    end_of_text=False, fewer forwards (tests/test_learn2pd.py: static, threshold and block_diffusion in float32 on
+    held-out prompts)."""
     model = jspec.load(name)
-    line_ends = [i for i in range(model.config.vocab_size - 1) if "\n" in model.tokenizer.decode([i])]
-    options = dict(options, max_new_tokens=32, stop_tokens=line_ends)
+    options = dict(options, max_new_tokens=32, stop_tokens=line_break_tokens(model))
     plain = jspec.decode(model, CODE, strategy, end_of_text=False, **options)
     early = jspec.decode(model, CODE, strategy, end_of_text=True, **options)
     assert np.any(np.asarray(plain.lengths) < 32)  # rows stop at a line break
-    assert early.sequences() == plain.sequences()
-    np.testing.assert_array_equal(early.finish_reason, plain.finish_reason)
-    forwards = lambda out: np.asarray(out.stats["block_forwards"]).sum(axis=1)  # noqa: E731
-    assert np.all(forwards(early) <= forwards(plain)) and np.any(forwards(early) < forwards(plain))
+    assert_end_of_text_changes_no_token(plain, early)

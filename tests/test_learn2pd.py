@@ -23,7 +23,7 @@ from jspec.strategies import learn2pd
 from jspec.strategies.unmasking import LEARN2PD_THRESHOLD
 from jspec.train.learn2pd import decode_counting_forwards, weights_digest
 from jspec.validation import ArgumentError
-from conftest import tiny_model
+from conftest import assert_end_of_text_changes_no_token, line_break_tokens, tiny_model
 
 MASK = 96
 ASSETS = Path(__file__).resolve().parents[1] / "jspec" / "assets"
@@ -70,13 +70,14 @@ def test_bad_options_raise_naming_the_argument():
         (dict(filter=mlp, threshold=[0.5, 1.5]), "threshold"),
         (dict(filter="no-such-model"), "filter"),
         (dict(filter=3), "filter"),
-        (dict(filter="demo-code-dllm"), "filter"),  # a shipped filter, trained for a model of another shape
         (dict(filter=learn2pd.OracleFilter(reference=jnp.zeros((2, 4), jnp.int32))), "filter"),
         (dict(filter=mlp, end_of_text="yes"), "end_of_text"),
     ]
     for kwargs, name in cases:
         with pytest.raises(ArgumentError, match=f"^{name}:"):
             jspec.decode(model, [[1, 2], [3]], "dllm_learn2pd", **options, **kwargs)
+    with pytest.raises(ArgumentError, match="^filter: .*another shape"):  # a shipped filter, for a model of another shape
+        jspec.decode(model, [[1, 2], [3]], "dllm_learn2pd", filter="demo-code-dllm", **options)
     with pytest.raises(ArgumentError, match="^unmasking:"):
         jspec.decode(model, [[1, 2]], "masked_diffusion", unmasking="learn2pdx", **options)
     block = tiny_model("llama", seed=1, diffusion="block", diffusion_block_size=8, mask_token_id=MASK, shifted_logits=True)
@@ -118,12 +119,13 @@ def test_block_diffusion_bad_learn2pd_options_raise_naming_the_argument():
         (dict(unmasking="learn2pd", filter=mlp, threshold=[0.5, 1.5]), "threshold"),
         (dict(unmasking="learn2pd", filter="no-such-model"), "filter"),
         (dict(unmasking="learn2pd", filter=3), "filter"),
-        (dict(unmasking="learn2pd"), "filter"),  # the default: demo-code-bd's filter, for a model of another shape
         (dict(unmasking="learn2pd", filter=learn2pd.OracleFilter(reference=jnp.zeros((2, 4), jnp.int32))), "filter"),
     ]
     for kwargs, name in cases:
         with pytest.raises(ArgumentError, match=f"^{name}:"):
             jspec.decode(model, [[1, 2], [3]], "block_diffusion", max_new_tokens=8, **kwargs)
+    with pytest.raises(ArgumentError, match="^filter: .*another shape"):  # the default: demo-code-bd's filter
+        jspec.decode(model, [[1, 2], [3]], "block_diffusion", max_new_tokens=8, unmasking="learn2pd")
 
 
 # --- the shipped bfloat16 models: threshold 1 is static token for token --------------------------------------
@@ -205,8 +207,7 @@ def test_oracle_bounds_the_learned_filter_and_the_shipped_filter_reaches_its_sta
 
 @pytest.fixture(scope="module")
 def line_ends(dllm) -> list[int]:
-    """The demo tokenizer's tokens that contain a line break: decoding stops at the end of the first line."""
-    return [i for i in range(dllm.config.vocab_size - 1) if "\n" in dllm.tokenizer.decode([i])]
+    return line_break_tokens(dllm)
 
 
 @demo
@@ -219,10 +220,7 @@ def test_end_of_text_prediction_is_lossless_and_saves_forwards(dllm, heldout, li
     plain = jspec.decode(dllm, heldout, strategy, end_of_text=False, **options)
     early = jspec.decode(dllm, heldout, strategy, end_of_text=True, **options)
     assert np.any(np.asarray(plain.lengths) < NEW_TOKENS)  # rows stop at a line break
-    assert early.sequences() == plain.sequences()
-    np.testing.assert_array_equal(early.finish_reason, plain.finish_reason)
-    assert np.all(row_forwards(early) <= row_forwards(plain))
-    assert np.any(row_forwards(early) < row_forwards(plain))
+    assert_end_of_text_changes_no_token(plain, early)
 
 
 @pytest.mark.skipif(not (ASSETS / "demo-code-bd" / "config.json").is_file(), reason="demo-code-bd not built")
@@ -231,9 +229,7 @@ def test_end_of_text_prediction_in_block_diffusion(heldout, line_ends):
     options = dict(max_new_tokens=NEW_TOKENS, threshold=0.9, stop_tokens=line_ends)
     plain = jspec.decode(model, heldout, "block_diffusion", end_of_text=False, **options)
     early = jspec.decode(model, heldout, "block_diffusion", end_of_text=True, **options)
-    assert early.sequences() == plain.sequences()
-    assert np.all(row_forwards(early) <= row_forwards(plain))
-    assert np.any(row_forwards(early) < row_forwards(plain))
+    assert_end_of_text_changes_no_token(plain, early)
 
 
 # --- block_diffusion with demo-code-bd's filter ---------------------------------------------------------------

@@ -3,7 +3,8 @@ Decoding", arXiv 2509.25188): a small model that scores, per masked position of 
 current prediction there already equals the final output; the "learn2pd" unmasking rule
 (`jspec.strategies.unmasking.Learn2PDUnmasking`) unmasks the positions scored above a threshold.
 
-A filter is a pytree (its arrays are traced: swapping filters of one kind and shape does not recompile) with
+A filter is a pytree (its arrays are traced: swapping filters of one kind and shape, trained for models of one
+shape, does not recompile) with
 `scores(inputs) -> [B, T]` in [0, 1]:
 - `MLPFilter`: the learned filter, a per-position MLP over `filter_features` (shared weights across positions),
   over the current block (masked diffusion) or the current sub-block (block_diffusion's unmasking="learn2pd"),
@@ -116,9 +117,10 @@ def init_mlp(key: jax.Array, hidden: int = 32) -> dict[str, jax.Array]:
 class MLPFilter(UnmaskingFilter):
     """The learned Learn2PD filter: sigmoid(MLP(features)) per position (weights traced).
 
-    trained_for (static): ((field, value), ...) of `model_shape` of the model it was trained for, and its name
-    under "model" (`load_filter` fills it from the file's metadata); decoding a model of another shape with it is
-    an error. Empty: unchecked (a filter built in code)."""
+    trained_for (static): ((field, value), ...) of `model_shape` of the model it was trained for (`load_filter`
+    fills it from the file's metadata); decoding a model of another shape with it is an error
+    (`check_trained_for`). Empty: unchecked (a filter built in code). Being static, it is part of the compiled
+    program's key: filters of one shape trained for models of one shape share a program."""
 
     params: dict[str, jax.Array]
     trained_for: tuple = struct.field(pytree_node=False, default=())
@@ -131,17 +133,21 @@ class MLPFilter(UnmaskingFilter):
             raise ArgumentError(f"filter: an MLPFilter needs params with the arrays {LAYER_NAMES}, got {type(self.params).__name__}")
         if np.shape(self.params["w1"])[0] != len(FEATURE_NAMES):
             raise ArgumentError(f"filter: the MLP's first layer takes {np.shape(self.params['w1'])[0]} features, expected {len(FEATURE_NAMES)}")
-        expected = dict(self.trained_for)
-        name = expected.pop("model", "another model")
-        actual = model_shape(config)
-        differ = {field: (value, actual[field]) for field, value in expected.items() if actual.get(field) != value}
-        if differ:
-            found = ", ".join(f"{field} {theirs!r} (the filter's model: {ours!r})" for field, (ours, theirs) in differ.items())
-            raise ArgumentError(
-                f"filter: this Learn2PD filter was trained for {name!r}, a model of another shape than the one decoded "
-                f"({found}); train one for this model (python -m jspec.train.learn2pd --model PATH --out FILE) and pass "
-                "filter=FILE, or pass an UnmaskingFilter"
-            )
+        check_trained_for(self.trained_for, config)
+
+
+def check_trained_for(trained_for: tuple, config: Any) -> None:
+    """Raise an ArgumentError naming `filter` where the model `config` describes differs in shape from the one a
+    filter was trained for (trained_for: ((field, value), ...) of `model_shape`; empty: no check)."""
+    actual = model_shape(config)
+    differ = [(field, value, actual.get(field)) for field, value in trained_for if actual.get(field) != value]
+    if differ:
+        found = ", ".join(f"{field} {theirs!r} where the filter's model has {ours!r}" for field, ours, theirs in differ)
+        raise ArgumentError(
+            f"filter: this Learn2PD filter was trained for a model of another shape than the one decoded ({found}); "
+            "train one for this model (python -m jspec.train.learn2pd --model PATH --out FILE) and pass filter=FILE, "
+            "or pass an UnmaskingFilter"
+        )
 
 
 @struct.dataclass
@@ -182,8 +188,8 @@ def save_filter(params: dict[str, Any], path: str | Path, metadata: dict[str, An
 
 
 def load_filter(path: str | Path) -> tuple[MLPFilter, dict[str, Any]]:
-    """An `MLPFilter` from a file `save_filter` wrote (checked against the model shape its metadata records,
-    where it records one), and its metadata."""
+    """An `MLPFilter` from a file `save_filter` wrote (with the model shape its metadata records, which decoding
+    checks), and its metadata."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -194,10 +200,7 @@ def load_filter(path: str | Path) -> tuple[MLPFilter, dict[str, Any]]:
         params = {name: jnp.asarray(handle.get_tensor(name)) for name in handle.keys()}
     if tuple(metadata.get("features", ())) != FEATURE_NAMES:
         raise ArgumentError(f"filter: {str(path)!r} was trained on features {metadata.get('features')}, this jspec computes {FEATURE_NAMES}")
-    trained_for = tuple(sorted(metadata.get("model_shape", {}).items()))
-    if trained_for:
-        trained_for += (("model", metadata.get("model")),)
-    return MLPFilter(params=params, trained_for=trained_for), metadata
+    return MLPFilter(params=params, trained_for=tuple(sorted(metadata.get("model_shape", {}).items()))), metadata
 
 
 @functools.lru_cache(maxsize=8)

@@ -614,7 +614,7 @@ def other_models_card_sections(assets: Path) -> list[str]:
     """The card's sections after demo-code's and demo-code-draft's, each from what its model directories hold: the
     diffusion demos (generated, then demo-code-dllm's CARD_NOTES), the Learn2PD filters, demo-code-recurrent (its
     CARD_NOTES: the section is written by hand), demo-code-mla, and the limitations. Hand-written text lives in
-    CARD_NOTES files, so a rewrite of the card keeps it (tests/test_demo_model.py compares the card with this)."""
+    CARD_NOTES files, so a rewrite of the card keeps it (tests/test_train.py compares the card with this)."""
     from jspec.train.demo_mla import mla_card_section
     from jspec.train.learn2pd import card_section as learn2pd_card_section
 
