@@ -1,6 +1,7 @@
-"""Decoding on a mesh: every strategy on 8 simulated CPU devices (meshes data x model = 1x8, 2x4, 8x1) equals one
-device token for token; parameters and caches carry the rules' shardings; the compiled loop never all-gathers a
-cache-sized operand; bad meshes and batches are refused naming the numbers.
+"""Decoding on a mesh: every strategy on 8 simulated CPU devices (the mesh data x model = 2x4; the core families
+also on 1x8 and 8x1: tests/mesh_checks.py CORE_CASES) equals one device token for token; parameters and caches
+carry the rules' shardings; the compiled loop never all-gathers a cache-sized operand; bad meshes and batches are
+refused naming the numbers.
 
 The checks run in one subprocess (tests/mesh_checks.py) with JAX_NUM_CPU_DEVICES=8, so this process keeps its
 single device."""
@@ -43,6 +44,8 @@ def test_every_strategy_on_every_mesh_equals_one_device(mesh_results):
         assert meshes, case
         for mesh, got in meshes.items():
             assert got == row["reference"], f"{case} on mesh {mesh}: {got} != one device {row['reference']}"
+    for case in ("greedy", "sample", "speculative-chain", "speculative-tree", "dllm-static", "block-diffusion"):
+        assert {"1x8", "2x4", "8x1"} <= set(results[case]), case  # the core families on every mesh
 
 
 def test_rows_finish_early_and_ragged(mesh_results):
