@@ -392,6 +392,18 @@ def test_auto_depth_lets_the_row_with_the_most_steps_left_decide():
     assert int(choose_depth(mixed, jnp.zeros(2), costs.forcing(3))) == 3  # ... so costs that force a depth still do
 
 
+def test_auto_depth_counts_the_tokens_a_full_cache_leaves():
+    """A row's tokens left (what auto depth weighs) end at its length limit or where its cache fills, whichever
+    comes first (a row about to end CACHE_FULL is not a long row), and are 0 once it has finished."""
+    from jspec.strategies.base import FinishReason, OutputBuffer, tokens_left
+
+    output = OutputBuffer.create(3, 100, limits=jnp.asarray([100, 20, 100]))
+    output = output.finish(jnp.asarray([False, False, True]), FinishReason.EOS)
+    left = tokens_left(output, jnp.asarray([60, 10, 10]), capacity=70, slots_needed=5)
+    np.testing.assert_array_equal(np.asarray(left), [6, 20, 0])  # 70 - 5 - 60 + 1; the limit; finished
+    assert int(tokens_left(output, jnp.asarray([69, 10, 10]), 70, 5)[0]) == 0  # never negative
+
+
 def test_probes_stay_within_their_budget():
     """A probe that costs little more than a plain step comes after the minimum interval, a dear one after enough
     steps that its extra cost is PROBE_BUDGET of theirs (at most MAX_PROBE_INTERVAL; a larger minimum stays); the

@@ -318,6 +318,15 @@ def mark_cache_full(output: OutputBuffer, cache_lengths: jax.Array, capacity: in
     return output.finish(cache_lengths + slots_needed > capacity, FinishReason.CACHE_FULL)
 
 
+def tokens_left(output: OutputBuffer, cache_lengths: jax.Array, capacity: int, slots_needed: int = 1) -> jax.Array:  # [B] int32
+    """Tokens each row may still emit before its length limit or a full cache ends it (`mark_cache_full`; 0 for a
+    finished row). Each emitted token takes one cache slot and a step runs while cache_lengths + slots_needed <=
+    capacity, so a row emitting a token per step has capacity - slots_needed - cache_lengths + 1 left; a step that
+    emits several can overshoot that by up to slots_needed - 1 (a lower bound, exact for one token per step)."""
+    by_cache = capacity - slots_needed - cache_lengths + 1
+    return jnp.where(output.finished, 0, jnp.maximum(jnp.minimum(output.limits - output.lengths, by_cache), 0))
+
+
 def row_positions(lengths: jax.Array, width: int) -> jax.Array:
     """[B, width] int32: positions lengths[b] + t."""
     return lengths[:, None] + jnp.arange(width, dtype=jnp.int32)[None, :]

@@ -76,6 +76,7 @@ from jspec.strategies.base import (
     run_if,
     run_indexed,
     static_field,
+    tokens_left,
 )
 from jspec.strategies import auto_depth
 from jspec.strategies.autoregressive import decode_one_token, emit_sampled
@@ -342,9 +343,8 @@ class Speculative:
         control = state.depth_control
         if control is None:
             return self.drafting_step(model, state)
-        output = state.output
-        remaining = jnp.where(output.finished, 0, output.limits - output.lengths).astype(jnp.float32)
-        depth, probe = control.plan(remaining)  # the batch's depth this step
+        remaining = tokens_left(state.output, state.cache.lengths, state.cache.capacity, self.chunk_width)
+        depth, probe = control.plan(remaining.astype(jnp.float32))  # the batch's depth this step
         if getattr(self.drafter, "observe", None) is not None:  # a drafter that learns from every verification
             return self.drafting_step(model, state, depth, probe)
         return run_either((depth == 0) & ~probe, lambda state: self.plain_step(model, state),
