@@ -72,6 +72,8 @@ def test_bad_options_raise_naming_the_argument():
         (dict(filter=3), "filter"),
         (dict(filter=learn2pd.OracleFilter(reference=jnp.zeros((2, 4), jnp.int32))), "filter"),
         (dict(filter=mlp, end_of_text="yes"), "end_of_text"),
+        (dict(filter=mlp.replace(trained_for=("vocab_size", 64))), "filter"),  # not ((field, value), ...)
+        (dict(filter=mlp.replace(trained_for=(("width", 64),))), "filter"),
     ]
     for kwargs, name in cases:
         with pytest.raises(ArgumentError, match=f"^{name}:"):

@@ -139,6 +139,13 @@ class MLPFilter(UnmaskingFilter):
 def check_trained_for(trained_for: tuple, config: Any) -> None:
     """Raise an ArgumentError naming `filter` where the model `config` describes differs in shape from the one a
     filter was trained for (trained_for: ((field, value), ...) of `model_shape`; empty: no check)."""
+    pairs_ok = isinstance(trained_for, tuple) and all(
+        isinstance(pair, tuple) and len(pair) == 2 and pair[0] in SHAPE_FIELDS for pair in trained_for)
+    if not pairs_ok:
+        raise ArgumentError(
+            f"filter: an MLPFilter's trained_for must be a tuple of (field, value) pairs with fields from {SHAPE_FIELDS} "
+            f"(as load_filter fills it), got {trained_for!r}"
+        )
     actual = model_shape(config)
     differ = [(field, value, actual.get(field)) for field, value in trained_for if actual.get(field) != value]
     if differ:
