@@ -12,7 +12,6 @@ the machine fall on all alike; a speedup is the ratio of total times. Greedy out
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
@@ -66,29 +65,20 @@ def main() -> None:
             groups = [prompts[:batch]] if batch > 1 else [[p] for p in prompts]
             chosen = select(settings(draft, not args.no_auto), args.methods)
 
-            def run(name, group):
-                strategy, options = chosen[name]
+            def runner(strategy, options):
                 sampling = {} if temperature == 0 else {"temperature": temperature}
                 if strategy == "greedy" and temperature > 0:
                     strategy = "sample"
-                return jspec.decode(target, group, strategy, max_new_tokens=args.new_tokens, stop_tokens=[], key=0,
-                                    **options, **sampling)
+                return lambda group: jspec.decode(target, group, strategy, max_new_tokens=args.new_tokens, stop_tokens=[],
+                                                  key=0, **options, **sampling)
 
-            totals, calls, outputs, depths = {n: 0.0 for n in chosen}, {n: 0 for n in chosen}, {n: [] for n in chosen}, {}
-            for name in chosen:  # compile
-                for group in groups[:1]:
-                    run(name, group)
-            for round_ in range(args.rounds):
-                for group in groups:
-                    for name in chosen:  # interleaved
-                        start = time.perf_counter()
-                        out = run(name, group)
-                        totals[name] += time.perf_counter() - start
-                        if round_ == 0:
-                            calls[name] += int(out.stats["model_calls"])
-                            outputs[name] += out.sequences()
-                            if "depth_histogram" in out.stats:
-                                depths[name] = depths.get(name, 0) + np.asarray(out.stats["depth_histogram"])
+            timed = bench.time_groups_interleaved(  # A, B, C, A, B, C, ... per prompt group and round
+                {name: runner(*chosen[name]) for name in chosen}, groups, args.rounds)
+            totals = {name: runs.seconds for name, runs in timed.items()}
+            calls = {name: sum(int(out.stats["model_calls"]) for out in runs.results) for name, runs in timed.items()}
+            outputs = {name: [seq for out in runs.results for seq in out.sequences()] for name, runs in timed.items()}
+            depths = {name: sum(np.asarray(out.stats["depth_histogram"]) for out in runs.results)
+                      for name, runs in timed.items() if "depth_histogram" in runs.results[0].stats}
             for name in chosen:
                 same = outputs[name] == outputs["autoregressive"]
                 if temperature == 0 and not same:

@@ -26,7 +26,6 @@ benchmark stops unless they are identical); compare their tokens/forward and for
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -117,41 +116,39 @@ def main() -> None:
     line_ends = [i for i in range(models["ar"].config.vocab_size) if "\n" in models["ar"].tokenizer.decode([i])]
     static_of: dict[tuple[str, int], list[int]] = {}  # (model key, prompt): the reference setting's output (the oracle's)
 
-    def call(model_key: str, strategy: str, options: dict, index: int):
+    def runner(label: str, model_key: str, strategy: str, options: dict):
         options = dict(options)
         stops = line_ends if options.pop("stop", None) == "line end" else []
         if strategy in ("dllm_static", "dllm_threshold", "freedave", "dllm_learn2pd"):
             options = {"block_size": args.block_size, **options}
-        if options.get("filter") == "oracle":
-            options["filter"] = learn2pd.OracleFilter(reference=jnp.asarray([static_of[model_key, index]], jnp.int32))
-        model = models[model_key]
-        return lambda: jspec.decode(model, [prompts[index]], strategy, max_new_tokens=args.new_tokens, stop_tokens=stops, key=0, **options)  # noqa: E731
+        oracle, records_reference = options.get("filter") == "oracle", label == reference_label(label, model_key)
+
+        def run(index: int):
+            if oracle:  # the reference setting ran on this prompt before (an earlier runner, warm-up included)
+                options["filter"] = learn2pd.OracleFilter(reference=jnp.asarray([static_of[model_key, index]], jnp.int32))
+            result = jspec.decode(models[model_key], [prompts[index]], strategy, max_new_tokens=args.new_tokens,
+                                  stop_tokens=stops, key=0, **options)
+            if records_reference:
+                static_of[model_key, index] = result.sequences()[0]
+            return result
+
+        return run
 
     chosen = settings(args.quick)
-    compile_seconds = {label: 0.0 for label, *_ in chosen}
-    for label, model_key, strategy, options in chosen:  # compile every program (and record the static outputs) first
-        for index in range(len(prompts)):
-            started = time.perf_counter()
-            result = jax.block_until_ready(call(model_key, strategy, options, index)())
-            compile_seconds[label] += time.perf_counter() - started
-            if label == reference_label(label, model_key):
-                static_of[model_key, index] = result.sequences()[0]
-    totals = {label: dict(seconds=0.0, calls=0, tokens=0, block_forwards=[], outputs=[]) for label, *_ in chosen}
-    for round_index in range(args.repeats):
-        for index in range(len(prompts)):
-            for label, model_key, strategy, options in chosen:  # interleaved: A, B, C, A, B, C, ...
-                run = call(model_key, strategy, options, index)
-                started = time.perf_counter()
-                result = jax.block_until_ready(run())
-                total = totals[label]
-                total["seconds"] += time.perf_counter() - started
-                if round_index == 0:  # the outputs and counts are the same every round
-                    total["calls"] += int(result.stats["model_calls"])
-                    total["tokens"] += int(np.sum(result.lengths))
-                    if "block_forwards" in result.stats:  # diffusion decoders: forwards per block of the row
-                        forwards = np.asarray(result.stats["block_forwards"])[0]
-                        total["block_forwards"] += forwards[forwards > 0].tolist()
-                    total["outputs"] += result.sequences()
+    indices = list(range(len(prompts)))
+    timed = bench.time_groups_interleaved(  # every program compiled on every prompt first, then A, B, C, A, B, C, ...
+        {label: runner(label, *setting) for label, *setting in chosen}, indices, args.repeats, warm_groups=len(indices))
+    totals = {}
+    for label, runs in timed.items():
+        block_forwards = []
+        for result in runs.results:  # diffusion decoders: forwards per block of the row
+            if "block_forwards" in result.stats:
+                forwards = np.asarray(result.stats["block_forwards"])[0]
+                block_forwards += forwards[forwards > 0].tolist()
+        totals[label] = dict(seconds=runs.seconds, compile_seconds=runs.compile_seconds, block_forwards=block_forwards,
+                             calls=sum(int(result.stats["model_calls"]) for result in runs.results),
+                             tokens=sum(int(np.sum(result.lengths)) for result in runs.results),
+                             outputs=[result.sequences()[0] for result in runs.results])
 
     rows = []
     seconds = {label: totals[label]["seconds"] for label in totals}
@@ -169,7 +166,7 @@ def main() -> None:
             "vs AR greedy": seconds["autoregressive greedy"] / total["seconds"] if whole else None,
             "agreement": agreement(outputs, totals[reference]["outputs"]) if reference else None,
             "target NLL": float(np.mean([completion_nll(target, p, o) for p, o in zip(prompts, outputs)])),
-            "compile s": max(compile_seconds[label] - total["seconds"] / args.repeats, 0.0),
+            "compile s": total["compile_seconds"],
         }
         static_label = "dllm_static" if options.get("cache", "none") == "none" else f"dllm_static {options['cache']} cache"
         if strategy == "freedave" and outputs != totals[static_label]["outputs"]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 from typing import Any, Callable
 
 import jax
@@ -127,15 +126,8 @@ class PerCallTimer:
         return [self.forward(costs.draft_network, name, batch, w, costs.skip_layers) for w in costs.draft_widths]
 
     def measure(self) -> None:
-        for call in self.calls.values():
-            jax.block_until_ready(call())  # compile
-        runs = {key: [] for key in self.calls}
-        for _ in range(self.rounds):
-            for key, call in self.calls.items():
-                started = time.perf_counter()
-                jax.block_until_ready(call())
-                runs[key].append(1000 * (time.perf_counter() - started))
-        self.ms = {key: float(np.median(times)) for key, times in runs.items()}
+        timings = bench.time_interleaved(self.calls, self.rounds)
+        self.ms = {key: 1000 * timing.median_seconds for key, timing in timings.items()}
 
     def mean_ms(self, keys: list[tuple]) -> float:
         return float(np.mean([self.ms[key] for key in keys])) if keys else 0.0
@@ -147,25 +139,30 @@ class PerCallTimer:
 
 @dataclasses.dataclass
 class Totals:
-    seconds: float = 0.0
+    """A runner's summed results over the groups (one round) and its mean time per round."""
+
+    seconds: float = 0.0  # per round
+    compile_seconds: float = 0.0
     calls: int = 0
     draft_calls: int = 0
     tokens: int = 0
-    first_call_seconds: float = 0.0
     outputs: list = dataclasses.field(default_factory=list)
     accepted_by_depth: np.ndarray | None = None
     tried_by_depth: np.ndarray | None = None
 
-    def add(self, seconds: float, out: dict) -> None:
-        self.seconds += seconds
-        self.calls += out.get("calls", 0)
-        self.draft_calls += out.get("draft_calls", 0)
-        self.tokens += out["tokens"]
-        self.outputs += out["outputs"]
-        if out.get("accepted_by_depth") is not None:
-            accepted, tried = out["accepted_by_depth"], out["tried_by_depth"]
-            self.accepted_by_depth = accepted if self.accepted_by_depth is None else self.accepted_by_depth + accepted
-            self.tried_by_depth = tried if self.tried_by_depth is None else self.tried_by_depth + tried
+    @classmethod
+    def of(cls, runs: bench.InterleavedRuns, rounds: int) -> "Totals":
+        totals = cls(seconds=runs.seconds / rounds, compile_seconds=runs.compile_seconds)
+        for out in runs.results:
+            totals.calls += out.get("calls", 0)
+            totals.draft_calls += out.get("draft_calls", 0)
+            totals.tokens += out["tokens"]
+            totals.outputs += out["outputs"]
+            if out.get("accepted_by_depth") is not None:
+                accepted, tried = out["accepted_by_depth"], out["tried_by_depth"]
+                totals.accepted_by_depth = accepted if totals.accepted_by_depth is None else totals.accepted_by_depth + accepted
+                totals.tried_by_depth = tried if totals.tried_by_depth is None else totals.tried_by_depth + tried
+        return totals
 
     def acceptance_by_depth(self) -> list[float] | None:
         if self.tried_by_depth is None:
@@ -223,23 +220,6 @@ def transformers_runners(new_tokens) -> dict[str, Callable[[list[list[int]]], di
     return {name: runner(extra) for name, extra in settings.items()}
 
 
-def interleaved_totals(runners: dict[str, Callable], groups, rounds: int) -> dict[str, Totals]:
-    """Every runner on every group, A, B, C, A, B, C, ... for `rounds` rounds, after one untimed (compiling) call
-    each on the first group."""
-    totals = {name: Totals() for name in runners}
-    for name, run in runners.items():
-        started = time.perf_counter()
-        run(groups[0])
-        totals[name].first_call_seconds = time.perf_counter() - started
-    for _ in range(rounds):
-        for group in groups:
-            for name, run in runners.items():
-                started = time.perf_counter()
-                out = run(group)
-                totals[name].add(time.perf_counter() - started, out)
-    return totals
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="demo-code")
@@ -276,22 +256,23 @@ def main() -> None:
                        for name, strategy, options in settings}
             if temperature == 0 and batch == 1 and not args.no_transformers:
                 runners.update(transformers_runners(args.new_tokens))
-            totals = interleaved_totals(runners, groups, args.repeats)
+            timed = bench.time_groups_interleaved(runners, groups, args.repeats)  # A, B, C, A, B, C, ... per group
+            totals = {name: Totals.of(runs, args.repeats) for name, runs in timed.items()}
             for name, strategy, options in settings:
                 if temperature == 0 and totals[name].outputs != totals["autoregressive"].outputs:
                     raise SystemExit(f"{name}: greedy output differs from autoregressive: the benchmark is invalid")
-            measured.append((temperature, batch, len(groups), settings, totals))
+            measured.append((temperature, batch, settings, totals))
             print(f"T={temperature} batch {batch}: decoded", flush=True)
 
     costs_of = {}  # (T, batch, setting) -> its calls, the key of its verification forward, the keys of its draft calls
-    for temperature, batch, _, settings, _ in measured:  # register every forward, then time them all together
+    for temperature, batch, settings, _ in measured:  # register every forward, then time them all together
         for name, strategy, options in settings:
             costs = call_costs(target, strategy, options)
             costs_of[temperature, batch, name] = (
                 costs, timer.forward(plain, "target", batch, costs.verify_width), timer.draft_call(costs, batch))
     timer.measure()
     rows = []
-    for temperature, batch, num_groups, settings, totals in measured:
+    for temperature, batch, settings, totals in measured:
         base = totals["autoregressive"]
         t_ar = timer.ms[timer.forward(plain, "target", batch, 1)]
         ar_calls_per_token = base.calls / base.tokens
@@ -300,7 +281,7 @@ def main() -> None:
                 "T": temperature, "batch": batch, "method": name if name.startswith("transformers") else f"jspec {name}",
                 "tokens/s": total.tokens / total.seconds,
                 "speedup (measured)": base.seconds / total.seconds,
-                "compile s": max(total.first_call_seconds - total.seconds / (args.repeats * num_groups), 0.0),
+                "compile s": total.compile_seconds,
             }
             if (temperature, batch, name) in costs_of:
                 costs, verify_key, draft_keys = costs_of[temperature, batch, name]

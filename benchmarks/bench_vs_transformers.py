@@ -2,8 +2,8 @@
 
 jspec: `jspec.decode` (one compiled loop per call; compile time reported apart). transformers:
 `generate(do_sample=False)` on the same weights, exported with `save_hf` and loaded with `from_pretrained`
-(float32, torch using every available core unless --torch-threads says otherwise). Both are timed in the same run (median of `--repeats` runs after
-a warm-up run), on the same prompts, and must emit the same tokens: a mismatch is reported with the step where
+(float32, torch using every available core unless --torch-threads says otherwise). Both are timed in the same run, interleaved (jspec, transformers, jspec, ...:
+`--repeats` rounds after a warm-up run; the speedup is the ratio of totals), on the same prompts, and must emit the same tokens: a mismatch is reported with the step where
 the two first differ and both models' logits for the two candidate tokens there (float32 rounding can flip a
 near-tie after a long generation), and the run goes on.
 
@@ -102,8 +102,8 @@ def main() -> None:
     def run_hf():
         return [hf_generate(hf_model, torch, p, args.new_tokens) for p in prompts]
 
-    ours = bench.time_call(run_jspec, args.repeats)
-    theirs = bench.time_call(run_hf, args.repeats)
+    timings = bench.time_interleaved({"jspec": run_jspec, "transformers": run_hf}, args.repeats)  # ratio of totals
+    ours, theirs = timings["jspec"], timings["transformers"]
 
     mismatches = [
         {"prompt": i, **explain_mismatch(model, hf_model, torch, p, a, b)}
@@ -118,10 +118,10 @@ def main() -> None:
             "ms/token": 1000 * timing.median_seconds / tokens,
             "median s": timing.median_seconds,
             "compile s": timing.compile_seconds,
-            "speedup vs transformers": theirs.median_seconds / timing.median_seconds,
+            "speedup vs transformers": theirs.total_seconds / timing.total_seconds,
         })
     print(f"{args.prompts} prompts x {args.prompt_length} tokens, {args.new_tokens} new tokens each, batch 1, "
-          f"median of {args.repeats} runs")
+          f"median of {args.repeats} runs, interleaved; speedup: ratio of totals")
     bench.print_table(rows, ["method", "tokens/s", "ms/token", "median s", "compile s", "speedup vs transformers"])
     if mismatches:
         print(f"TOKEN MISMATCH in {len(mismatches)} of {args.prompts} prompts (float32 differences can flip a near-tie):")

@@ -31,41 +31,68 @@ class Timing:
         return sum(self.runs)
 
 
+@dataclasses.dataclass
+class InterleavedRuns:
+    """One runner's calls in `time_groups_interleaved`."""
+
+    warm_seconds: float  # its untimed first calls (compiling), in total
+    warm_calls: int
+    runs: list[float]  # seconds of each timed call, round by round, group by group
+    results: list  # its result on each group in the first timed round (the later rounds repeat the same calls)
+
+    @property
+    def seconds(self) -> float:
+        """All its timed calls, in total: compare runners by ratios of these."""
+        return sum(self.runs)
+
+    @property
+    def compile_seconds(self) -> float:
+        """The warm-up calls' time beyond what as many timed calls take on average."""
+        return max(self.warm_seconds - self.warm_calls * self.seconds / len(self.runs), 0.0)
+
+
+def time_groups_interleaved(
+    runners: dict[str, Callable[[Any], Any]], groups: list[Any], rounds: int, warm_groups: int = 1
+) -> dict[str, InterleavedRuns]:
+    """Every runner on every group in turn, `rounds` times: for each round, for each group, A, B, C, ... (each call
+    blocked until its results are ready), after untimed calls of every runner on the first `warm_groups` groups
+    (compiling; group by group, in the runners' order, so a runner may use what an earlier one found on the same
+    group). Load changes on the machine fall on every runner alike, so ratios of `seconds` compare them fairly."""
+    warm = {name: 0.0 for name in runners}
+    for group in groups[:warm_groups]:
+        for name, run in runners.items():
+            started = time.perf_counter()
+            jax.block_until_ready(run(group))
+            warm[name] += time.perf_counter() - started
+    runs: dict[str, list[float]] = {name: [] for name in runners}
+    results: dict[str, list[Any]] = {name: [] for name in runners}
+    for round_index in range(rounds):
+        for group in groups:
+            for name, run in runners.items():
+                started = time.perf_counter()
+                result = jax.block_until_ready(run(group))
+                runs[name].append(time.perf_counter() - started)
+                if round_index == 0:
+                    results[name].append(result)
+    warm_calls = min(warm_groups, len(groups))
+    return {name: InterleavedRuns(warm[name], warm_calls, runs[name], results[name]) for name in runners}
+
+
 def time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int = 5) -> dict[str, Timing]:
     """Each call once to compile, then `repeats` rounds of every call in turn (A, B, ..., A, B, ...), each blocked
-    until its results are ready: load changes on the machine fall on every call alike, so ratios of
-    `total_seconds` compare them fairly."""
-    first = {}
-    for name, fn in calls.items():
-        started = time.perf_counter()
-        jax.block_until_ready(fn())
-        first[name] = time.perf_counter() - started
-    runs: dict[str, list[float]] = {name: [] for name in calls}
-    results: dict[str, Any] = {}
-    for _ in range(repeats):
-        for name, fn in calls.items():
-            started = time.perf_counter()
-            results[name] = jax.block_until_ready(fn())
-            runs[name].append(time.perf_counter() - started)
+    until its results are ready (`time_groups_interleaved` with one group): load changes on the machine fall on
+    every call alike, so ratios of `total_seconds` compare them fairly."""
+    timed = time_groups_interleaved({name: (lambda _, fn=fn: fn()) for name, fn in calls.items()}, [None], repeats)
     timings = {}
-    for name in calls:
-        median = statistics.median(runs[name])
-        timings[name] = Timing(max(first[name] - median, 0.0), median, runs[name], results[name])
+    for name, runs in timed.items():
+        median = statistics.median(runs.runs)
+        timings[name] = Timing(max(runs.warm_seconds - median, 0.0), median, runs.runs, runs.results[0])
     return timings
 
 
 def time_call(fn: Callable[[], Any], repeats: int = 5) -> Timing:
     """Call fn once to compile, then `repeats` times; every call is blocked until its results are ready."""
-    started = time.perf_counter()
-    result = jax.block_until_ready(fn())
-    first = time.perf_counter() - started
-    runs = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        result = jax.block_until_ready(fn())
-        runs.append(time.perf_counter() - started)
-    median = statistics.median(runs)
-    return Timing(compile_seconds=max(first - median, 0.0), median_seconds=median, runs=runs, result=result)
+    return time_interleaved({"call": fn}, repeats)["call"]
 
 
 def forward_call(model: Any, batch_size: int, prompt_len: int, width: int, **forward_options: Any) -> Callable[[], Any]:
