@@ -79,6 +79,7 @@ def main() -> None:
             outputs = {name: [seq for out in runs.results for seq in out.sequences()] for name, runs in timed.items()}
             depths = {name: sum(np.asarray(out.stats["depth_histogram"]) for out in runs.results)
                       for name, runs in timed.items() if "depth_histogram" in runs.results[0].stats}
+            probes = {name: sum(int(out.stats["probes"]) for out in runs.results) for name, runs in timed.items() if name in depths}
             for name in chosen:
                 same = outputs[name] == outputs["autoregressive"]
                 if temperature == 0 and not same:
@@ -88,10 +89,11 @@ def main() -> None:
                              "ms/token": 1000 * totals[name] / (args.rounds * len(prompts) * args.new_tokens),
                              "target calls": calls[name],
                              "depths 0..D": " ".join(map(str, depths[name].tolist())) if name in depths else "",
+                             "probes": probes.get(name, ""),
                              "same tokens": same if temperature == 0 else ""})
                 print(rows[-1], flush=True)
     print()
-    bench.print_table(rows, ["T", "batch", "method", "speedup vs AR", "ms/token", "target calls", "depths 0..D", "same tokens"])
+    bench.print_table(rows, ["T", "batch", "method", "speedup vs AR", "ms/token", "target calls", "depths 0..D", "probes", "same tokens"])
     bench.write_json("auto_depth", {"args": vars(args), "rows": rows})
 
 

@@ -103,7 +103,22 @@ def probabilities(logits: jax.Array, params: SamplingParams) -> jax.Array:
     return jnp.where(params.temperature[:, None] > 0, jax.nn.softmax(warped, axis=-1), greedy)
 
 
+def draw(key: jax.Array, weights: jax.Array) -> jax.Array:
+    """One token per row [...] int32, drawn with probability proportional to weights [..., V] (>= 0, need not sum
+    to one) by inverse transform sampling: the first token of positive weight whose cumulative weight exceeds a
+    uniform draw times the total. A token of zero weight is never drawn. One uniform per row: the Gumbel-max trick
+    (`jax.random.categorical`) draws one per vocabulary entry, which on a CPU core costs ~0.2 ms for 4096 entries,
+    a fifth of a small model's whole decode step."""
+    weights = weights.astype(jnp.float32)
+    cumulative = jnp.cumsum(weights, axis=-1)
+    threshold = jax.random.uniform(key, weights.shape[:-1]) * cumulative[..., -1]
+    positive = weights > 0
+    past = positive & (cumulative > threshold[..., None])
+    last_positive = weights.shape[-1] - 1 - jnp.argmax(jnp.flip(positive, axis=-1), axis=-1)  # float rounding's fallback
+    return jnp.where(jnp.any(past, axis=-1), jnp.argmax(past, axis=-1), last_positive).astype(jnp.int32)
+
+
 def sample(key: jax.Array, logits: jax.Array, params: SamplingParams) -> jax.Array:
-    """One token per row [B] int32 from logits [B, V]: argmax where greedy, else from the warped distribution."""
-    drawn = jax.random.categorical(key, warp_logits(logits, params), axis=-1)
+    """One token per row [B] int32 from logits [B, V]: argmax where greedy, else `draw` from the warped distribution."""
+    drawn = draw(key, jax.nn.softmax(warp_logits(logits, params), axis=-1))
     return jnp.where(params.temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)

@@ -36,6 +36,20 @@ def test_sample_matches_probabilities(options):
     assert chi_square_p_value(counts, probs) > SIGNIFICANCE
 
 
+def test_draw_takes_tokens_in_proportion_to_their_weights_and_never_a_zero_weight():
+    """`draw` (inverse transform sampling, one uniform per row) on unnormalised weights with zero weights first, last
+    and between; and on a 4096-token vocabulary with all but 5 weights zero (a top-k filter), where float rounding
+    of the cumulative sums must still never pick a zero-weight token."""
+    weights = jnp.asarray([0.0, 3.0, 0.0, 0.5, 1.5, 0.0, 0.0, 2.0, 0.0], jnp.float32)
+    num = 40_000
+    draws = jax.jit(sampling.draw)(jax.random.key(2), jnp.broadcast_to(weights, (num, weights.shape[0])))
+    assert chi_square_p_value(np.bincount(np.asarray(draws), minlength=weights.shape[0]), np.asarray(weights)) > SIGNIFICANCE
+    sparse = np.zeros(4096, np.float32)
+    sparse[[7, 1000, 2048, 3000, 4095]] = [0.2, 0.1, 0.4, 0.1, 0.2]
+    draws = np.asarray(jax.jit(sampling.draw)(jax.random.key(3), jnp.broadcast_to(jnp.asarray(sparse), (20_000, 4096))))
+    assert chi_square_p_value(np.bincount(draws, minlength=4096), sparse) > SIGNIFICANCE
+
+
 def test_chi_square_detects_a_wrong_distribution():
     """The test above has power: draws at temperature 1 fail against the temperature-0.8 distribution."""
     logits = jnp.asarray(np.random.default_rng(0).normal(size=(1, 12)) * 1.5, jnp.float32)

@@ -366,7 +366,7 @@ def expand_tree(
 
         def draw(logits=parent_logits, key=level_key):  # tokens [B, W] from the warped draft, with q(token) [B, W]
             probs = warped_probabilities(logits, params)
-            drawn = jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)
+            drawn = sampling.draw(key, probs)
             return drawn, jnp.take_along_axis(probs, drawn[:, :, None], axis=2)[:, :, 0]
 
         sampled, sampled_probs = jax.lax.cond(greedy, lambda ranked=ranked: (ranked, jnp.ones(ranked.shape, jnp.float32)), draw)

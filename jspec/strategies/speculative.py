@@ -618,7 +618,7 @@ def _accept_chain(target_probs: jax.Array, proposal: Proposal, params: sampling.
         probs = target_probs[rows, num_accepted]  # [B, V]
         q = proposal.proposal_probs(stopped_at, params, probs.shape[-1])
         probs = jnp.where(rejected[:, None], residual_distribution(probs, q), probs)
-        drawn = jax.random.categorical(jax.random.fold_in(key, 1 << 20), jnp.log(probs), axis=-1)
+        drawn = sampling.draw(jax.random.fold_in(key, 1 << 20), probs)
         return jnp.where(params.temperature > 0, drawn, jnp.argmax(probs, axis=-1)).astype(jnp.int32)
 
     return _chain_walk(proposal, takes, final_token)
@@ -669,7 +669,7 @@ def _accept(
         return jnp.where(accepted[:, None], target_probs[rows, chosen + 1], probs)
 
     path, accepted_at, tried_at, _, probs = _traverse(template, proposal, target_probs[:, 0], try_child, enter)
-    drawn = jax.random.categorical(jax.random.fold_in(key, 1 << 20), jnp.log(probs), axis=-1)
+    drawn = sampling.draw(jax.random.fold_in(key, 1 << 20), probs)
     final = jnp.where(params.temperature > 0, drawn, jnp.argmax(probs, axis=-1)).astype(jnp.int32)
     return _walk(proposal, path, accepted_at, tried_at, final)
 
