@@ -96,10 +96,20 @@ def _top_k_top_p(logits: jax.Array, params: SamplingParams) -> jax.Array:
     return jnp.where(logits >= smallest_kept, logits, NEG_INF)
 
 
+def argmax(values: jax.Array) -> jax.Array:
+    """The index of the largest value along the last axis [...] int32, the lowest where tied (as `jnp.argmax`),
+    as two vectorised reductions (max, then min over the indices that reach it). XLA:CPU lowers `jnp.argmax` to a
+    reduction over (value, index) pairs that runs ~3x slower (50 us for 4096 values, 450 us for [8, 5, 4096]):
+    a tenth of a small model's greedy step. Where a row holds NaN, the result is the last index."""
+    largest = jnp.max(values, axis=-1, keepdims=True)
+    indices = jax.lax.broadcasted_iota(jnp.int32, values.shape, values.ndim - 1)
+    return jnp.min(jnp.where(values == largest, indices, values.shape[-1] - 1), axis=-1)
+
+
 def probabilities(logits: jax.Array, params: SamplingParams) -> jax.Array:
     """The distribution [B, V] a row samples from: softmax of the warped logits, one-hot argmax where greedy."""
     warped = warp_logits(logits, params)
-    greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+    greedy = jax.nn.one_hot(argmax(logits), logits.shape[-1], dtype=jnp.float32)
     return jnp.where(params.temperature[:, None] > 0, jax.nn.softmax(warped, axis=-1), greedy)
 
 
@@ -112,13 +122,20 @@ def draw(key: jax.Array, weights: jax.Array) -> jax.Array:
     weights = weights.astype(jnp.float32)
     cumulative = jnp.cumsum(weights, axis=-1)
     threshold = jax.random.uniform(key, weights.shape[:-1]) * cumulative[..., -1]
+    indices = jax.lax.broadcasted_iota(jnp.int32, weights.shape, weights.ndim - 1)
     positive = weights > 0
     past = positive & (cumulative > threshold[..., None])
-    last_positive = weights.shape[-1] - 1 - jnp.argmax(jnp.flip(positive, axis=-1), axis=-1)  # float rounding's fallback
-    return jnp.where(jnp.any(past, axis=-1), jnp.argmax(past, axis=-1), last_positive).astype(jnp.int32)
+    last_positive = jnp.max(jnp.where(positive, indices, 0), axis=-1)  # float rounding's fallback
+    return jnp.min(jnp.where(past, indices, last_positive[..., None]), axis=-1)
 
 
 def sample(key: jax.Array, logits: jax.Array, params: SamplingParams) -> jax.Array:
-    """One token per row [B] int32 from logits [B, V]: argmax where greedy, else `draw` from the warped distribution."""
-    drawn = draw(key, jax.nn.softmax(warp_logits(logits, params), axis=-1))
-    return jnp.where(params.temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+    """One token per row [B] int32 from logits [B, V]: argmax where greedy, else `draw` from the warped distribution
+    (not computed when every row is greedy)."""
+    greedy = argmax(logits)
+
+    def sampled(greedy: jax.Array) -> jax.Array:
+        drawn = draw(key, jax.nn.softmax(warp_logits(logits, params), axis=-1))
+        return jnp.where(params.temperature > 0, drawn, greedy)
+
+    return jax.lax.cond(jnp.any(params.temperature > 0), sampled, lambda greedy: greedy, greedy)

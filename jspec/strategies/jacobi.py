@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jspec import validation
+from jspec import sampling, validation
 from jspec.strategies.base import Prompts, register_strategy, static_field
 from jspec.strategies.drafters import MAX_NGRAM, Proposal, Verified, all_greedy, prompt_lookup, sample_positions
 from jspec.strategies.speculative import Speculative, check_draft_shape
@@ -92,7 +92,7 @@ class JacobiDrafter:
         width = drafter_state.window.shape[1]
         outputs = jax.lax.cond(
             all_greedy(verified.sampling),
-            lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
+            lambda: sampling.argmax(logits),
             lambda: sample_positions(verified.key, logits, verified.sampling),
         )  # [B, W + 1]
         # the correction / bonus token took position num_accepted + 1; the output at chunk index j predicts j + 1

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jspec import validation
+from jspec import sampling, validation
 from jspec.strategies.base import Prompts, register_strategy, static_field
 from jspec.strategies.drafters import Proposal, Verified
 from jspec.strategies.speculative import MAX_DRAFT_DEPTH, MAX_DRAFT_NODES, Speculative
@@ -121,7 +121,7 @@ class LookaheadDrafter:
         """Append the new level (the last level's argmax outputs), store each column's n-gram, drop level 0."""
         levels = drafter_state.levels  # [B, N - 1, W]
         last = verified.extra_logits[:, -self.window :]  # [B, W, V]: outputs of the newest level
-        new = jnp.argmax(last, axis=-1).astype(jnp.int32)  # [B, W]
+        new = sampling.argmax(last)  # [B, W]
         grams = jnp.concatenate([jnp.swapaxes(levels[:, 1:], 1, 2), new[:, :, None]], axis=2)  # [B, W, N - 1]
         keys = levels[:, 0]  # [B, W]
         rows = jnp.arange(levels.shape[0])

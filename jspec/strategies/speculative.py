@@ -595,7 +595,7 @@ def acceptance_walk(
 
 def _accept_greedy_chain(logits: jax.Array, proposal: Proposal) -> Walk:
     """`_accept_greedy` for a chain: the drafts accepted are the longest prefix equal to the target's argmaxes."""
-    choice = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, N + 1]
+    choice = sampling.argmax(logits)  # [B, N + 1]
     matches = proposal.valid & (proposal.tokens == choice[:, :-1])  # [B, N]
     return _chain_walk(proposal, matches, lambda num_accepted: jnp.take_along_axis(choice, num_accepted[:, None], axis=1)[:, 0])
 
@@ -619,7 +619,7 @@ def _accept_chain(target_probs: jax.Array, proposal: Proposal, params: sampling.
         q = proposal.proposal_probs(stopped_at, params, probs.shape[-1])
         probs = jnp.where(rejected[:, None], residual_distribution(probs, q), probs)
         drawn = sampling.draw(jax.random.fold_in(key, 1 << 20), probs)
-        return jnp.where(params.temperature > 0, drawn, jnp.argmax(probs, axis=-1)).astype(jnp.int32)
+        return jnp.where(params.temperature > 0, drawn, sampling.argmax(probs)).astype(jnp.int32)
 
     return _chain_walk(proposal, takes, final_token)
 
@@ -639,7 +639,7 @@ def _accept_greedy(template: TreeTemplate, logits: jax.Array, proposal: Proposal
     """`_accept` when every row is greedy (p and q one-hot): a draft is accepted iff it is the target's
     argmax; the final token is the argmax after the last accepted node. Same result, no [B, N, V] work."""
     rows = jnp.arange(logits.shape[0])
-    choice = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, N + 1]
+    choice = sampling.argmax(logits)  # [B, N + 1]
 
     def try_child(carry, current, child, token, offered, draw):
         return offered & (token == choice[rows, current + 1]), carry
@@ -670,7 +670,7 @@ def _accept(
 
     path, accepted_at, tried_at, _, probs = _traverse(template, proposal, target_probs[:, 0], try_child, enter)
     drawn = sampling.draw(jax.random.fold_in(key, 1 << 20), probs)
-    final = jnp.where(params.temperature > 0, drawn, jnp.argmax(probs, axis=-1)).astype(jnp.int32)
+    final = jnp.where(params.temperature > 0, drawn, sampling.argmax(probs)).astype(jnp.int32)
     return _walk(proposal, path, accepted_at, tried_at, final)
 
 

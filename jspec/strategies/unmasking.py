@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jspec import validation
+from jspec import sampling, validation
 from jspec.strategies import learn2pd
 from jspec.strategies.base import DecodeOutput, Prompts, static_field
 from jspec.validation import ArgumentError
@@ -53,9 +53,9 @@ def predict(
         gumbel = jax.vmap(per_branch, in_axes=(0, 0, 0))(row_keys, decided, slots)  # [B, K, T, V]
         scale = jnp.maximum(temperature, 1e-6)[:, None, None, None]
         tempered = jnp.where(temperature[:, None, None, None] > 0, logits / scale + gumbel, logits)
-        return jnp.argmax(tempered, axis=-1).astype(jnp.int32)
+        return sampling.argmax(tempered)
 
-    greedy = lambda _: jnp.argmax(logits, axis=-1).astype(jnp.int32)  # noqa: E731
+    greedy = lambda _: sampling.argmax(logits)  # noqa: E731
     tokens = jax.lax.cond(jnp.any(temperature > 0), sampled, greedy, None)
     confidence = jnp.take_along_axis(probabilities, tokens[..., None], axis=-1)[..., 0]
     return tokens, confidence
