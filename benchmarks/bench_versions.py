@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 PROMPT = "def fib(n):\n    if n < 2:\n        return n\n"
-CASES = ["greedy b1", "greedy b8", "chain k=4 b1", "tree 2,2,1 b1"]
+CASES = ["greedy b1", "greedy b8", "chain k=4 b1", "tree 2,2,1 b1", "sample T=0.8 b1", "chain k=4 T=0.8 b1"]
 CODE_PROMPTS = [
     "class LRUCache:\n    def __init__(self, capacity):\n        self.capacity = capacity\n",
     "import os\nimport sys\n\n\ndef main(",
@@ -33,10 +33,14 @@ DIFFUSION_CASES = [f"{strategy} {cache} bf16" for cache in ("none", "dual") for 
 
 
 def worker() -> None:
+    sys.path.insert(0, os.getcwd())  # the checkout (cwd) before an editable install's finder, which PYTHONPATH does not beat
     import jax
     import numpy as np
 
     import jspec
+
+    if not Path(jspec.__file__).resolve().is_relative_to(Path.cwd().resolve()):
+        raise SystemExit(f"worker in {os.getcwd()} imported jspec from {jspec.__file__}")
     from jspec.decode import _decode_loop, build_prompts
     from jspec.models.config import TransformerConfig
     from jspec.strategies.base import resolve_strategy
@@ -59,6 +63,10 @@ def worker() -> None:
                                              max_new_tokens=128, stop_tokens=[]),
         "tree 2,2,1 b1": lambda: jspec.decode(target, [PROMPT], "speculative", draft=draft, tree=(2, 2, 1),
                                               max_new_tokens=128, stop_tokens=[]),
+        "sample T=0.8 b1": lambda: jspec.decode(target, [PROMPT], "sample", temperature=0.8, key=0, max_new_tokens=128,
+                                                stop_tokens=[]),
+        "chain k=4 T=0.8 b1": lambda: jspec.decode(target, [PROMPT], "speculative", draft=draft, num_draft_tokens=4,
+                                                   temperature=0.8, key=0, max_new_tokens=128, stop_tokens=[]),
     }
 
     def random_model(layers: int, **extra):
