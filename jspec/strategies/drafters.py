@@ -290,7 +290,7 @@ def prompt_lookup(
             shifted = jnp.concatenate([history[:, offset:], jnp.full((batch, offset), -1, history.dtype)], axis=1)
             match &= shifted == pattern[:, offset : offset + 1]
         found = jnp.any(match, axis=1)
-        start = jnp.argmax(match, axis=1).astype(jnp.int32) + n  # first token after the match
+        start = sampling.argmax(match) + n  # first token after the (first) match
         take = found & ~best_found
         best_start = jnp.where(take, start, best_start)
         best_found |= found
