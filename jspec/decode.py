@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jspec import sharding, stop_strings, validation
-from jspec.models.model import Model
+from jspec.models.model import Model, with_head_copy
 from jspec.strategies.base import DecodeOutput, FinishReason, Prompts, Strategy, resolve_strategy
 from jspec.validation import ArgumentError
 
@@ -140,7 +140,7 @@ def decode(
     num_return_sequences) returns that many consecutive rows per prompt.
     """
     strategy = resolve_strategy(strategy, options)
-    model, strategy = on_mesh(model, strategy, mesh)
+    model, strategy = for_decoding(*on_mesh(model, strategy, mesh))
     request = build_prompts(model, prompts, max_new_tokens, prompt_lengths, stop_tokens, cache_size, strategy,
                             num_samples=num_samples, stop=stop)
     if max_new_tokens == 0:
@@ -178,9 +178,19 @@ def on_mesh(model: Model, strategy: Strategy, mesh: Any) -> tuple[Model, Strateg
             raise ArgumentError(f"mesh: the model is sharded on the mesh {sharding.describe(model.sharding.mesh)}, but "
                                 f"mesh= is {sharding.describe(mesh)}; pass the model's mesh or reshard it with jspec.shard")
         rules = dict(model.sharding.rules)
-    place = lambda m: sharding.shard(m, mesh, rules) if isinstance(m, Model) else m  # noqa: E731
-    strategy = jax.tree.map(place, strategy, is_leaf=lambda x: isinstance(x, Model))
-    return place(model), strategy
+    return _each_model(lambda m: sharding.shard(m, mesh, rules), model, strategy)
+
+
+def for_decoding(model: Model, strategy: Strategy) -> tuple[Model, Strategy]:
+    """The model and the strategy's models (a draft model) as the compiled loop computes with them
+    (`jspec.models.model.with_head_copy`: a tied head copied to [D, V] on CPU)."""
+    return _each_model(with_head_copy, model, strategy)
+
+
+def _each_model(change: Any, model: Model, strategy: Strategy) -> tuple[Model, Strategy]:
+    """`change` applied to the model and to every `Model` inside the strategy."""
+    apply = lambda m: change(m) if isinstance(m, Model) else m  # noqa: E731
+    return change(model), jax.tree.map(apply, strategy, is_leaf=lambda x: isinstance(x, Model))
 
 
 def _placed(model: Model, request: Prompts, key: jax.Array) -> tuple[Prompts, jax.Array]:
@@ -259,7 +269,7 @@ def stream(
     strategy = resolve_strategy(strategy, options)
     if not getattr(strategy, "streams", True):
         raise ArgumentError(f"strategy: {strategy.name!r} knows its output only when it ends; use jspec.decode")
-    model, strategy = on_mesh(model, strategy, mesh)
+    model, strategy = for_decoding(*on_mesh(model, strategy, mesh))
     request = build_prompts(model, prompts, max_new_tokens, prompt_lengths, stop_tokens, cache_size, strategy,
                             num_samples=num_samples, stop=stop)
     if max_new_tokens > 0:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import jspec
 from conftest import FAMILIES, tiny_model
-from jspec import sampling
+from jspec import bench, sampling
 
 
 REFERENCE_WIDTH = 64  # naive references run on sequences right-padded to this width (causal: padding is inert)
@@ -220,3 +220,34 @@ def test_property_batched_greedy_equals_naive_loop(family, lengths, max_new, see
     out = jspec.decode(model, prompts, max_new_tokens=max_new)
     for prompt, row in zip(prompts, out.sequences()):
         assert row == naive_greedy(model, prompt, max_new)
+
+
+def test_tied_head_copy_holds_embed_t_and_changes_no_token():
+    """On CPU, decoding a tied-embedding model multiplies by a [D, V] copy of embed.T (`KernelOptions.head_copy`),
+    made once per embedding array; greedy, sampled (decode and stream) and speculative decodes (the draft's head
+    copied too) give the tied model's tokens: the naive argmax loop's, and those of `head_copy=False`. The shipped
+    demo-code (tied, float32) decodes held-out prompts to the same tokens both ways."""
+    from jspec.models.model import with_head_copy
+
+    model = tiny_model("qwen2")  # tied embeddings
+    copied = with_head_copy(model)
+    assert model.config.tie_embeddings and not copied.config.tie_embeddings
+    np.testing.assert_array_equal(np.asarray(copied.params["lm_head"]), np.asarray(model.params["embed"]).T)
+    assert with_head_copy(model).params["lm_head"] is copied.params["lm_head"]  # made once
+    plain = model.with_kernels(head_copy=False)
+    assert with_head_copy(plain) is plain and with_head_copy(tiny_model("llama")).config.tie_embeddings is False
+    draft = tiny_model("qwen2", seed=1)
+    runs = [("sample", dict(temperature=0.8, key=2)), ("speculative", dict(draft=draft, num_draft_tokens=3))]
+    for strategy, options in runs:
+        want = jspec.decode(plain, PROMPTS, strategy, max_new_tokens=10, **options).sequences()
+        assert jspec.decode(model, PROMPTS, strategy, max_new_tokens=10, **options).sequences() == want
+        if strategy == "sample":
+            stream = jspec.stream(model, PROMPTS, strategy, max_new_tokens=10, **options)
+            assert [row for step in stream for row in step] and stream.output.sequences() == want
+    greedy = jspec.decode(model, PROMPTS, max_new_tokens=10).sequences()
+    assert greedy == [naive_greedy(model, prompt, 10) for prompt in PROMPTS]
+
+    demo = jspec.load("demo-code")
+    prompts = bench.heldout_prompts(demo.tokenizer, 2, 64)
+    assert (jspec.decode(demo, prompts, max_new_tokens=32, stop_tokens=[]).sequences()
+            == jspec.decode(demo.with_kernels(head_copy=False), prompts, max_new_tokens=32, stop_tokens=[]).sequences())

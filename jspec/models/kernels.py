@@ -43,12 +43,18 @@ class KernelOptions:
     # TPLA (`jspec.tpla`): a `jspec.models.attention.mla.LatentParallel`: MLA layers decode with the latent split
     # over the mesh's model axis. None: ordinary MLA.
     latent_parallel: Any = None
+    # Decoding with tied embeddings multiplies by a [D, V] copy of the embedding (made once per embedding array and
+    # kept while it lives) instead of by embed.T in every forward: XLA:CPU re-packs the transposed operand of a
+    # product of >= 2 rows in every call (multi-token verification paid ~3x one token's head for 2 rows). None: on
+    # a CPU backend, unsharded models only; True / False: always (unsharded) / never. Costs one V x D buffer.
+    head_copy: bool | None = None
 
     def __post_init__(self):
         impl = self.attention_impl
         _require(impl in ATTENTION_IMPLS, "attention_impl", f"one of {ATTENTION_IMPLS}", impl)
-        _require(self.attention_interpret is None or isinstance(self.attention_interpret, bool),
-                 "attention_interpret", "None or a bool", self.attention_interpret)
+        for name in ("attention_interpret", "head_copy"):
+            value = getattr(self, name)
+            _require(value is None or isinstance(value, bool), name, "None or a bool", value)
         for name in ("dense_block_size", "mla_block_size", "sparse_block_size"):
             value = getattr(self, name)
             _require(_is_int(value) and value >= 16 and value & (value - 1) == 0, name, "a power of two >= 16", value)

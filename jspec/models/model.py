@@ -14,6 +14,8 @@ The protocol (what strategies call):
 
 from __future__ import annotations
 
+import dataclasses
+import weakref
 from typing import Any
 
 import jax
@@ -102,3 +104,32 @@ class Model:
 
     def num_parameters(self) -> int:
         return sum(leaf.size for leaf in jax.tree.leaves(self.params))
+
+
+# id(embedding) -> (a weak reference to it, its [D, V] copy): copies live as long as their embedding.
+_head_copies: dict[int, tuple[weakref.ref, jax.Array]] = {}
+_transposed = jax.jit(lambda embed: embed.T)
+
+
+def with_head_copy(model: Any) -> Any:
+    """`model` (a `Model` or `RecurrentModel`) as decoding runs it. Where `model.kernels.head_copy` asks for it (None:
+    on a CPU backend) and the embeddings are tied, the same model untied: its lm_head [D, V] is a copy of embed.T,
+    made once per embedding array and kept while that array lives. Sharded models, and models whose embedding is
+    not a concrete array (traced, or lazily loaded), are returned unchanged.
+
+    The copy holds the same numbers, so logits differ from the tied model's at most by the order XLA sums a
+    product in; every strategy of a decode computes with the same copy (a draft model's too, see `jspec.decode`)."""
+    wanted = model.kernels.head_copy
+    if wanted is None:
+        wanted = jax.default_backend() == "cpu"
+    embed = model.params.get("embed")
+    concrete = isinstance(embed, jax.Array) and not isinstance(embed, jax.core.Tracer)
+    if not wanted or not model.config.tie_embeddings or model.sharding is not None or not concrete:
+        return model
+    entry = _head_copies.get(id(embed))
+    if entry is None or entry[0]() is not embed:
+        key = id(embed)
+        entry = (weakref.ref(embed, lambda _: _head_copies.pop(key, None)), _transposed(embed))
+        _head_copies[key] = entry
+    params = {**model.params, "lm_head": entry[1]}
+    return model.replace(params=params, config=dataclasses.replace(model.config, tie_embeddings=False))
