@@ -4,7 +4,7 @@ Each checkout runs in its own long-lived worker process (PYTHONPATH = that check
 timed calls (per round: case 1 before, after, case 2 before, after, ...) and reports the ratio of total times, so
 load changes on the machine fall on both versions and on every case alike (ratios between cases of one version
 are interleaved too). Diffusion cases (DIFFUSION_CASES: dllm_static and freedave on demo-code-dllm in its shipped
-bfloat16, the four code prompts one after another at batch 1) report forwards as well. The workers use only the API both versions share (`jspec.load`, `jspec.decode`,
+bfloat16, greedy or at T = 0.8, the four code prompts one after another at batch 1) report forwards as well. The workers use only the API both versions share (`jspec.load`, `jspec.decode`,
 `Model.random`, a strategy's `init`).
 
     git worktree add /tmp/jspec-before <commit>
@@ -30,6 +30,7 @@ CODE_PROMPTS = [
     "def read_lines(path):\n    with open(path) as f:\n        return",
 ]
 DIFFUSION_CASES = [f"{strategy} {cache} bf16" for cache in ("none", "dual") for strategy in ("dllm_static", "freedave k=4")]
+DIFFUSION_CASES += ["dllm_static T=0.8 none bf16", "freedave k=4 T=0.8 none bf16"]
 
 
 def worker() -> None:
@@ -50,9 +51,12 @@ def worker() -> None:
     def diffusion(case: str):
         """One output per code prompt, each decoded alone (batch 1) in the model's shipped dtype (bfloat16)."""
         dllm = jspec.load("demo-code-dllm")  # cached by jspec.load
-        strategy, *rest = case.split()
+        strategy, *rest = case.split()  # "<strategy> [k=<draft steps>] [T=<temperature>] <cache> bf16"
         cache = rest[-2]
-        options = {"draft_steps": int(rest[0].split("=")[1])} if strategy == "freedave" else {}
+        options = {}
+        for word in rest[:-2]:
+            name, value = word.split("=")
+            options.update({"draft_steps": int(value)} if name == "k" else {"temperature": float(value), "key": 0})
         return [jspec.decode(dllm, [prompt], strategy, max_new_tokens=64, block_size=32, cache=cache, **options)
                 for prompt in CODE_PROMPTS]
 

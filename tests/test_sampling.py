@@ -85,3 +85,29 @@ def test_per_row_parameters():
     probs = np.asarray(sampling.probabilities(logits, params))
     assert (probs[0] > 0).sum() == 1 and (probs[1] > 0).sum() == 2 and 1 <= (probs[2] > 0).sum() < 10
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-6)
+
+
+def test_diffusion_predictions_sample_softmax_over_temperature_keyed_by_row_decision_and_position():
+    """Masked diffusion's sampled predictions (`unmasking.predict`) follow softmax(logits / T) without the mask
+    token; the noise depends only on (key, row, decision index, slot), so two branches at the same decision index
+    draw the same tokens (what FreeDave's equality with static decoding rests on), another index other tokens; a
+    greedy row takes the argmax."""
+    from jspec.strategies import unmasking
+
+    vocab, mask_id, rows, temperature = 10, 3, 20_000, 0.7
+    logits = jnp.asarray(np.random.default_rng(5).normal(size=vocab) * 1.5, jnp.float32)
+    batch_logits = jnp.broadcast_to(logits, (rows, 3, 2, vocab))  # [B, K, T, V]
+    slots = jnp.broadcast_to(jnp.asarray([7, 8], jnp.int32), (rows, 2))
+    decided = jnp.broadcast_to(jnp.asarray([0, 0, 1], jnp.int32), (rows, 3))  # branches 0 and 1 agree, 2 differs
+    temperatures = jnp.full((rows,), temperature).at[0].set(0.0)
+    tokens, confidence = jax.jit(unmasking.predict, static_argnums=5)(
+        batch_logits, slots, decided, temperatures, jax.random.key(6), mask_id)
+    tokens = np.asarray(tokens)
+    expected = np.asarray(jax.nn.softmax(logits.at[mask_id].set(-jnp.inf) / temperature))
+    assert chi_square_p_value(np.bincount(tokens[1:, 0, 0], minlength=vocab), expected) > SIGNIFICANCE
+    np.testing.assert_array_equal(tokens[:, 0], tokens[:, 1])
+    assert np.mean(tokens[1:, 0] == tokens[1:, 2]) < 0.9  # another decision index: independent draws
+    assert np.mean(tokens[1:, 0, 0] == tokens[1:, 0, 1]) < 0.9  # another slot: independent draws
+    masked_logits = logits.at[mask_id].set(-jnp.inf)
+    assert (tokens[0] == int(jnp.argmax(masked_logits))).all()
+    np.testing.assert_allclose(np.asarray(confidence)[1:, 0, 0], np.asarray(jax.nn.softmax(masked_logits))[tokens[1:, 0, 0]], rtol=1e-6)

@@ -4,7 +4,8 @@ rules of masked-diffusion decoding as small policy objects (`StaticUnmasking`, `
 `FreeDaveUnmasking`, `Learn2PDUnmasking`).
 
 Predictions follow LLaDA / Fast-dLLM: the predicted token x0 is the argmax (temperature 0) or a sample from
-softmax(logits / temperature) (Gumbel-max); its confidence is its probability under softmax(logits). The mask
+softmax(logits / temperature) (`sampling.draw`: one uniform per position, where LLaDA adds Gumbel noise to every
+logit; the same distribution); its confidence is its probability under softmax(logits). The mask
 token itself is never predicted.
 
 Sampling noise is a pure function of (key, row, decision index, position): the decision index is the number of
@@ -44,16 +45,16 @@ def predict(
     probabilities = jax.nn.softmax(logits, axis=-1)
 
     def sampled(_):
-        def noise(row_key, branch_decided, position):  # [V]
-            return jax.random.gumbel(jax.random.fold_in(jax.random.fold_in(row_key, branch_decided), position), logits.shape[-1:])
+        def draw(row_key, branch_decided, position, weights):  # weights [V] -> token []
+            return sampling.draw(jax.random.fold_in(jax.random.fold_in(row_key, branch_decided), position), weights)
 
         row_keys = jax.vmap(lambda row: jax.random.fold_in(key, row))(jnp.arange(logits.shape[0]))
-        per_position = jax.vmap(noise, in_axes=(None, None, 0))
-        per_branch = jax.vmap(per_position, in_axes=(None, 0, None))
-        gumbel = jax.vmap(per_branch, in_axes=(0, 0, 0))(row_keys, decided, slots)  # [B, K, T, V]
+        per_position = jax.vmap(draw, in_axes=(None, None, 0, 0))
+        per_branch = jax.vmap(per_position, in_axes=(None, 0, None, 0))
         scale = jnp.maximum(temperature, 1e-6)[:, None, None, None]
-        tempered = jnp.where(temperature[:, None, None, None] > 0, logits / scale + gumbel, logits)
-        return sampling.argmax(tempered)
+        tempered = jax.nn.softmax(logits / scale, axis=-1)  # [B, K, T, V]
+        drawn = jax.vmap(per_branch, in_axes=(0, 0, 0, 0))(row_keys, decided, slots, tempered)  # [B, K, T]
+        return jnp.where(temperature[:, None, None] > 0, drawn, sampling.argmax(logits))
 
     greedy = lambda _: sampling.argmax(logits)  # noqa: E731
     tokens = jax.lax.cond(jnp.any(temperature > 0), sampled, greedy, None)
