@@ -98,10 +98,10 @@ def _top_k_top_p(logits: jax.Array, params: SamplingParams) -> jax.Array:
 
 def argmax(values: jax.Array) -> jax.Array:
     """The index of the largest value along the last axis [...] int32, the lowest where tied (as `jnp.argmax`, NaN
-    aside: see below), as two vectorised reductions (max, then min over the indices that reach it). XLA:CPU lowers `jnp.argmax` to a
-    reduction over (value, index) pairs that runs ~3x slower (50 us for 4096 values, 450 us for [8, 5, 4096]):
-    a tenth of a small model's greedy step. Where a row holds NaN, the result is the last index (`jnp.argmax`:
-    the first NaN's)."""
+    aside: see below), as two vectorised reductions (max, then min over the indices that reach it). XLA:CPU
+    lowers `jnp.argmax` to a reduction over (value, index) pairs that runs ~3x slower (50 us for 4096 values,
+    450 us for [8, 5, 4096]): a tenth of a small model's greedy step. Where a row holds NaN, the result is the
+    last index (`jnp.argmax`: the first NaN's)."""
     largest = jnp.max(values, axis=-1, keepdims=True)
     indices = jax.lax.broadcasted_iota(jnp.int32, values.shape, values.ndim - 1)
     return jnp.min(jnp.where(values == largest, indices, values.shape[-1] - 1), axis=-1)
@@ -119,9 +119,9 @@ def draw(key: jax.Array, weights: jax.Array) -> jax.Array:
     to one) by inverse transform sampling: the first token of positive weight whose cumulative weight exceeds a
     uniform draw times the total. A token of zero weight is never drawn (a row whose weights are all zero or NaN,
     which only NaN logits give, draws token 0). Exact to float32 precision: the uniform has 2^-23 resolution, so
-    tokens of probability below ~1e-7 are drawn at a rounded rate (as with Gumbel-max in float32). One uniform per row: the Gumbel-max trick
-    (`jax.random.categorical`) draws one per vocabulary entry, which on a CPU core costs ~0.2 ms for 4096 entries,
-    a fifth of a small model's whole decode step."""
+    tokens of probability below ~1e-7 are drawn at a rounded rate (as with Gumbel-max in float32). One uniform
+    per row: the Gumbel-max trick (`jax.random.categorical`) draws one per vocabulary entry, which on a CPU core
+    costs ~0.2 ms for 4096 entries, a fifth of a small model's whole decode step."""
     weights = weights.astype(jnp.float32)
     cumulative = jnp.cumsum(weights, axis=-1)
     threshold = jax.random.uniform(key, weights.shape[:-1]) * cumulative[..., -1]

@@ -617,11 +617,16 @@ def _accept_chain(target_probs: jax.Array, proposal: Proposal, params: sampling.
         rejected = (num_accepted < num_nodes) & proposal.valid[rows, stopped_at]  # tried and rejected
         probs = target_probs[rows, num_accepted]  # [B, V]
         q = proposal.proposal_probs(stopped_at, params, probs.shape[-1])
-        probs = jnp.where(rejected[:, None], residual_distribution(probs, q), probs)
-        drawn = sampling.draw(jax.random.fold_in(key, 1 << 20), probs)
-        return jnp.where(params.temperature > 0, drawn, sampling.argmax(probs)).astype(jnp.int32)
+        return _final_token(jnp.where(rejected[:, None], residual_distribution(probs, q), probs), params, key)
 
     return _chain_walk(proposal, takes, final_token)
+
+
+def _final_token(probs: jax.Array, params: sampling.SamplingParams, key: jax.Array) -> jax.Array:
+    """The correction / bonus token [B] of both acceptance walks from the distribution probs [B, V] where the walk
+    stopped: drawn with the walk's final key where sampling, its argmax where greedy."""
+    drawn = sampling.draw(jax.random.fold_in(key, 1 << 20), probs)
+    return jnp.where(params.temperature > 0, drawn, sampling.argmax(probs))
 
 
 def _chain_walk(proposal: Proposal, takes: jax.Array, final_token) -> Walk:
@@ -669,9 +674,7 @@ def _accept(
         return jnp.where(accepted[:, None], target_probs[rows, chosen + 1], probs)
 
     path, accepted_at, tried_at, _, probs = _traverse(template, proposal, target_probs[:, 0], try_child, enter)
-    drawn = sampling.draw(jax.random.fold_in(key, 1 << 20), probs)
-    final = jnp.where(params.temperature > 0, drawn, sampling.argmax(probs)).astype(jnp.int32)
-    return _walk(proposal, path, accepted_at, tried_at, final)
+    return _walk(proposal, path, accepted_at, tried_at, _final_token(probs, params, key))
 
 
 def _traverse(template: TreeTemplate, proposal: Proposal, carry: Any, try_child, enter):
