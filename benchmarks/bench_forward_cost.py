@@ -8,6 +8,10 @@ configuration's one-token total, "x default" by the default configuration's.
     python benchmarks/bench_forward_cost.py                          # demo-code forward, k = 1, 2, 4, 8
     python benchmarks/bench_forward_cost.py --matmul                 # a lone 384 x 4096 product of k rows
     python benchmarks/bench_forward_cost.py --configs default xla_cpu_multi_thread_eigen=false default@bfloat16
+    python benchmarks/bench_forward_cost.py --configs default default+head_copy   # tied head as decode runs it
+
+A configuration is "<XLA flags or default>[@<weight dtype>][+head_copy]"; "+head_copy" times the forward of the model
+as `jspec.decode` runs it on CPU (`with_head_copy`: a tied embedding's head copied to [D, V]), else the tied head.
 """
 
 from __future__ import annotations
@@ -42,12 +46,9 @@ def worker() -> None:
     else:
         model = jspec.load(os.environ["BENCH_MODEL"]).without_tokenizer()
         model = model.replace(params=jax.tree.map(lambda x: x.astype(dtype) if x.dtype == jnp.float32 else x, model.params))
+        model = model.with_kernels(head_copy=os.environ["BENCH_HEAD_COPY"] == "1")  # forward_call applies it
         for width in map(int, os.environ["BENCH_WIDTHS"].split(",")):
-            cache = model.new_cache(batch, prompt_len + width + 64).with_lengths(jnp.full((batch,), prompt_len))
-            tokens = jnp.ones((batch, width), jnp.int32)
-            positions = jnp.broadcast_to(prompt_len + jnp.arange(width)[None], (batch, width))
-            run = jax.jit(lambda m, c, tokens=tokens, positions=positions: m.forward(tokens, positions, c)[0])
-            calls[width] = lambda run=run, cache=cache: run(model, cache)
+            calls[width] = bench.forward_call(model, batch, prompt_len, width)
     for call in calls.values():
         jax.block_until_ready(call())  # compile
 
@@ -78,11 +79,15 @@ def main() -> None:
 
     workers = {}
     for config in args.configs:
-        flags, _, dtype = config.partition("@")
+        setting, _, extra_option = config.partition("+")
+        if extra_option not in ("", "head_copy"):
+            raise SystemExit(f"--configs: unknown option +{extra_option} in {config!r} (expected +head_copy)")
+        flags, _, dtype = setting.partition("@")
         extra = [] if flags == "default" else ["--" + flag for flag in flags.split(",")]
         env = dict(os.environ, XLA_FLAGS=" ".join([os.environ.get("XLA_FLAGS", ""), *extra]).strip(),
                    BENCH_MODEL=args.model, BENCH_WIDTHS=",".join(map(str, args.widths)), BENCH_BATCH=str(args.batch),
                    BENCH_PROMPT=str(args.prompt_tokens), BENCH_DTYPE=dtype or "float32", BENCH_MATMUL=str(int(args.matmul)),
+                   BENCH_HEAD_COPY=str(int(extra_option == "head_copy")),
                    PYTHONPATH=str(Path(__file__).resolve().parents[1]))
         workers[config] = bench.Worker([__file__, "--worker"], env=env)
     totals = {(config, width): 0.0 for config in workers for width in args.widths}

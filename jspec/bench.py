@@ -97,10 +97,14 @@ def time_call(fn: Callable[[], Any], repeats: int = 5) -> Timing:
 
 def forward_call(model: Any, batch_size: int, prompt_len: int, width: int, **forward_options: Any) -> Callable[[], Any]:
     """A call of a jitted forward of `width` tokens per row over a cache holding `prompt_len` tokens (default causal
-    mask): one decode step (width 1) or one verification (width > 1). `forward_options` go to `model.forward`
-    (e.g. skip_layers=(1,): a self-speculative draft call)."""
+    mask): one decode step (width 1) or one verification (width > 1), of the model as `jspec.decode` runs it
+    (`with_head_copy`). `forward_options` go to `model.forward` (e.g. skip_layers=(1,): a self-speculative draft
+    call)."""
     import jax.numpy as jnp
 
+    from jspec.models.model import with_head_copy
+
+    model = with_head_copy(model)
     cache = model.new_cache(batch_size, prompt_len + width + 64).with_lengths(jnp.full((batch_size,), prompt_len))
     tokens = jnp.ones((batch_size, width), jnp.int32)
     positions = jnp.broadcast_to(prompt_len + jnp.arange(width)[None], (batch_size, width))
