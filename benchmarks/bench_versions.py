@@ -56,6 +56,8 @@ def worker() -> None:
         options = {}
         for word in rest[:-2]:
             name, value = word.split("=")
+            if name not in ("k", "T"):
+                raise SystemExit(f"case {case!r}: unknown setting {word!r} (k=<draft steps> or T=<temperature>)")
             options.update({"draft_steps": int(value)} if name == "k" else {"temperature": float(value), "key": 0})
         return [jspec.decode(dllm, [prompt], strategy, max_new_tokens=64, block_size=32, cache=cache, **options)
                 for prompt in CODE_PROMPTS]

@@ -178,7 +178,7 @@ def on_mesh(model: Model, strategy: Strategy, mesh: Any) -> tuple[Model, Strateg
             raise ArgumentError(f"mesh: the model is sharded on the mesh {sharding.describe(model.sharding.mesh)}, but "
                                 f"mesh= is {sharding.describe(mesh)}; pass the model's mesh or reshard it with jspec.shard")
         rules = dict(model.sharding.rules)
-    return _each_model(lambda m: sharding.shard(m, mesh, rules), model, strategy)
+    return _each_model(lambda m: sharding.shard(m, mesh, rules) if isinstance(m, Model) else m, model, strategy)
 
 
 def for_decoding(model: Model, strategy: Strategy) -> tuple[Model, Strategy]:

@@ -223,23 +223,29 @@ def test_property_batched_greedy_equals_naive_loop(family, lengths, max_new, see
 
 
 def test_tied_head_copy_holds_embed_t_and_changes_no_token():
-    """On CPU, decoding a tied-embedding model multiplies by a [D, V] copy of embed.T (`KernelOptions.head_copy`),
-    made once per embedding array; greedy, sampled (decode and stream) and speculative decodes (the draft's head
+    """With `KernelOptions.head_copy` (the default on CPU), decoding a tied-embedding model multiplies by a [D, V]
+    copy of embed.T, made once per embedding array; greedy, sampled (decode and stream) and speculative decodes (the draft's head
     copied too) give the tied model's tokens: the naive argmax loop's, and those of `head_copy=False`. The shipped
     demo-code (tied, float32) decodes held-out prompts to the same tokens both ways."""
-    from jspec.models.model import with_head_copy
+    import importlib
 
-    model = tiny_model("qwen2")  # tied embeddings
+    from jspec.models.model import with_head_copy
+    from jspec.strategies.base import resolve_strategy
+
+    model = tiny_model("qwen2", head_copy=True)  # tied embeddings; copied on any backend (None: on CPU)
     copied = with_head_copy(model)
     assert model.config.tie_embeddings and not copied.config.tie_embeddings
     np.testing.assert_array_equal(np.asarray(copied.params["lm_head"]), np.asarray(model.params["embed"]).T)
     assert with_head_copy(model).params["lm_head"] is copied.params["lm_head"]  # made once
-    plain = model.with_kernels(head_copy=False)
-    assert with_head_copy(plain) is plain and with_head_copy(tiny_model("llama")).config.tie_embeddings is False
-    draft = tiny_model("qwen2", seed=1)
+    plain, untied = model.with_kernels(head_copy=False), tiny_model("llama")
+    assert with_head_copy(plain) is plain and with_head_copy(untied) is untied
+    draft = tiny_model("qwen2", seed=1, head_copy=True)
+    _, resolved = importlib.import_module("jspec.decode").for_decoding(model, resolve_strategy("speculative", {"draft": draft}))
+    assert "lm_head" in resolved.drafter.draft.params and not resolved.drafter.draft.config.tie_embeddings
     runs = [("sample", dict(temperature=0.8, key=2)), ("speculative", dict(draft=draft, num_draft_tokens=3))]
     for strategy, options in runs:
-        want = jspec.decode(plain, PROMPTS, strategy, max_new_tokens=10, **options).sequences()
+        plain_options = {**options, "draft": draft.with_kernels(head_copy=False)} if "draft" in options else options
+        want = jspec.decode(plain, PROMPTS, strategy, max_new_tokens=10, **plain_options).sequences()
         assert jspec.decode(model, PROMPTS, strategy, max_new_tokens=10, **options).sequences() == want
         if strategy == "sample":
             stream = jspec.stream(model, PROMPTS, strategy, max_new_tokens=10, **options)

@@ -113,23 +113,26 @@ _transposed = jax.jit(lambda embed: embed.T)
 
 def with_head_copy(model: Any) -> Any:
     """`model` (a `Model` or `RecurrentModel`) as decoding runs it. Where `model.kernels.head_copy` asks for it (None:
-    on a CPU backend) and the embeddings are tied, the same model untied: its lm_head [D, V] is a copy of embed.T,
-    made once per embedding array and kept while that array lives. Sharded models, and models whose embedding is
-    not a concrete array (traced, or lazily loaded), are returned unchanged.
+    when the embedding lives on CPU) and the embeddings are tied, the same model untied: its lm_head [D, V] is a copy
+    of embed.T, made once per embedding array and kept while that array lives. Sharded models, and models whose
+    embedding is not a concrete array (traced, or lazily loaded), are returned unchanged.
 
     The copy holds the same numbers, so logits differ from the tied model's at most by the order XLA sums a
     product in; every strategy of a decode computes with the same copy (a draft model's too, see `jspec.decode`)."""
-    wanted = model.kernels.head_copy
-    if wanted is None:
-        wanted = jax.default_backend() == "cpu"
-    embed = model.params.get("embed")
+    kernels, embed = getattr(model, "kernels", None), model.params.get("embed")
     concrete = isinstance(embed, jax.Array) and not isinstance(embed, jax.core.Tracer)
-    if not wanted or not model.config.tie_embeddings or model.sharding is not None or not concrete:
+    if kernels is None or not concrete or not model.config.tie_embeddings or model.sharding is not None:
         return model
-    entry = _head_copies.get(id(embed))
+    wanted = kernels.head_copy
+    if wanted is None:
+        wanted = all(device.platform == "cpu" for device in embed.devices())
+    if not wanted:
+        return model
+    key = id(embed)
+    entry = _head_copies.get(key)
     if entry is None or entry[0]() is not embed:
-        key = id(embed)
-        entry = (weakref.ref(embed, lambda _: _head_copies.pop(key, None)), _transposed(embed))
+        forget = lambda _, key=key, table=_head_copies: table.pop(key, None)  # noqa: E731 (bound now: no globals at exit)
+        entry = (weakref.ref(embed, forget), _transposed(embed))
         _head_copies[key] = entry
     params = {**model.params, "lm_head": entry[1]}
     return model.replace(params=params, config=dataclasses.replace(model.config, tie_embeddings=False))
