@@ -90,7 +90,7 @@ def test_stats_add_up(pair, name):
     assert np.all((rates >= 0) & (rates <= 1)) and len(rates) == len(histogram) - 1
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(
     lengths=st.lists(st.integers(1, 10), min_size=1, max_size=8),
     drafter=st.sampled_from(["model", "layer_skip", "prompt_lookup"]),

@@ -28,7 +28,7 @@ def demo():
     return target, draft, prompts
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(
     batch=st.integers(1, 8),
     drafter=st.sampled_from(["chain", "tree", "prompt_lookup", "layer_skip"]),
