@@ -495,4 +495,31 @@ def test_auto_depth_plain_steps_are_autoregressive_steps(pair, drafter, monkeypa
     np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), rtol=1e-5, atol=1e-5)
     steps = int(got.stats["steps"]) - 1
     assert int(got.stats["depth_histogram"][0]) == steps and int(got.stats["probes"]) == 0
-    assert int(got.stats["draft_calls"]) == (1 if drafter == "model" else 0)  # the draft model's prefill only
+    assert int(got.stats["draft_calls"]) == 0  # not even the draft model's prefill: it waits for a drafting step
+
+
+@pytest.mark.parametrize("costs", ["drafting-first", "probing-later"])
+def test_a_deferred_draft_prefill_changes_no_token(pair, costs):
+    """Under auto depth the draft model reads the prompts at the first step that drafts, not at init (a decode that
+    never drafts never pays for it). Steps that do not draft write nothing to the draft's cache, so it holds what
+    an eager prefill leaves there: sampled tokens, log-probabilities and every stat equal the eager prefill's, for
+    a decode that drafts from its first step and for one whose first drafter call is a later probe."""
+    from jspec.strategies.auto_depth import StepCosts
+
+    target, draft = pair
+    step_costs = StepCosts.memory_bound(4, 0.3) if costs == "drafting-first" else _never_drafting_costs(4)
+    deferred = speculative_module.speculative(draft=draft, num_draft_tokens="auto", step_costs=step_costs, temperature=0.8)
+    eager = deferred.replace(drafter=deferred.drafter.replace(defer_prefill=False))
+    assert deferred.drafter.defer_prefill is True and eager.drafter.defer_prefill is False
+    common = dict(max_new_tokens=24, stop_tokens=[3], key=7, logprobs=2)
+    want, got = (jspec.decode(target, PROMPTS, strategy, **common) for strategy in (eager, deferred))
+    assert got.sequences() == want.sequences()
+    np.testing.assert_array_equal(np.asarray(got.logprobs), np.asarray(want.logprobs))
+    assert want.stats.keys() == got.stats.keys()
+    for name in want.stats:
+        np.testing.assert_array_equal(np.asarray(got.stats[name]), np.asarray(want.stats[name]), err_msg=name)
+    depths = np.asarray(got.stats["depth_histogram"])
+    if costs == "drafting-first":
+        assert depths[1:].sum() > 0
+    else:
+        assert depths[1:].sum() == 0 and int(got.stats["probes"]) > 0 and int(got.stats["draft_calls"]) == 1 + int(got.stats["probes"])

@@ -6,7 +6,8 @@ it emits
 E(d) = 1 + alpha + ... + alpha^d = (1 - alpha^(d + 1)) / (1 - alpha) tokens in expectation (ALGORITHMS.md section
 1). Each step takes, for the whole batch (the verification forward is shared), the depth under which the batch is
 expected to finish soonest: argmin_d C(d) * max_rows R_row / E_row(d), R_row the tokens a running row may still
-emit, down to d = 0, a plain autoregressive step that calls no drafter. A decode returns when its last row
+emit, down to d = 0, a plain autoregressive step that calls no drafter (a draft model reads the prompts only at
+the first step that calls it: `DraftModelDrafter.defer_prefill`). A decode returns when its last row
 finishes, so tokens that rows with high acceptance would emit early do not shorten it: the row with the most steps
 left decides (for one row, or rows alike, this is the depth with the most expected tokens per second, E(d) / C(d)).
 

@@ -338,13 +338,21 @@ def prefill(model: Any, prompts: Prompts, cache: Any) -> tuple[jax.Array, Any]:
     Returns the logits [B, V] at each row's last prompt token and the cache with lengths = prompt lengths.
     Padding tokens are written to an out-of-range slot, so they never enter the cache.
     """
-    batch, width = prompts.tokens.shape
+    return prefill_tokens(model, prompts.tokens, prompts.lengths, cache)
+
+
+def prefill_tokens(
+    model: Any,
+    tokens: jax.Array,  # [B, T] int32, right-padded
+    lengths: jax.Array,  # [B] int32, >= 1
+    cache: Any,
+) -> tuple[jax.Array, Any]:
+    """`prefill` of right-padded tokens with per-row lengths: logits [B, V] at each row's last token, the cache."""
+    batch, width = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32)[None, :], (batch, width))
-    slots = jnp.where(positions < prompts.lengths[:, None], positions, cache.capacity)
-    logits, cache = model.forward(
-        prompts.tokens, positions, cache, write_slots=slots, output_indices=(prompts.lengths - 1)[:, None]
-    )
-    return logits[:, 0], cache.with_lengths(prompts.lengths)
+    slots = jnp.where(positions < lengths[:, None], positions, cache.capacity)
+    logits, cache = model.forward(tokens, positions, cache, write_slots=slots, output_indices=(lengths - 1)[:, None])
+    return logits[:, 0], cache.with_lengths(lengths)
 
 
 def run_if(pred: jax.Array, body: Callable[[Any], Any], operand: Any) -> Any:

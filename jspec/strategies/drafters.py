@@ -46,7 +46,7 @@ from jspec import masks, sampling, validation
 from jspec.cache import Cache
 from jspec.models.model import Model
 from jspec.processors import Processing
-from jspec.strategies.base import Prompts, prefill, run_either, run_if, static_field
+from jspec.strategies.base import Prompts, prefill_tokens, run_either, run_if, static_field
 from jspec.strategies.tree import TreeTemplate
 from jspec.validation import ArgumentError
 
@@ -110,7 +110,7 @@ class Verified:
 class Drafter(Protocol):
     """The contract every drafter implements (see the module docstring)."""
 
-    prefill_calls: ClassVar[int]  # draft forward calls `init` makes
+    prefill_calls: int  # draft forward calls `init` makes
 
     def validate(self, target: Model, template: TreeTemplate, prompts: Prompts) -> None: ...
 
@@ -139,12 +139,33 @@ class Drafter(Protocol):
 
 
 @struct.dataclass
+class DraftModelState:
+    """The draft model's KV cache and, while its prefill is deferred, the prompts it has yet to read."""
+
+    cache: Cache
+    prompt_tokens: jax.Array | None = None  # [B, T] int32, right-padded (None: the prompts were read at init)
+    prompt_lengths: jax.Array | None = None  # [B] int32
+    unread: jax.Array | None = None  # [] bool: the prompts are not in the cache yet
+
+
+@struct.dataclass
 class DraftModelDrafter:
-    """A separate draft model sharing the target's vocabulary; its state is its own KV cache."""
+    """A separate draft model sharing the target's vocabulary; its state is its own KV cache.
+
+    defer_prefill: read the prompts into the draft's cache at the first step that drafts rather than at `init`, so
+    a decode whose steps never draft (auto depth at a low acceptance or a large batch) never pays for the draft's
+    prefill. The cache then holds exactly what an eager prefill leaves there (the steps that did not draft write
+    nothing to it), so the tokens are the same either way. None: the strategy chooses (`Speculative` defers under
+    adaptive="auto", where the first steps may not draft).
+    """
 
     draft: Model | None
     catch_up: int = static_field(default=1)  # committed tokens re-read before the pending one after idle steps
-    prefill_calls: ClassVar[int] = 1
+    defer_prefill: bool | None = static_field(default=None)
+
+    @property
+    def prefill_calls(self) -> int:
+        return 0 if self.defer_prefill else 1
 
     def validate(self, target: Model, template: TreeTemplate, prompts: Prompts) -> None:
         if not isinstance(self.draft, Model):
@@ -155,10 +176,23 @@ class DraftModelDrafter:
                 f"{target.config.vocab_size}; the draft must share the target's tokenizer"
             )
 
-    def init(self, target: Model, prompts: Prompts, template: TreeTemplate) -> Cache:
+    def init(self, target: Model, prompts: Prompts, template: TreeTemplate) -> DraftModelState:
         max_chunk = max(template.num_nodes, self.catch_up) + 2
-        _, cache = prefill(self.draft, prompts, self.draft.new_cache(prompts.batch_size, prompts.cache_size, max_chunk=max_chunk))
-        return cache
+        cache = self.draft.new_cache(prompts.batch_size, prompts.cache_size, max_chunk=max_chunk)
+        if self.defer_prefill:
+            return DraftModelState(cache, prompts.tokens, prompts.lengths, jnp.bool_(True))
+        return DraftModelState(prefill_tokens(self.draft, prompts.tokens, prompts.lengths, cache)[1])
+
+    def read_prompts(self, state: DraftModelState) -> DraftModelState:
+        """The state with the prompts in the draft's cache: a deferred prefill runs here, once."""
+        if state.unread is None:
+            return state
+
+        def read(state: DraftModelState) -> DraftModelState:
+            _, cache = prefill_tokens(self.draft, state.prompt_tokens, state.prompt_lengths, state.cache)
+            return state.replace(cache=cache, unread=jnp.bool_(False))
+
+        return run_if(state.unread, read, state)
 
     def read_last(self, cache: Cache, history: jax.Array, lengths: jax.Array, window: int) -> tuple[jax.Array, Cache]:
         """Run the draft over the last `window` tokens up to the pending one (history[b, lengths[b]]), writing their
@@ -176,8 +210,9 @@ class DraftModelDrafter:
         one); after steps that did not draft (auto depth) it lags by more, and the first step back re-reads the last
         `catch_up` committed tokens (entries further back stay as they were: only the proposals can suffer)."""
         lengths = state.cache.lengths
+        drafter_state = self.read_prompts(state.drafter_state)
         read = lambda window: lambda operand: self.read_last(operand[1], state.history, lengths, window)  # noqa: E731
-        operand = (jnp.zeros((lengths.shape[0], self.draft.config.vocab_size), jnp.float32), state.drafter_state)
+        operand = (jnp.zeros((lengths.shape[0], self.draft.config.vocab_size), jnp.float32), drafter_state.cache)
         if self.catch_up > 1 and getattr(state, "depth_control", None) is not None:
             root_logits, cache = run_either(state.depth_control.idle_steps > 0, read(self.catch_up + 1), read(2), operand)
         else:
@@ -186,10 +221,14 @@ class DraftModelDrafter:
             self.draft, (), cache, root_logits, lengths, depth_limit, key, template, state.sampling,
             state.processing,
         )
-        return network_proposal(template, drafted, depth_limit, target_cache=state.cache, drafter_state=drafted.cache)
+        proposal = network_proposal(template, drafted, depth_limit, target_cache=state.cache,
+                                    drafter_state=drafter_state.replace(cache=drafted.cache))
+        if state.drafter_state.unread is None:
+            return proposal
+        return proposal.replace(draft_calls=proposal.draft_calls + state.drafter_state.unread)  # the deferred prefill
 
-    def commit(self, drafter_state: Cache, template: TreeTemplate, path: jax.Array, lengths: jax.Array) -> Cache:
-        return keep_accepted_path(drafter_state, template, path, lengths)
+    def commit(self, drafter_state: DraftModelState, template: TreeTemplate, path: jax.Array, lengths: jax.Array) -> DraftModelState:
+        return drafter_state.replace(cache=keep_accepted_path(drafter_state.cache, template, path, lengths))
 
     def cost_profile(self, target: Model) -> tuple[Any, float]:
         """What the auto depth's measured costs are remembered by, and a draft call's share of a target forward

@@ -179,6 +179,8 @@ class Speculative:
             raise ArgumentError("drafter: give a drafter object or the draft / skip_layers / max_ngram shorthands, not both")
         if self.auto and getattr(self.drafter, "catch_up", None) == 1:  # a draft model re-reads what idle steps skipped
             object.__setattr__(self, "drafter", self.drafter.replace(catch_up=auto_depth.CATCH_UP))
+        if hasattr(self.drafter, "defer_prefill") and self.drafter.defer_prefill is None:  # first steps may not draft
+            object.__setattr__(self, "drafter", self.drafter.replace(defer_prefill=self.auto))
 
     # --- configuration -----------------------------------------------------------------------------
 
@@ -244,7 +246,7 @@ class Speculative:
         if auto_depth.measured_costs(key) is not None:
             return auto_depth.measured_costs(key)
         model = model.without_tokenizer()
-        state = jax.jit(lambda strategy, *args: strategy.init(*args))(self, model, prompts, jax.random.key(0))
+        state = jax.jit(lambda strategy, *args: strategy.init_read(*args))(self, model, prompts, jax.random.key(0))
         steps = jax.jit(forced_steps, donate_argnums=2)
         control = state.depth_control
 
@@ -332,6 +334,13 @@ class Speculative:
                 **({"depth_histogram": jnp.zeros((depth + 1,), jnp.int32), "probes": jnp.int32(0)} if self.auto else {}),
             },
         )
+
+    def init_read(self, model: Model, prompts: Prompts, key: jax.Array) -> SpeculativeState:
+        """`init`'s state with a deferred draft prefill already run: what the step costs are measured from (a decode
+        pays that prefill once, at its first drafting step; no step's cost includes it)."""
+        state = self.init(model, prompts, key)
+        read = getattr(self.drafter, "read_prompts", None)
+        return state if read is None else state.replace(drafter_state=read(state.drafter_state))
 
     @property
     def probe_interval(self) -> int:
