@@ -23,6 +23,7 @@ from pathlib import Path
 
 PROMPT = "def fib(n):\n    if n < 2:\n        return n\n"
 CASES = ["greedy b1", "greedy b8", "chain k=4 b1", "tree 2,2,1 b1", "sample T=0.8 b1", "chain k=4 T=0.8 b1"]
+AUTO_CASES = ["auto b8", "auto T=0.8 b8"]  # num_draft_tokens="auto", batch 8 (both versions must take "auto")
 CODE_PROMPTS = [
     "class LRUCache:\n    def __init__(self, capacity):\n        self.capacity = capacity\n",
     "import os\nimport sys\n\n\ndef main(",
@@ -73,6 +74,11 @@ def worker() -> None:
                                                 stop_tokens=[]),
         "chain k=4 T=0.8 b1": lambda: jspec.decode(target, [PROMPT], "speculative", draft=draft, num_draft_tokens=4,
                                                    temperature=0.8, key=0, max_new_tokens=128, stop_tokens=[]),
+        "auto b8": lambda: jspec.decode(target, [PROMPT + "x" * i for i in range(8)], "speculative", draft=draft,
+                                        num_draft_tokens="auto", max_new_tokens=64, stop_tokens=[]),
+        "auto T=0.8 b8": lambda: jspec.decode(target, [PROMPT + "x" * i for i in range(8)], "speculative", draft=draft,
+                                              num_draft_tokens="auto", temperature=0.8, key=0, max_new_tokens=64,
+                                              stop_tokens=[]),
     }
 
     def random_model(layers: int, **extra):
@@ -148,7 +154,7 @@ def main() -> None:
     parser.add_argument("--after", type=Path, default=Path("."))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--layers", type=int, nargs="*", default=[2, 8, 32], help="compile-time depths (none: skip)")
-    parser.add_argument("--cases", nargs="*", default=CASES, help=f"timed cases, from {CASES + DIFFUSION_CASES}")
+    parser.add_argument("--cases", nargs="*", default=CASES, help=f"timed cases, from {CASES + AUTO_CASES + DIFFUSION_CASES}")
     parser.add_argument("--session", action="store_true", help="first: a 20-call session's compiles and seconds")
     parser.add_argument("--windows", type=int, nargs="*", default=[64, 256], help="cache-size windows (none: skip)")
     args = parser.parse_args()

@@ -226,6 +226,7 @@ def test_speculative_chains_verify_through_the_dense_kernel(monkeypatch):
     [
         ("attention_impl", "flash"),
         ("attention_interpret", "yes"),
+        ("head_copy", "cpu"),
         ("dense_block_size", 100),
         ("sparse_block_size", 8),
         ("sparse_kernel_stride", 5),

@@ -45,8 +45,9 @@ class KernelOptions:
     latent_parallel: Any = None
     # Decoding with tied embeddings multiplies by a [D, V] copy of the embedding (made once per embedding array and
     # kept while it lives) instead of by embed.T in every forward: XLA:CPU re-packs the transposed operand of a
-    # product of >= 2 rows in every call (multi-token verification paid ~3x one token's head for 2 rows). None: on
-    # a CPU backend, unsharded models only; True / False: always (unsharded) / never. Costs one V x D buffer.
+    # product of >= 2 rows in every call (multi-token verification paid ~3x one token's head for 2 rows). None: where
+    # the embedding lives on CPU, unsharded models only; True / False: always (unsharded) / never. Costs one V x D
+    # buffer.
     head_copy: bool | None = None
 
     def __post_init__(self):
