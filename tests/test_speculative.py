@@ -363,10 +363,12 @@ def test_measured_step_costs_leave_out_a_calls_fixed_cost():
         per_step = 0.005 * (depth + 1) * (1.5 if probe else 1.0)
         return (lambda: None), (lambda inputs, count: time.sleep(0.060 + count * per_step))
 
-    costs = auto_depth.measure_step_costs(("test", "fixed cost"), step_at, max_depth=4, repeats=3)
+    setup = (lambda: None), (lambda inputs: time.sleep(0.010))  # a one-off call: its own time, nothing taken off
+    costs = auto_depth.measure_step_costs(("test", "fixed cost"), step_at, max_depth=4, repeats=3, setup=setup)
     relative = np.asarray(costs.step) / float(costs.step[0])
     np.testing.assert_allclose(relative, [1, 2, 3, 4, 5], rtol=0.2)  # with the fixed cost in: [1, 1.25, 1.5, ...]
     assert float(costs.probe) / float(costs.step[0]) == pytest.approx(1.5, rel=0.2)
+    assert float(costs.setup) / float(costs.step[0]) == pytest.approx(2.0, rel=0.2)
 
 
 def test_auto_depth_lets_the_row_with_the_most_steps_left_decide():
@@ -407,7 +409,8 @@ def test_auto_depth_counts_the_tokens_a_full_cache_leaves():
 def test_probes_stay_within_their_budget():
     """A probe that costs little more than a plain step comes after the minimum interval, a dear one after enough
     steps that its extra cost is PROBE_BUDGET of theirs (at most MAX_PROBE_INTERVAL; a larger minimum stays); the
-    interval doubles after a probe that does not bring drafting back and returns to its start after drafting."""
+    interval doubles after a probe that does not bring drafting back and returns to its start after drafting. The
+    first probe waits longer where the drafter's first call pays a one-off setup (a deferred draft prefill)."""
     from jspec.strategies import auto_depth as ad
 
     def interval(probe, minimum=8):
@@ -420,6 +423,9 @@ def test_probes_stay_within_their_budget():
     probed = control.after(jnp.int32(0), jnp.bool_(True), none, none)
     drafted = probed.after(jnp.int32(1), jnp.bool_(False), none, none)
     assert (int(control.probe_interval), int(probed.probe_interval), int(drafted.probe_interval)) == (13, 26, 13)
+    # the first probe also pays the drafter's setup (a deferred draft prefill): (0.05 + 0.5) / 0.02 -> 28 steps
+    first = ad.DepthControl.create(ad.StepCosts(jnp.asarray([1.0, 1.5]), jnp.float32(1.05), jnp.float32(0.5)), 2, 8)
+    assert (int(first.probe_interval), int(first.after(jnp.int32(1), jnp.bool_(False), none, none).probe_interval)) == (28, 8)
 
 
 @pytest.mark.parametrize("name", ["chain-random-draft", "tree-self-as-draft", "prompt-lookup"])

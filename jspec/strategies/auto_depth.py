@@ -19,6 +19,8 @@ state, a call's fixed cost taken off), or given (`Speculative.step_costs`). Each
 verification (emitting one token either way, so it costs the drafter's call and no wider forward); the interval
 starts at the larger of `probe_interval` and the steps over which a probe's extra cost (measured) is PROBE_BUDGET
 of a plain step's (capped at MAX_PROBE_INTERVAL), and doubles after each probe that does not bring drafting back.
+The first probe's extra cost includes the drafter's one-off setup (`StepCosts.setup`: a draft model's deferred
+prefill, measured apart), so a batch that does not draft from its first step probes later the first time.
 """
 
 from __future__ import annotations
@@ -46,17 +48,19 @@ class StepCosts:
 
     step: jax.Array  # [D + 1] float32: a step drafting to depth d = 0..D (d = 0: a plain step, no drafter call)
     probe: jax.Array  # [] float32: a plain step that probes (runs the drafter's first call, tries its first draft)
+    setup: Any = 0.0  # [] float32: what the drafter's first call pays once on top (a deferred draft prefill)
 
     @classmethod
     def memory_bound(cls, max_depth: int, draft_call: float) -> "StepCosts":
         """Every target forward costs one unit whatever its width (the memory-bound regime of accelerators) and a
         drafter call `draft_call` units (d calls to draft to depth d)."""
         depths = np.arange(max_depth + 1, dtype=np.float32)
-        return cls(jnp.asarray(1.0 + draft_call * depths), jnp.float32(1.0 + draft_call))
+        return cls(jnp.asarray(1.0 + draft_call * depths), jnp.float32(1.0 + draft_call), jnp.float32(0.0))
 
     def forcing(self, depth: int) -> "StepCosts":
         """Costs under which `choose_depth` picks `depth` whatever the acceptance."""
-        return StepCosts(jnp.where(jnp.arange(self.step.shape[0]) == depth, 1.0, 1e9).astype(jnp.float32), self.probe)
+        return StepCosts(jnp.where(jnp.arange(self.step.shape[0]) == depth, 1.0, 1e9).astype(jnp.float32), self.probe,
+                         self.setup)
 
 
 @struct.dataclass
@@ -127,7 +131,7 @@ def measured_costs(key: Any) -> StepCosts | None:
 STEPS_PER_CALL = 4  # steps one timed call runs when measuring a setting (see measure_step_costs)
 
 
-def measure_step_costs(key: Any, step_at: Any, max_depth: int, repeats: int = 9) -> StepCosts:
+def measure_step_costs(key: Any, step_at: Any, max_depth: int, repeats: int = 9, setup: Any = None) -> StepCosts:
     """Time step_at(depth, probe) -> (prepare, run) for every depth and the probe: prepare() makes a step's input
     (not timed), run(input, count) runs `count` jitted steps forced to that depth, probing or not, in one call, as
     the decode loop runs them (its input donated, so it updates the caches in place as the loop does; an undonated
@@ -138,12 +142,16 @@ def measure_step_costs(key: Any, step_at: Any, max_depth: int, repeats: int = 9)
     compiled, the settings run in turn, `repeats` rounds; a setting costs the plain step's fastest time (load only
     adds) times the median over rounds of its time relative to the plain step's in the same round (runs close in
     time share the machine's load, and the median drops bursts). A depth never costs less than a shallower one.
-    Remembered under `key`."""
+    setup: None, or (prepare, run) whose run(input) is the drafter's one-off setup in one small call (a deferred
+    draft prefill; its call's fixed cost stays in), timed in the same rounds: `StepCosts.setup`. Remembered under
+    `key`."""
     if key in _MEASURED:
         return _MEASURED[key]
     settings = [step_at(depth, False) for depth in range(max_depth + 1)] + [step_at(0, True)]
     for prepare, run in settings:  # compile, warm up
         jax.block_until_ready(run(prepare(), STEPS_PER_CALL))
+    if setup is not None:
+        jax.block_until_ready(setup[1](setup[0]()))
 
     def timed(prepare: Any, run: Any, count: int) -> float:
         inputs = jax.block_until_ready(prepare())
@@ -151,14 +159,16 @@ def measure_step_costs(key: Any, step_at: Any, max_depth: int, repeats: int = 9)
         jax.block_until_ready(run(inputs, count))
         return time.perf_counter() - start
 
-    times = np.zeros((repeats, len(settings)))
+    times = np.zeros((repeats, len(settings) + 1))  # the last column: the setup (0 without one)
     for round_ in range(repeats):
         fixed = timed(*settings[0], 0)
         for index, (prepare, run) in enumerate(settings):
             times[round_, index] = max(timed(prepare, run, STEPS_PER_CALL) - fixed, 1e-9) / STEPS_PER_CALL
+        if setup is not None:
+            times[round_, -1] = timed(setup[0], lambda inputs, _: setup[1](inputs), 1)
     costs = times[:, 0].min() * np.median(times / times[:, :1], axis=0)
-    steps = np.maximum.accumulate(costs[:-1])
-    measured = StepCosts(jnp.asarray(steps, jnp.float32), jnp.float32(max(costs[-1], steps[0])))
+    steps = np.maximum.accumulate(costs[:-2])
+    measured = StepCosts(jnp.asarray(steps, jnp.float32), jnp.float32(max(costs[-2], steps[0])), jnp.float32(costs[-1]))
     _MEASURED[key] = measured
     return measured
 
@@ -175,8 +185,10 @@ class DepthControl:
 
     @classmethod
     def create(cls, costs: StepCosts, batch_size: int, probe_interval: int) -> "DepthControl":
-        base = first_probe_interval(costs, probe_interval)
-        return cls(costs, AcceptanceEstimate.create(batch_size), jnp.int32(0), base, base)
+        """The first probe also pays the drafter's setup (`StepCosts.setup`), so it waits for enough steps to spread
+        that over too; once the drafter has run, probes come at the base interval."""
+        first = first_probe_interval(costs, probe_interval, with_setup=True)
+        return cls(costs, AcceptanceEstimate.create(batch_size), jnp.int32(0), first, first_probe_interval(costs, probe_interval))
 
     def plan(self, remaining: jax.Array) -> tuple[jax.Array, jax.Array]:  # depth [] int32, probe [] bool
         """This step's depth for the batch, and whether it probes (depth 0, the drafter's first draft tried).
@@ -194,10 +206,11 @@ class DepthControl:
                             probe_interval=interval.astype(jnp.int32))
 
 
-def first_probe_interval(costs: StepCosts, minimum: int) -> jax.Array:  # [] int32
-    """The larger of `minimum` and the steps over which a probe's extra cost over a plain step is PROBE_BUDGET of a
-    plain step's (at most MAX_PROBE_INTERVAL): a cheap probe (a drafter without a network) comes often, a dear one
-    (a draft model re-reading the steps it missed, for a batch of rows) rarely."""
-    extra = jnp.maximum(costs.probe / costs.step[0] - 1.0, 0.0)
+def first_probe_interval(costs: StepCosts, minimum: int, with_setup: bool = False) -> jax.Array:  # [] int32
+    """The larger of `minimum` and the steps over which a probe's extra cost over a plain step (with the drafter's
+    one-off setup where `with_setup`) is PROBE_BUDGET of a plain step's (at most MAX_PROBE_INTERVAL): a cheap probe
+    (a drafter without a network) comes often, a dear one (a draft model re-reading the steps it missed, for a batch
+    of rows; reading the prompts first) rarely."""
+    extra = jnp.maximum(costs.probe / costs.step[0] - 1.0, 0.0) + (costs.setup / costs.step[0] if with_setup else 0.0)
     budgeted = jnp.minimum(jnp.ceil(extra / PROBE_BUDGET), MAX_PROBE_INTERVAL).astype(jnp.int32)
     return jnp.maximum(jnp.int32(minimum), budgeted)

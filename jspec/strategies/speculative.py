@@ -256,9 +256,14 @@ class Speculative:
             prepare = lambda: jax.tree.map(jnp.copy, state.replace(depth_control=forced))  # noqa: E731
             return prepare, lambda inputs, count: steps(self, model, inputs, jnp.int32(count))
 
+        setup = None
+        if getattr(self.drafter, "defer_prefill", False):  # the first drafter call reads the prompts: timed apart
+            unread = jax.jit(lambda strategy, *args: strategy.init(*args))(self, model, prompts, jax.random.key(0)).drafter_state
+            read = jax.jit(lambda drafter, drafter_state: drafter.read_prompts(drafter_state), donate_argnums=1)
+            setup = (lambda: jax.tree.map(jnp.copy, unread)), (lambda inputs: read(self.drafter, inputs))
         with warnings.catch_warnings():  # a buffer the step does not update cannot be donated: harmless
             warnings.filterwarnings("ignore", "Some donated buffers were not usable")
-            return auto_depth.measure_step_costs(key, step_at, self.template.max_depth)
+            return auto_depth.measure_step_costs(key, step_at, self.template.max_depth, setup=setup)
 
     def measured(self, model: Model, prompts: Prompts) -> "Speculative":
         """This strategy with the auto depth's costs for this request in `step_costs` (a traced field: the compiled
