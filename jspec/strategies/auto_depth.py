@@ -48,14 +48,15 @@ class StepCosts:
 
     step: jax.Array  # [D + 1] float32: a step drafting to depth d = 0..D (d = 0: a plain step, no drafter call)
     probe: jax.Array  # [] float32: a plain step that probes (runs the drafter's first call, tries its first draft)
-    setup: Any = 0.0  # [] float32: what the drafter's first call pays once on top (a deferred draft prefill)
+    setup: jax.Array = struct.field(default_factory=lambda: jnp.float32(0.0))  # [] float32: what the drafter's first
+    # call pays once on top of its cost (a deferred draft prefill); 0 for a drafter with no such setup
 
     @classmethod
     def memory_bound(cls, max_depth: int, draft_call: float) -> "StepCosts":
         """Every target forward costs one unit whatever its width (the memory-bound regime of accelerators) and a
         drafter call `draft_call` units (d calls to draft to depth d)."""
         depths = np.arange(max_depth + 1, dtype=np.float32)
-        return cls(jnp.asarray(1.0 + draft_call * depths), jnp.float32(1.0 + draft_call), jnp.float32(0.0))
+        return cls(jnp.asarray(1.0 + draft_call * depths), jnp.float32(1.0 + draft_call))
 
     def forcing(self, depth: int) -> "StepCosts":
         """Costs under which `choose_depth` picks `depth` whatever the acceptance."""
@@ -182,19 +183,21 @@ class DepthControl:
     idle_steps: jax.Array  # [] int32: steps since the drafter last ran
     probe_interval: jax.Array  # [] int32
     base_interval: jax.Array  # [] int32: the interval after a drafting step
+    drafter_ran: jax.Array  # [] bool: the drafter has run (its one-off setup, `StepCosts.setup`, is paid)
 
     @classmethod
     def create(cls, costs: StepCosts, batch_size: int, probe_interval: int) -> "DepthControl":
-        """The first probe also pays the drafter's setup (`StepCosts.setup`), so it waits for enough steps to spread
-        that over too; once the drafter has run, probes come at the base interval."""
-        first = first_probe_interval(costs, probe_interval, with_setup=True)
-        return cls(costs, AcceptanceEstimate.create(batch_size), jnp.int32(0), first, first_probe_interval(costs, probe_interval))
+        base = first_probe_interval(costs, probe_interval)
+        return cls(costs, AcceptanceEstimate.create(batch_size), jnp.int32(0), base, base, jnp.bool_(False))
 
     def plan(self, remaining: jax.Array) -> tuple[jax.Array, jax.Array]:  # depth [] int32, probe [] bool
         """This step's depth for the batch, and whether it probes (depth 0, the drafter's first draft tried).
-        remaining: [B] tokens each row may still emit (0: finished)."""
+        remaining: [B] tokens each row may still emit (0: finished). Until the drafter has run, a probe also pays its
+        setup, so the first one waits for enough steps to spread that over too."""
         depth = choose_depth(self.acceptance.rate, remaining, self.costs)
-        return depth, (depth == 0) & (self.idle_steps + 1 >= self.probe_interval) & jnp.any(remaining > 0)
+        interval = jnp.where(self.drafter_ran, self.probe_interval,
+                             jnp.maximum(self.probe_interval, first_probe_interval(self.costs, 1, with_setup=True)))
+        return depth, (depth == 0) & (self.idle_steps + 1 >= interval) & jnp.any(remaining > 0)
 
     def after(self, depth: jax.Array, probe: jax.Array, accepted_at: jax.Array, tried_at: jax.Array) -> "DepthControl":
         """The control after a step at `depth` (probing or not) whose walk accepted / tried these drafts [B, D]."""
@@ -203,7 +206,7 @@ class DepthControl:
         interval = jnp.where(depth > 0, self.base_interval, jnp.where(probe, doubled, self.probe_interval))
         return self.replace(acceptance=self.acceptance.observe(accepted_at, tried_at),
                             idle_steps=jnp.where(drafted, 0, self.idle_steps + 1).astype(jnp.int32),
-                            probe_interval=interval.astype(jnp.int32))
+                            probe_interval=interval.astype(jnp.int32), drafter_ran=self.drafter_ran | drafted)
 
 
 def first_probe_interval(costs: StepCosts, minimum: int, with_setup: bool = False) -> jax.Array:  # [] int32

@@ -110,7 +110,8 @@ class Verified:
 class Drafter(Protocol):
     """The contract every drafter implements (see the module docstring)."""
 
-    prefill_calls: int  # draft forward calls `init` makes
+    @property
+    def prefill_calls(self) -> int: ...  # draft forward calls `init` makes
 
     def validate(self, target: Model, template: TreeTemplate, prompts: Prompts) -> None: ...
 
@@ -150,7 +151,7 @@ class DraftModelState:
 
 @struct.dataclass
 class DraftModelDrafter:
-    """A separate draft model sharing the target's vocabulary; its state is its own KV cache.
+    """A separate draft model sharing the target's vocabulary; its state (`DraftModelState`) is its own KV cache.
 
     defer_prefill: read the prompts into the draft's cache at the first step that drafts rather than at `init`, so
     a decode whose steps never draft (auto depth at a low acceptance or a large batch) never pays for the draft's
@@ -233,7 +234,8 @@ class DraftModelDrafter:
     def cost_profile(self, target: Model) -> tuple[Any, float]:
         """What the auto depth's measured costs are remembered by, and a draft call's share of a target forward
         (its parameters' share) for the memory-bound cost model."""
-        return ("model", self.draft.config, self.catch_up), self.draft.num_parameters() / target.num_parameters()
+        key = ("model", self.draft.config, self.catch_up, self.defer_prefill)
+        return key, self.draft.num_parameters() / target.num_parameters()
 
 
 # --- the target with layers skipped ------------------------------------------------------------------------

@@ -100,7 +100,7 @@ from jspec.validation import ArgumentError
 @struct.dataclass
 class SpeculativeState:
     cache: Cache  # target cache; lengths[b] = committed tokens (all but the pending one)
-    drafter_state: Any  # the drafter's own state (the draft model's cache; None for layer skip / prompt lookup)
+    drafter_state: Any  # the drafter's own state (a draft model's `DraftModelState`; None: layer skip, prompt lookup)
     history: jax.Array  # [B, H] int32: prompt and emitted tokens; history[b, cache.lengths[b]] is pending
     output: OutputBuffer
     sampling: sampling.SamplingParams
@@ -246,7 +246,13 @@ class Speculative:
         if auto_depth.measured_costs(key) is not None:
             return auto_depth.measured_costs(key)
         model = model.without_tokenizer()
-        state = jax.jit(lambda strategy, *args: strategy.init_read(*args))(self, model, prompts, jax.random.key(0))
+        state = jax.jit(lambda strategy, *args: strategy.init(*args))(self, model, prompts, jax.random.key(0))
+        setup = None
+        if getattr(self.drafter, "defer_prefill", False):  # a decode reads the prompts once: timed apart, not per step
+            read = jax.jit(lambda drafter, drafter_state: drafter.read_prompts(drafter_state), donate_argnums=1)
+            unread = state.drafter_state
+            setup = (lambda: jax.tree.map(jnp.copy, unread)), (lambda inputs: read(self.drafter, inputs))
+            state = state.replace(drafter_state=read(self.drafter, jax.tree.map(jnp.copy, unread)))
         steps = jax.jit(forced_steps, donate_argnums=2)
         control = state.depth_control
 
@@ -256,11 +262,6 @@ class Speculative:
             prepare = lambda: jax.tree.map(jnp.copy, state.replace(depth_control=forced))  # noqa: E731
             return prepare, lambda inputs, count: steps(self, model, inputs, jnp.int32(count))
 
-        setup = None
-        if getattr(self.drafter, "defer_prefill", False):  # the first drafter call reads the prompts: timed apart
-            unread = jax.jit(lambda strategy, *args: strategy.init(*args))(self, model, prompts, jax.random.key(0)).drafter_state
-            read = jax.jit(lambda drafter, drafter_state: drafter.read_prompts(drafter_state), donate_argnums=1)
-            setup = (lambda: jax.tree.map(jnp.copy, unread)), (lambda inputs: read(self.drafter, inputs))
         with warnings.catch_warnings():  # a buffer the step does not update cannot be donated: harmless
             warnings.filterwarnings("ignore", "Some donated buffers were not usable")
             return auto_depth.measure_step_costs(key, step_at, self.template.max_depth, setup=setup)
@@ -339,13 +340,6 @@ class Speculative:
                 **({"depth_histogram": jnp.zeros((depth + 1,), jnp.int32), "probes": jnp.int32(0)} if self.auto else {}),
             },
         )
-
-    def init_read(self, model: Model, prompts: Prompts, key: jax.Array) -> SpeculativeState:
-        """`init`'s state with a deferred draft prefill already run: what the step costs are measured from (a decode
-        pays that prefill once, at its first drafting step; no step's cost includes it)."""
-        state = self.init(model, prompts, key)
-        read = getattr(self.drafter, "read_prompts", None)
-        return state if read is None else state.replace(drafter_state=read(state.drafter_state))
 
     @property
     def probe_interval(self) -> int:
