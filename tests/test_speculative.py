@@ -279,11 +279,15 @@ def test_a_chain_tree_mask_is_the_causal_mask_by_slot(num_nodes):
         ("speculative", dict(draft="draft", num_draft_tokens="many"), "num_draft_tokens"),
         ("speculative", dict(draft="draft", adaptive="sometimes"), "adaptive"),
         ("speculative", dict(draft="draft", step_costs=(1.0, 2.0)), "step_costs"),
+        ("speculative", dict(draft="draft", num_draft_tokens="auto", step_costs="negative setup"), "step_costs"),
     ],
 )
 def test_bad_input_raises_a_clear_error(pair, strategy, options, message):
     target, draft = pair
-    models = {"draft": draft, "other-vocab": tiny_model("llama", vocab_size=50)}
+    from jspec.strategies.auto_depth import StepCosts
+
+    models = {"draft": draft, "other-vocab": tiny_model("llama", vocab_size=50),
+              "negative setup": StepCosts(jnp.ones(5), jnp.float32(1.0), jnp.float32(-1.0))}
     options = {k: models.get(v, v) if isinstance(v, str) else v for k, v in options.items()}
     with pytest.raises(ValueError, match=message):
         jspec.decode(target, PROMPTS[:2], strategy, max_new_tokens=4, **options)
@@ -511,19 +515,25 @@ def test_auto_depth_plain_steps_are_autoregressive_steps(pair, drafter, monkeypa
     assert int(got.stats["draft_calls"]) == 0  # not even the draft model's prefill: it waits for a drafting step
 
 
-@pytest.mark.parametrize("costs", ["drafting-first", "probing-later"])
-def test_a_deferred_draft_prefill_changes_no_token(pair, costs):
+@pytest.mark.parametrize("costs, dtype", [("drafting-first", "float32"), ("probing-later", "float32"),
+                                         ("drafting-first", "bfloat16")])
+def test_a_deferred_draft_prefill_changes_no_token(pair, costs, dtype):
     """Under auto depth the draft model reads the prompts at the first step that drafts, not at init (a decode that
     never drafts never pays for it). Steps that do not draft write nothing to the draft's cache, so it holds what
     an eager prefill leaves there: sampled tokens, log-probabilities and every stat equal the eager prefill's, for
-    a decode that drafts from its first step and for one whose first drafter call is a later probe."""
+    a decode that drafts from its first step and for one whose first drafter call is a later probe, in float32 and
+    in bfloat16 (the prefill inside the loop computes the cache bit for bit as before it)."""
     from jspec.strategies.auto_depth import StepCosts
 
-    target, draft = pair
+    target, draft = pair if dtype == "float32" else (tiny_model("llama", seed=0, num_layers=3, dtype=dtype),
+                                                      tiny_model("llama", seed=1, num_layers=1, dtype=dtype))
     step_costs = StepCosts.memory_bound(4, 0.3) if costs == "drafting-first" else _never_drafting_costs(4)
     deferred = speculative_module.speculative(draft=draft, num_draft_tokens="auto", step_costs=step_costs, temperature=0.8)
     eager = deferred.replace(drafter=deferred.drafter.replace(defer_prefill=False))
     assert deferred.drafter.defer_prefill is True and eager.drafter.defer_prefill is False
+    with pytest.raises(ValueError, match="defer_prefill: expected True or False"):
+        bad = deferred.replace(drafter=deferred.drafter.replace(defer_prefill="yes"))
+        jspec.decode(target, PROMPTS[:1], bad, max_new_tokens=2)
     common = dict(max_new_tokens=24, stop_tokens=[3], key=7, logprobs=2)
     want, got = (jspec.decode(target, PROMPTS, strategy, **common) for strategy in (eager, deferred))
     assert got.sequences() == want.sequences()

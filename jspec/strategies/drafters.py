@@ -171,6 +171,8 @@ class DraftModelDrafter:
     def validate(self, target: Model, template: TreeTemplate, prompts: Prompts) -> None:
         if not isinstance(self.draft, Model):
             raise ArgumentError("draft: the 'model' drafter needs a draft model (draft=jspec.load(...))")
+        if self.defer_prefill is not None:
+            validation.check_bool("defer_prefill", self.defer_prefill)
         if self.draft.config.vocab_size != target.config.vocab_size:
             raise ArgumentError(
                 f"draft: vocabulary size {self.draft.config.vocab_size} differs from the target's "

@@ -208,9 +208,12 @@ class Speculative:
                                 f"own in the verification; {type(self.drafter).__name__} has not")
         if self.step_costs is not None:
             depths = template.max_depth + 1
-            if not self.auto or not isinstance(self.step_costs, auto_depth.StepCosts) or np.shape(self.step_costs.step) != (depths,):
+            costs = self.step_costs
+            valid = isinstance(costs, auto_depth.StepCosts) and np.shape(costs.step) == (depths,)
+            setup = np.asarray(costs.setup) if valid else None
+            if not (self.auto and valid and setup.shape == () and np.isfinite(setup) and setup >= 0):
                 validation.fail("step_costs", f"with adaptive='auto', a jspec.strategies.auto_depth.StepCosts with {depths} "
-                                f"step costs (depths 0..{depths - 1})", self.step_costs)
+                                f"step costs (depths 0..{depths - 1}) and a finite setup >= 0", costs)
         elif self.auto:
             self.measure_costs(model, prompts)
         sampling.validate_sampling_options(
