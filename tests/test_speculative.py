@@ -357,20 +357,23 @@ def _never_drafting_costs(max_depth):
 def test_measured_step_costs_leave_out_a_calls_fixed_cost():
     """A jitted call's fixed cost (dispatch, donating a batch's caches) is paid once per call, never per step in the
     compiled loop; left in, it made every depth look alike (the decode loop's depth 4 cost 2.9x a plain step at
-    batch 8 where single-step calls measured 2.3x) and deep drafting look cheap. Simulated steps: a call costs 60 ms
-    plus 5 ms per step and depth + 1 (sleeps, no compute: what is measured is the arithmetic of the measurement;
-    a millisecond of scheduling jitter is 5% of the shortest difference)."""
+    batch 8 where single-step calls measured 2.3x) and deep drafting look cheap. So is the extra cost of a call's
+    first step (1.4 ms at batch 8 on demo-code, on every depth): timed against a call of zero steps, it made drafting
+    steps look 15-20% cheaper than in a decode. Simulated steps: a call costs 60 ms, its first step 20 ms more, and
+    each step 5 ms times depth + 1 (sleeps, no compute: what is measured is the arithmetic of the measurement; a
+    millisecond of scheduling jitter is 3% of the shortest difference)."""
     import time
     from jspec.strategies import auto_depth
 
     def step_at(depth, probe):
         per_step = 0.005 * (depth + 1) * (1.5 if probe else 1.0)
-        return (lambda: None), (lambda inputs, count: time.sleep(0.060 + count * per_step))
+        return (lambda: None), (lambda inputs, count: time.sleep(0.060 + 0.020 * (count > 0) + count * per_step))
 
     setup = (lambda: None), (lambda inputs: time.sleep(0.010))  # a one-off call: its own time, nothing taken off
     costs = auto_depth.measure_step_costs(("test", "fixed cost"), step_at, max_depth=4, repeats=3, setup=setup)
     relative = np.asarray(costs.step) / float(costs.step[0])
-    np.testing.assert_allclose(relative, [1, 2, 3, 4, 5], rtol=0.2)  # with the fixed cost in: [1, 1.25, 1.5, ...]
+    np.testing.assert_allclose(relative, [1, 2, 3, 4, 5], rtol=0.2)  # with the fixed cost in: [1, 1.25, 1.5, ...];
+    # with the first step's extra in: [1, 1.67, 2.33, 3, 3.67] (8 steps against a call of none)
     assert float(costs.probe) / float(costs.step[0]) == pytest.approx(1.5, rel=0.2)
     assert float(costs.setup) / float(costs.step[0]) == pytest.approx(2.0, rel=0.3)
 
@@ -414,7 +417,8 @@ def test_probes_stay_within_their_budget():
     """A probe that costs little more than a plain step comes after the minimum interval, a dear one after enough
     steps that its extra cost is PROBE_BUDGET of theirs (at most MAX_PROBE_INTERVAL; a larger minimum stays); the
     interval doubles after a probe that does not bring drafting back and returns to its start after drafting. The
-    first probe waits longer where the drafter's first call pays a one-off setup (a deferred draft prefill)."""
+    first probe waits longer where the drafter's first call pays a one-off setup (a deferred draft prefill), up to
+    MAX_FIRST_PROBE_INTERVAL. A probe needs a row with at least the interval's tokens left."""
     from jspec.strategies import auto_depth as ad
 
     def interval(probe, minimum=8):
@@ -422,6 +426,9 @@ def test_probes_stay_within_their_budget():
 
     assert interval(1.0) == 8 and interval(1.05, minimum=1) == 3  # 0.05 / 0.02 -> 3 steps
     assert interval(1.25) == 13 and interval(3.0) == ad.MAX_PROBE_INTERVAL and interval(3.0, minimum=1 << 20) == 1 << 20
+    with_setup = ad.StepCosts(jnp.asarray([1.0, 1.5]), jnp.float32(2.0), jnp.float32(2.0))  # (1 + 2) / 0.02 -> 150
+    assert int(ad.first_probe_interval(with_setup, 8, with_setup=True)) == 150  # over MAX_PROBE_INTERVAL: kept
+    assert int(ad.first_probe_interval(with_setup.replace(setup=jnp.float32(9.0)), 8, True)) == ad.MAX_FIRST_PROBE_INTERVAL
     control = ad.DepthControl.create(ad.StepCosts(jnp.asarray([1.0, 1.5]), jnp.float32(1.25)), 2, 8)
     none = jnp.zeros((2, 1), bool)
     probed = control.after(jnp.int32(0), jnp.bool_(True), none, none)
@@ -431,12 +438,14 @@ def test_probes_stay_within_their_budget():
     # steps; after that first probe the interval doubles from the base one (8 -> 16), after drafting it is the base
     first = ad.DepthControl.create(ad.StepCosts(jnp.asarray([1.0, 2.0]), jnp.float32(1.05), jnp.float32(0.5)), 2, 8)
 
-    def first_probe(control):  # the first idle step that probes (the costs never make depth 1 pay)
-        return next(step for step in range(1, 40)
-                    if bool(control.replace(idle_steps=jnp.int32(step - 1)).plan(jnp.full((2,), 100.0))[1]))
+    def first_probe(control, left=100.0):  # the first idle step that probes (the costs never make depth 1 pay)
+        return next((step for step in range(1, 40)
+                     if bool(control.replace(idle_steps=jnp.int32(step - 1)).plan(jnp.asarray([5.0, left]))[1])), None)
 
     probed, drafted = (first.after(jnp.int32(depth), jnp.bool_(depth == 0), none, none) for depth in (0, 1))
     assert (first_probe(first), first_probe(probed), first_probe(drafted)) == (28, 16, 8)
+    # no probe once no row has as many tokens left as the interval: its cost could not be spread over them
+    assert (first_probe(first, left=28.0), first_probe(first, left=27.0), first_probe(drafted, left=7.0)) == (28, None, None)
 
 
 @pytest.mark.parametrize("name", ["chain-random-draft", "tree-self-as-draft", "prompt-lookup"])

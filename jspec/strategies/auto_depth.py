@@ -11,16 +11,17 @@ the first step that calls it: `DraftModelDrafter.defer_prefill`). A decode retur
 finishes, so tokens that rows with high acceptance would emit early do not shorten it: the row with the most steps
 left decides (for one row, or rows alike, this is the depth with the most expected tokens per second, E(d) / C(d)).
 
-The costs are measured once per (target, drafter, template, batch, cache size, backend) when a strategy is
-validated (`measure_step_costs`: the strategy's own jitted steps, forced to each depth, from the request's first
-state, a call's fixed cost taken off), or given (`Speculative.step_costs`). Each row's acceptance rate is a decayed count of its tried and accepted drafts
-(`AcceptanceEstimate`), starting from an optimistic prior. While the batch does not draft, a probe every
-`probe_interval` steps runs the drafter's first call only and tries its first draft against the one-token
-verification (emitting one token either way, so it costs the drafter's call and no wider forward); the interval
-starts at the larger of `probe_interval` and the steps over which a probe's extra cost (measured) is PROBE_BUDGET
-of a plain step's (capped at MAX_PROBE_INTERVAL), and doubles after each probe that does not bring drafting back.
-The first probe's extra cost includes the drafter's one-off setup (`StepCosts.setup`: a draft model's deferred
-prefill, measured apart), so a batch that does not draft from its first step probes later the first time.
+The costs are measured once per (target, drafter, template, batch, cache size, backend) when a strategy is validated
+(`measure_step_costs`: the strategy's own jitted steps, forced to each depth, from the request's first state, what a
+call pays once taken off), or given (`Speculative.step_costs`). Each row's acceptance rate is a decayed count of its
+tried and accepted drafts (`AcceptanceEstimate`), starting from an optimistic prior. While the batch does not draft,
+a probe every `probe_interval` steps (while a row has that many tokens left) runs the drafter's first call only and
+tries its first draft against the one-token verification (emitting one token either way, so it costs the drafter's
+call and no wider forward); the interval starts at the larger of `probe_interval` and the steps over which a probe's
+extra cost (measured) is PROBE_BUDGET of a plain step's (capped at MAX_PROBE_INTERVAL; MAX_FIRST_PROBE_INTERVAL with
+the setup), and doubles after each probe that does not bring drafting back. The first probe's extra cost includes
+the drafter's one-off setup (`StepCosts.setup`: a draft model's deferred prefill, measured apart), so a batch that
+does not draft from its first step probes later the first time.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ PRIOR_WEIGHT = 1.0  # ... worth this many observed drafts
 DECAY = 0.95  # each observed draft weighs the older ones down by this factor (the rate reaches 0.03 at the lowest)
 PROBE_INTERVAL = 8  # steps without drafting before the first probe (at least; see PROBE_BUDGET)
 MAX_PROBE_INTERVAL = 64
+MAX_FIRST_PROBE_INTERVAL = 256  # ... the first probe of a drafter with a one-off setup (a deferred draft prefill)
 PROBE_BUDGET = 0.02  # a probe's extra cost over a plain step, spread over the steps between probes, stays below this
 CATCH_UP = PROBE_INTERVAL  # tokens a draft model re-reads before the pending one after steps without drafting
 
@@ -129,20 +131,23 @@ def measured_costs(key: Any) -> StepCosts | None:
     return _MEASURED.get(key)
 
 
-STEPS_PER_CALL = 4  # steps one timed call runs when measuring a setting (see measure_step_costs)
+LEAD_STEPS = 4  # steps a timed call runs before the steps that are timed (see measure_step_costs)
+STEPS_PER_CALL = 8  # ... and the steps timed after those
 
 
-def measure_step_costs(key: Any, step_at: Any, max_depth: int, repeats: int = 9, setup: Any = None) -> StepCosts:
+def measure_step_costs(key: Any, step_at: Any, max_depth: int, repeats: int = 5, setup: Any = None) -> StepCosts:
     """Time step_at(depth, probe) -> (prepare, run) for every depth and the probe: prepare() makes a step's input
     (not timed), run(input, count) runs `count` jitted steps forced to that depth, probing or not, in one call, as
     the decode loop runs them (its input donated, so it updates the caches in place as the loop does; an undonated
-    input would add a copy of every cache to each call and hide how much wider steps cost). A call's fixed cost
-    (dispatch, donation: milliseconds for a batch's caches, which the compiled loop never pays per step) is timed
-    as a call of zero steps and taken off: a setting's time is (its STEPS_PER_CALL-step call - the zero-step call) /
-    STEPS_PER_CALL (a fixed cost left in would make every step look alike and deep drafting look cheap). Once
-    compiled, the settings run in turn, `repeats` rounds; a setting costs the plain step's fastest time (load only
-    adds) times the median over rounds of its time relative to the plain step's in the same round (runs close in
-    time share the machine's load, and the median drops bursts). A depth never costs less than a shallower one.
+    input would add a copy of every cache to each call and hide how much wider steps cost). A setting's time is the
+    difference between a call of LEAD_STEPS + STEPS_PER_CALL steps and a call of LEAD_STEPS steps, over
+    STEPS_PER_CALL: what a call pays once is taken off, its fixed cost (dispatch, donation: milliseconds for a batch's caches, which the
+    compiled loop never pays per step) and the extra cost of its first step (measured on demo-code at batch 8: 1.4
+    ms on every depth, half a plain step; measured against a call of zero steps, it made drafting steps look 15-20%
+    cheaper, relative to a plain step, than they are in a decode). Once compiled, the settings run in turn,
+    `repeats` rounds; a setting costs the plain step's fastest time (load only adds) times the median over rounds
+    of its time relative to the plain step's in the same round (runs close in time share the machine's load, and
+    the median drops bursts). A depth never costs less than a shallower one.
     setup: None, or (prepare, run) whose run(input) is the drafter's one-off setup in one small call (a deferred
     draft prefill; its call's fixed cost stays in), timed in the same rounds: `StepCosts.setup`. Remembered under
     `key`."""
@@ -150,7 +155,7 @@ def measure_step_costs(key: Any, step_at: Any, max_depth: int, repeats: int = 9,
         return _MEASURED[key]
     settings = [step_at(depth, False) for depth in range(max_depth + 1)] + [step_at(0, True)]
     for prepare, run in settings:  # compile, warm up
-        jax.block_until_ready(run(prepare(), STEPS_PER_CALL))
+        jax.block_until_ready(run(prepare(), LEAD_STEPS + STEPS_PER_CALL))
     if setup is not None:
         jax.block_until_ready(setup[1](setup[0]()))
 
@@ -162,9 +167,9 @@ def measure_step_costs(key: Any, step_at: Any, max_depth: int, repeats: int = 9,
 
     times = np.zeros((repeats, len(settings) + 1))  # the last column: the setup (0 without one)
     for round_ in range(repeats):
-        fixed = timed(*settings[0], 0)
         for index, (prepare, run) in enumerate(settings):
-            times[round_, index] = max(timed(prepare, run, STEPS_PER_CALL) - fixed, 1e-9) / STEPS_PER_CALL
+            lead = timed(prepare, run, LEAD_STEPS)
+            times[round_, index] = max(timed(prepare, run, LEAD_STEPS + STEPS_PER_CALL) - lead, 1e-9) / STEPS_PER_CALL
         if setup is not None:
             times[round_, -1] = timed(setup[0], lambda inputs, _: setup[1](inputs), 1)
     costs = times[:, 0].min() * np.median(times / times[:, :1], axis=0)
@@ -193,11 +198,13 @@ class DepthControl:
     def plan(self, remaining: jax.Array) -> tuple[jax.Array, jax.Array]:  # depth [] int32, probe [] bool
         """This step's depth for the batch, and whether it probes (depth 0, the drafter's first draft tried).
         remaining: [B] tokens each row may still emit (0: finished). Until the drafter has run, a probe also pays its
-        setup, so the first one waits for enough steps to spread that over too."""
+        setup, so the first one waits for enough steps to spread that over too. A probe also needs a row with at
+        least `interval` tokens left: its cost is budgeted over that many steps, and near a decode's end no drafting
+        it could bring back would pay for it."""
         depth = choose_depth(self.acceptance.rate, remaining, self.costs)
         interval = jnp.where(self.drafter_ran, self.probe_interval,
                              jnp.maximum(self.probe_interval, first_probe_interval(self.costs, 1, with_setup=True)))
-        return depth, (depth == 0) & (self.idle_steps + 1 >= interval) & jnp.any(remaining > 0)
+        return depth, (depth == 0) & (self.idle_steps + 1 >= interval) & (jnp.max(remaining) >= interval)
 
     def after(self, depth: jax.Array, probe: jax.Array, accepted_at: jax.Array, tried_at: jax.Array) -> "DepthControl":
         """The control after a step at `depth` (probing or not) whose walk accepted / tried these drafts [B, D]."""
@@ -211,9 +218,14 @@ class DepthControl:
 
 def first_probe_interval(costs: StepCosts, minimum: int, with_setup: bool = False) -> jax.Array:  # [] int32
     """The larger of `minimum` and the steps over which a probe's extra cost over a plain step (with the drafter's
-    one-off setup where `with_setup`) is PROBE_BUDGET of a plain step's (at most MAX_PROBE_INTERVAL): a cheap probe
-    (a drafter without a network) comes often, a dear one (a draft model re-reading the steps it missed, for a batch
-    of rows; reading the prompts first) rarely."""
+    one-off setup where `with_setup`) is PROBE_BUDGET of a plain step's (at most MAX_PROBE_INTERVAL; with the setup,
+    MAX_FIRST_PROBE_INTERVAL): a cheap probe (a drafter without a network) comes often, a dear one (a draft model
+    re-reading the steps it missed, for a batch of rows; reading the prompts first) rarely. The first probe's longer
+    cap keeps to the budget where the setup is a few plain steps (demo-code-draft's prefill of 128-token prompts:
+    1.6-2.8 of demo-code's steps at batch 1-8, its probe 1-1.6 more: the first probe after 120-220 steps; capped at
+    64, the probe cost 3% of a 128-token decode); the batch that waits has not drafted, as under the prior
+    acceptance drafting did not pay."""
     extra = jnp.maximum(costs.probe / costs.step[0] - 1.0, 0.0) + (costs.setup / costs.step[0] if with_setup else 0.0)
-    budgeted = jnp.minimum(jnp.ceil(extra / PROBE_BUDGET), MAX_PROBE_INTERVAL).astype(jnp.int32)
+    cap = MAX_FIRST_PROBE_INTERVAL if with_setup else MAX_PROBE_INTERVAL
+    budgeted = jnp.minimum(jnp.ceil(extra / PROBE_BUDGET), cap).astype(jnp.int32)
     return jnp.maximum(jnp.int32(minimum), budgeted)
