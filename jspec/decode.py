@@ -386,18 +386,38 @@ def _batch_size(model: Model, strategy: Strategy | None, rows: int, buckets: boo
 
 def _check_memory(model: Model, batch_size: int, cache_size: int, max_chunk: int) -> None:
     """Raise before allocating when the cache alone would not fit in the device's memory (shapes only)."""
-    cache = jax.eval_shape(lambda: model.new_cache(batch_size, cache_size, max_chunk=max_chunk))
-    shapes = [leaf.shape for leaf in jax.tree.leaves(cache)]
-    if model.sharding is not None:  # each device holds its shard
-        shapes = [s.shard_shape(leaf.shape) for s, leaf in
-                  zip(jax.tree.leaves(model.sharding.tree_shardings(cache, model.cache_axes)), jax.tree.leaves(cache))]
-    needed = sum(int(np.prod(shape)) * leaf.dtype.itemsize for shape, leaf in zip(shapes, jax.tree.leaves(cache)))
+    needed = _cache_bytes(model, batch_size, cache_size, max_chunk)
     available = _device_memory_bytes()
     if available is not None and needed > 0.9 * available:
         raise validation.ArgumentError(
             f"cache_size: a cache of {cache_size} slots for {batch_size} rows needs {needed / 2**30:.1f} GiB per device, more than "
             f"90% of the device's {available / 2**30:.1f} GiB; lower max_new_tokens, cache_size or the batch size"
         )
+
+
+_CACHE_BYTES: dict[Any, int] = {}  # (model type, config, kernels, batch, cache size, chunk) -> bytes per device
+
+
+def _cache_bytes(model: Model, batch_size: int, cache_size: int, max_chunk: int) -> int:
+    """Bytes of the cache `model.new_cache` makes, per device; from shapes only (`jax.eval_shape`: a trace, 3.5 ms
+    for demo-code, so unsharded models' figures are remembered: a decode call pays it once per shape)."""
+    key = None
+    if model.sharding is None:
+        key = (type(model), model.config, model.kernels, batch_size, cache_size, max_chunk)
+        try:
+            if key in _CACHE_BYTES:
+                return _CACHE_BYTES[key]
+        except TypeError:  # an unhashable config: not remembered
+            key = None
+    cache = jax.eval_shape(lambda: model.new_cache(batch_size, cache_size, max_chunk=max_chunk))
+    shapes = [leaf.shape for leaf in jax.tree.leaves(cache)]
+    if model.sharding is not None:  # each device holds its shard
+        shapes = [s.shard_shape(leaf.shape) for s, leaf in
+                  zip(jax.tree.leaves(model.sharding.tree_shardings(cache, model.cache_axes)), jax.tree.leaves(cache))]
+    needed = sum(int(np.prod(shape)) * leaf.dtype.itemsize for shape, leaf in zip(shapes, jax.tree.leaves(cache)))
+    if key is not None:
+        _CACHE_BYTES[key] = needed
+    return needed
 
 
 def _device_memory_bytes() -> int | None:

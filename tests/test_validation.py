@@ -249,3 +249,24 @@ def test_per_row_options_of_a_padded_batch_apply_to_the_callers_rows(strategy):
     assert out.sequences() == padded.sequences()[:3]
     with pytest.raises(ValueError, match="temperature: expected a scalar or 3 values"):
         jspec.decode(model, prompts, strategy, max_new_tokens=6, temperature=[0.5] * 4, **options)
+
+
+def test_a_cache_larger_than_the_device_memory_is_refused_before_allocating(monkeypatch):
+    """The cache's size is checked from shapes before anything is allocated: over 90% of the device's memory, the
+    call fails naming cache_size, with the GiB it needs; the figure is remembered per shape (a second call does
+    not trace the cache again) and another shape is checked on its own."""
+    import importlib
+
+    decode = importlib.import_module("jspec.decode")
+    model = tiny_model("llama")
+    jspec.decode(model, PROMPTS, max_new_tokens=4)  # fits: its size is remembered
+    traced, eval_shape = [], decode.jax.eval_shape
+    monkeypatch.setattr(decode.jax, "eval_shape", lambda *args: traced.append(1) or eval_shape(*args))
+    monkeypatch.setattr(decode, "_device_memory_bytes", lambda: 1024)  # 1 KiB: less than any cache
+    for _ in range(2):
+        with pytest.raises(ArgumentError, match=r"cache_size: a cache of \d+ slots for 2 rows needs .* GiB per device"):
+            jspec.decode(model, PROMPTS, max_new_tokens=4)
+    assert not traced  # remembered from the first call
+    monkeypatch.setattr(decode, "_device_memory_bytes", lambda: 1 << 40)
+    jspec.decode(model, PROMPTS[:1], max_new_tokens=3, cache_size=53)  # a shape no other test makes: traced once
+    assert len(traced) == 1
