@@ -401,14 +401,11 @@ _CACHE_BYTES: dict[Any, int] = {}  # (model type, config, kernels, batch, cache 
 def _cache_bytes(model: Model, batch_size: int, cache_size: int, max_chunk: int) -> int:
     """Bytes of the cache `model.new_cache` makes, per device; from shapes only (`jax.eval_shape`: a trace, 3.5 ms
     for demo-code, so unsharded models' figures are remembered: a decode call pays it once per shape)."""
-    key = None
-    if model.sharding is None:
-        key = (type(model), model.config, model.kernels, batch_size, cache_size, max_chunk)
-        try:
-            if key in _CACHE_BYTES:
-                return _CACHE_BYTES[key]
-        except TypeError:  # an unhashable config: not remembered
-            key = None
+    # config and kernels are a Model's static fields, so hashable (jit keys compiles on them)
+    key = None if model.sharding is not None else (type(model), model.config, model.kernels, batch_size, cache_size,
+                                                   max_chunk)
+    if key in _CACHE_BYTES:
+        return _CACHE_BYTES[key]
     cache = jax.eval_shape(lambda: model.new_cache(batch_size, cache_size, max_chunk=max_chunk))
     shapes = [leaf.shape for leaf in jax.tree.leaves(cache)]
     if model.sharding is not None:  # each device holds its shard

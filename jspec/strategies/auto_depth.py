@@ -141,10 +141,11 @@ def measure_step_costs(key: Any, step_at: Any, max_depth: int, repeats: int = 5,
     the decode loop runs them (its input donated, so it updates the caches in place as the loop does; an undonated
     input would add a copy of every cache to each call and hide how much wider steps cost). A setting's time is the
     difference between a call of LEAD_STEPS + STEPS_PER_CALL steps and a call of LEAD_STEPS steps, over
-    STEPS_PER_CALL: what a call pays once is taken off, its fixed cost (dispatch, donation: milliseconds for a batch's caches, which the
-    compiled loop never pays per step) and the extra cost of its first step (measured on demo-code at batch 8: 1.4
-    ms on every depth, half a plain step; measured against a call of zero steps, it made drafting steps look 15-20%
-    cheaper, relative to a plain step, than they are in a decode). Once compiled, the settings run in turn,
+    STEPS_PER_CALL: what a call pays once is taken off, its fixed cost (dispatch, donation: milliseconds for a
+    batch's caches, which the compiled loop never pays per step) and the extra cost of its first steps (measured on
+    demo-code at batch 8: 1.4 ms on every depth, half a plain step; measured against a call of zero steps, it made
+    drafting steps look 15-30% cheaper, relative to a plain step, than they are in a decode). Once compiled, the
+    settings run in turn,
     `repeats` rounds; a setting costs the plain step's fastest time (load only adds) times the median over rounds
     of its time relative to the plain step's in the same round (runs close in time share the machine's load, and
     the median drops bursts). A depth never costs less than a shallower one.
