@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 import jspec
@@ -58,6 +59,29 @@ def tiny_model(family: str = "llama", seed: int = 0, init_scale: float = 0.3, **
     kernels = {k: overrides.pop(k) for k in list(overrides) if k in KernelOptions.field_names()}
     return jspec.Model.random(tiny_config(family, **overrides), jax.random.key(seed), init_scale=init_scale,
                               kernels=KernelOptions(**kernels))
+
+
+REFERENCE_WIDTH = 64  # naive references run on sequences right-padded to this width (causal: padding is inert)
+
+
+@jax.jit
+def uncached_logits(model: jspec.Model, padded: jax.Array) -> jax.Array:
+    """Logits [W, V] of one uncached causal forward over a padded sequence [W] (one compile per model shape, not
+    per sequence length)."""
+    return model.forward(padded[None], jnp.arange(padded.shape[0])[None])[0][0]
+
+
+def padded(sequence: list[int]) -> jax.Array:  # -> [REFERENCE_WIDTH] int32
+    assert len(sequence) <= REFERENCE_WIDTH
+    return jnp.asarray(list(sequence) + [0] * (REFERENCE_WIDTH - len(sequence)), jnp.int32)
+
+
+def naive_greedy(model: jspec.Model, prompt: list[int], num_tokens: int) -> list[int]:
+    """Argmax loop over full uncached forwards: the reference greedy output."""
+    sequence = list(prompt)
+    for _ in range(num_tokens):
+        sequence.append(int(jnp.argmax(uncached_logits(model, padded(sequence))[len(sequence) - 1])))
+    return sequence[len(prompt) :]
 
 
 @pytest.fixture

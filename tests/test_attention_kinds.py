@@ -13,7 +13,7 @@ import pytest
 from flax import struct
 
 import jspec
-from conftest import tiny_model
+from conftest import naive_greedy, tiny_model
 from jspec import masks
 from jspec.cache import move_slots, scatter_layer_rows, take_rows
 from jspec.models import transformer
@@ -22,16 +22,6 @@ from jspec.strategies.base import resolve_strategy
 
 WINDOW = 5  # conftest's mistral_window family
 RAGGED = [[5, 17, 3], [9, 2, 44, 61, 7, 12, 30, 8], [1], [88, 3, 3, 3, 3, 3, 40]]
-
-
-def reference_greedy(model: jspec.Model, prompt: list[int], new_tokens: int) -> list[int]:
-    """Greedy decoding by full recomputation: an uncached forward over the whole sequence per token."""
-    sequence = list(prompt)
-    for _ in range(new_tokens):
-        tokens = jnp.asarray([sequence])
-        logits, _ = model.forward(tokens, jnp.arange(len(sequence))[None])
-        sequence.append(int(jnp.argmax(logits[0, -1])))
-    return sequence[len(prompt):]
 
 
 def init_cache_shape(model, strategy_name, prompts, max_new_tokens, **options):
@@ -52,7 +42,7 @@ def test_ring_buffer_decodes_4w_tokens_bounded_by_the_window(window_model):
     new_tokens = 4 * WINDOW
     out = jspec.decode(window_model, RAGGED, max_new_tokens=new_tokens, stop_tokens=[])
     for prompt, row in zip(RAGGED, out.sequences()):
-        assert row == reference_greedy(window_model, prompt, new_tokens)
+        assert row == naive_greedy(window_model, prompt, new_tokens)
     cache = init_cache_shape(window_model, "greedy", RAGGED, new_tokens)
     assert cache.capacity == 16 + 32  # logical slots: the padded prompt and the output bucket of 20 new tokens
     assert len(cache.entries) == 3  # one ring per layer (a short stack is unrolled)
@@ -129,7 +119,7 @@ def test_mixed_layer_kinds_group_and_decode():
         ("full_attention", 0, 1), ("sliding_attention", 1, 3), ("full_attention", 3, 4)]
     out = jspec.decode(model, RAGGED, max_new_tokens=12, stop_tokens=[])
     for prompt, row in zip(RAGGED, out.sequences()):
-        assert row == reference_greedy(model, prompt, 12)
+        assert row == naive_greedy(model, prompt, 12)
 
 
 @pytest.mark.parametrize("changes, match", [
@@ -251,7 +241,7 @@ def test_every_autoregressive_strategy_decodes_a_toy_kind_model(strategy, option
     model = toy_model()
     want = jspec.decode(model, RAGGED, max_new_tokens=10, stop_tokens=[])
     for prompt, row in zip(RAGGED, want.sequences()):
-        assert row == reference_greedy(model, prompt, 10)
+        assert row == naive_greedy(model, prompt, 10)
     if strategy == "speculative":
         options = dict(options, draft=toy_model(seed=1, intermediate_size=32))
     got = jspec.decode(model, RAGGED, strategy, max_new_tokens=10, stop_tokens=[], **options)

@@ -10,30 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jspec
-from conftest import FAMILIES, tiny_model
+from conftest import FAMILIES, naive_greedy, padded, tiny_model, uncached_logits
 from jspec import bench, sampling
-
-
-REFERENCE_WIDTH = 64  # naive references run on sequences right-padded to this width (causal: padding is inert)
-
-
-@jax.jit
-def _uncached_logits(model, padded):
-    """Logits [W, V] of one uncached causal forward over a padded sequence [W]."""
-    return model.forward(padded[None], jnp.arange(padded.shape[0])[None])[0][0]
-
-
-def _padded(sequence):
-    assert len(sequence) <= REFERENCE_WIDTH
-    return jnp.asarray(list(sequence) + [0] * (REFERENCE_WIDTH - len(sequence)), jnp.int32)
-
-
-def naive_greedy(model, prompt, num_tokens):
-    """Argmax loop over full uncached forwards: the reference greedy output."""
-    sequence = list(prompt)
-    for _ in range(num_tokens):
-        sequence.append(int(jnp.argmax(_uncached_logits(model, _padded(sequence))[len(sequence) - 1])))
-    return sequence[len(prompt) :]
 
 
 PROMPTS = [[5, 17, 3], [9, 2, 44, 61, 7, 12, 30, 8], [1], [88, 3, 3, 3, 3, 3]]
@@ -76,7 +54,7 @@ def test_sampling_is_reproducible_and_keyed(model):
 
 def _step_logits(model, prompt, emitted):
     """Naive logits [N, V] at each emitted token's step."""
-    logits = _uncached_logits(model, _padded(list(prompt) + list(emitted)))
+    logits = uncached_logits(model, padded(list(prompt) + list(emitted)))
     return np.asarray(logits[len(prompt) - 1 : len(prompt) - 1 + len(emitted)])
 
 
