@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any, Iterator, Sequence
 
@@ -26,6 +27,11 @@ from jspec.validation import ArgumentError
 # (at least OUTPUT_BUCKET_MINIMUM), with each row's limit a traced value; the default cache size follows.
 PROMPT_PAD_MULTIPLE = 16
 OUTPUT_BUCKET_MINIMUM = 16
+# The default cache size is rounded up to a multiple of this (and of the attention kernel's block): on XLA:CPU a
+# greedy step over a 261-slot cache (a chain of 4's default for 128 + 128 tokens: 5 slots of headroom) cost 5-7%
+# more than over 256 or 272 slots at batch 8 and 0-3% at batch 1 (demo-code, two interleaved runs;
+# benchmarks/bench_cache_sizes.py: 264 slots 3.6% more at batch 8, 272 and 288 as fast as 256).
+CACHE_SIZE_MULTIPLE = 16
 
 _trace_count = 0
 
@@ -121,7 +127,7 @@ def decode(
     stop_tokens: token ids that end a row (kept in the output): a list for all rows or a list per row;
         default the model's EOS ids; [] to never stop early.
     cache_size: KV cache slots per row (default: padded prompt length + max_new_tokens + what the strategy
-        needs beyond that). A row that fills its cache finishes with reason "cache_full".
+        needs beyond that, rounded up to a multiple of CACHE_SIZE_MULTIPLE). A row that fills its cache finishes with reason "cache_full".
     mesh: a `jax.sharding.Mesh` with axes "data" and "model" (`jspec.make_mesh`) to decode on: the model (and
         a draft model) is placed with `jspec.shard` unless it already is, on this mesh; the batch is split over
         "data" (strategies with shape buckets pad it to a multiple of the data axis; others need a batch it
@@ -333,7 +339,8 @@ def build_prompts(
     headroom = strategy.cache_headroom() if strategy is not None else 0
     multiple = model.cache_size_multiple  # attention kernels read the cache in whole blocks
     if cache_size is None:
-        cache_size = -(-(width + capacity + headroom) // multiple) * multiple
+        rounding = math.lcm(multiple, CACHE_SIZE_MULTIPLE)
+        cache_size = -(-(width + capacity + headroom) // rounding) * rounding
     else:
         validation.check_int("cache_size", cache_size, minimum=1)
         if strategy is not None and not getattr(strategy, "takes_cache_size", True):
