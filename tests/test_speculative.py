@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
 
 import jax
@@ -506,6 +507,7 @@ def test_auto_depth_plain_steps_are_autoregressive_steps(pair, drafter, monkeypa
     sampling's tokens and scores exactly (same key), with no drafter call and no verification wider than one token."""
     target, draft = pair
     monkeypatch.setattr(speculative_module.Speculative, "probe_interval", property(lambda self: 1 << 20))
+    monkeypatch.setattr(speculative_module.Speculative, "plain_throughout", lambda self, prompts: False)  # the loop
     jax.clear_caches()  # the interval is read when tracing
     strategy, options = {
         "model": ("speculative", dict(draft=draft, num_draft_tokens="auto")),
@@ -522,6 +524,37 @@ def test_auto_depth_plain_steps_are_autoregressive_steps(pair, drafter, monkeypa
     steps = int(got.stats["steps"]) - 1
     assert int(got.stats["depth_histogram"][0]) == steps and int(got.stats["probes"]) == 0
     assert int(got.stats["draft_calls"]) == 0  # not even the draft model's prefill: it waits for a drafting step
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_request_planned_plain_throughout_runs_autoregressive_decodings_loop(pair, temperature, monkeypatch):
+    """Where the costs plan plain steps only for a whole request (no depth pays under the prior acceptance, and no
+    step can probe: max_new_tokens < 2 x the first probe's interval, here 8), the request runs autoregressive
+    decoding's loop (`PlainSteps`) and gives what the auto-depth loop gives: tokens, log-probabilities and every
+    stat. One more new token and a step can probe: the request runs the auto-depth loop, and it does probe (the
+    bound is tight)."""
+    decode_module = importlib.import_module("jspec.decode")
+    target, draft = pair
+    strategy = speculative_module.speculative(draft=draft, num_draft_tokens="auto", step_costs=_never_drafting_costs(4),
+                                              temperature=temperature)
+    common = dict(stop_tokens=[], key=7, logprobs=2, repetition_penalty=1.3)
+
+    def runs(new_tokens):  # the strategy a request runs
+        request = decode_module.build_prompts(target, PROMPTS, new_tokens, None, [], None, strategy)
+        return type(decode_module.validated(strategy, target, request)).__name__
+
+    assert (runs(15), runs(16)) == ("PlainSteps", "Speculative")
+    planned = jspec.decode(target, PROMPTS, strategy, max_new_tokens=15, **common)
+    probing = jspec.decode(target, PROMPTS, strategy, max_new_tokens=16, **common)
+    assert int(probing.stats["probes"]) >= 1
+    monkeypatch.setattr(speculative_module.Speculative, "plain_throughout", lambda self, prompts: False)
+    looped = jspec.decode(target, PROMPTS, strategy, max_new_tokens=15, **common)
+    assert int(looped.stats["probes"]) == 0 and sum(looped.stats["depth_histogram"][1:]) == 0
+    assert planned.sequences() == looped.sequences()
+    np.testing.assert_array_equal(np.asarray(planned.logprobs), np.asarray(looped.logprobs))
+    assert planned.stats.keys() == looped.stats.keys()
+    for name in looped.stats:
+        np.testing.assert_array_equal(np.asarray(planned.stats[name]), np.asarray(looped.stats[name]), err_msg=name)
 
 
 @pytest.mark.parametrize("costs, dtype", [("drafting-first", "float32"), ("probing-later", "float32"),

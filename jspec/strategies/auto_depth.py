@@ -26,6 +26,7 @@ does not draft from its first step probes later the first time.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -119,6 +120,33 @@ def choose_depth(
     steps_left = jnp.max(jnp.where(running, remaining[:, None] / jnp.where(running, tokens, 1.0), 0.0), axis=0)  # [D + 1]
     steps_left = jnp.where(jnp.any(running), steps_left, 1.0)
     return jnp.argmin(steps_left * costs.step).astype(jnp.int32)
+
+
+def plain_throughout(costs: StepCosts, max_new_tokens: int, probe_interval: int) -> bool:
+    """Whether every step of a decode under these (concrete) costs is a plain step with no probe, whatever its rows
+    do, for rows of at most max_new_tokens new tokens each (the first from the prefill). Exact, from `DepthControl`:
+    - The acceptance rates start at the prior, alike for all rows, and change only when a draft is tried (a drafting
+      step or a probe). With rates alike, choose_depth's steps_left(d) is f_d(R_max) with
+      f_d(R) = R / E_d(R) nondecreasing in R, and C(d) f_d(R) / (C(0) f_0(R)) = C(d) / (C(0) E_d(R)) does not fall
+      as R falls (E_d(R), capped at R, does not rise): if depth 0 wins with a row at max_new_tokens - 1 tokens
+      left, it wins at every step that follows.
+    - While the drafter has not run, a probe at the k-th step (k = 0, 1, ..., idle for k steps) needs
+      k + 1 >= I and a row with max_new_tokens - 1 - k >= I tokens left, I the first probe's interval (with the
+      drafter's setup): some step can probe only if max_new_tokens >= 2 I.
+    Remembered per (costs, max_new_tokens, probe_interval): it runs on the host before every such decode."""
+    values = (tuple(np.asarray(costs.step).tolist()), float(costs.probe), float(costs.setup))
+    return _plain_throughout(values, int(max_new_tokens), int(probe_interval))
+
+
+@functools.lru_cache(maxsize=256)
+def _plain_throughout(values: tuple[tuple[float, ...], float, float], max_new_tokens: int, probe_interval: int) -> bool:
+    step, probe, setup = values
+    costs = StepCosts(jnp.asarray(step, jnp.float32), jnp.float32(probe), jnp.float32(setup))
+    interval = max(int(first_probe_interval(costs, probe_interval)), int(first_probe_interval(costs, 1, with_setup=True)))
+    if max_new_tokens >= 2 * interval:
+        return False
+    rate = jnp.full((1,), PRIOR_ACCEPTANCE, jnp.float32)
+    return int(choose_depth(rate, jnp.full((1,), max_new_tokens - 1, jnp.float32), costs)) == 0
 
 
 # --- measuring the costs ----------------------------------------------------------------------------------

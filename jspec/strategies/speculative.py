@@ -37,7 +37,8 @@ second), from call costs measured once per model and shape and each row's runnin
 (`jspec.strategies.auto_depth`), down to depth 0: a plain step, which is autoregressive decoding's own step
 (`autoregressive.decode_one_token`: no drafter call, no acceptance walk, no [B, N + 1, V] buffers; it samples with
 autoregressive decoding's key, so a decode of plain steps only is autoregressive decoding's, sampled tokens
-included). A drafting step verifies only as wide as the chosen depth (one compiled forward per depth), and
+included; a request whose costs plan plain steps throughout runs autoregressive decoding's loop, `PlainSteps`).
+A drafting step verifies only as wide as the chosen depth (one compiled forward per depth), and
 finished rows do not count in the choice; rows of a batch share the step's depth (the forward is shared; what a
 row does not draft it does not verify). The choices between plain and drafting steps and between widths run as
 while loops of zero or one trip (`base.run_if`), not `lax.cond`/`lax.switch`, under which XLA:CPU copied every KV
@@ -79,7 +80,7 @@ from jspec.strategies.base import (
     tokens_left,
 )
 from jspec.strategies import auto_depth
-from jspec.strategies.autoregressive import decode_one_token, emit_sampled
+from jspec.strategies.autoregressive import Autoregressive, AutoregressiveState, decode_one_token, emit_sampled
 from jspec.strategies.drafters import (
     Drafter,
     DraftModelDrafter,
@@ -272,10 +273,26 @@ class Speculative:
     def measured(self, model: Model, prompts: Prompts) -> "Speculative":
         """This strategy with the auto depth's costs for this request in `step_costs` (a traced field: the compiled
         loop takes them as inputs, so a loop compiled for another request's costs, greedy ones say, does not keep
-        those); itself when not auto or when step_costs were given. `jspec.decode` calls it after `validate`."""
-        if not self.auto or self.step_costs is not None:
+        those); itself when not auto or when step_costs were given. `jspec.decode` calls it after `validate`.
+        Where those costs plan plain steps only for the whole request (`auto_depth.plain_throughout`), the request
+        runs them as `PlainSteps`: autoregressive decoding's loop, without the per-step planning and the drafter's
+        state (the same tokens, log-probabilities and stats)."""
+        if not self.auto:
             return self
-        return self.replace(step_costs=self.costs(model, prompts))
+        strategy = self if self.step_costs is not None else self.replace(step_costs=self.costs(model, prompts))
+        return PlainSteps(strategy) if strategy.plain_throughout(prompts) else strategy
+
+    def plain_throughout(self, prompts: Prompts) -> bool:
+        """Whether every step of this request is a plain step with no probe, whatever its rows do (concrete costs;
+        a drafter that learns from every verification drafts at every step), and the cache never ends a row before
+        its limit (a plain step needs a verification's chunk_width free slots, autoregressive decoding one)."""
+        costs, limits = self.step_costs, prompts.row_limits
+        if not self.auto or costs is None or any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((costs, limits))):
+            return False
+        new_tokens = int(np.max(np.asarray(limits), initial=0))  # the most any row may emit (a bucket's capacity or less)
+        roomy = prompts.tokens.shape[1] + new_tokens - 1 + self.chunk_width <= prompts.cache_size
+        return (roomy and getattr(self.drafter, "observe", None) is None
+                and auto_depth.plain_throughout(costs, new_tokens, self.probe_interval))
 
     def costs(self, model: Model, prompts: Prompts) -> auto_depth.StepCosts:
         """step_costs, else the measured ones (validate measures them), else the memory-bound model (every forward
@@ -331,18 +348,23 @@ class Speculative:
             step=jnp.int32(1),
             draft_depth=jnp.full((batch,), depth, jnp.int32),
             depth_control=auto_depth.DepthControl.create(self.costs(model, prompts), batch, self.probe_interval) if self.auto else None,
-            stats={
-                "model_calls": jnp.int32(1),
-                "draft_calls": jnp.int32(self.drafter.prefill_calls),
-                "active_steps": jnp.zeros((batch,), jnp.int32),
-                "emitted_drafts": jnp.zeros((batch,), jnp.int32),  # accepted draft tokens in the output
-                "emitted_corrections": jnp.zeros((batch,), jnp.int32),  # correction / bonus tokens in the output
-                "accepted_histogram": jnp.zeros((depth + 1,), jnp.int32),
-                "accepted_by_depth": jnp.zeros((depth,), jnp.int32),
-                "tried_by_depth": jnp.zeros((depth,), jnp.int32),
-                **({"depth_histogram": jnp.zeros((depth + 1,), jnp.int32), "probes": jnp.int32(0)} if self.auto else {}),
-            },
+            stats=self.initial_stats(batch),
         )
+
+    def initial_stats(self, batch: int) -> dict[str, jax.Array]:
+        """The counters a decode starts from (after the prefill call)."""
+        depth = self.template.max_depth
+        return {
+            "model_calls": jnp.int32(1),
+            "draft_calls": jnp.int32(self.drafter.prefill_calls),
+            "active_steps": jnp.zeros((batch,), jnp.int32),
+            "emitted_drafts": jnp.zeros((batch,), jnp.int32),  # accepted draft tokens in the output
+            "emitted_corrections": jnp.zeros((batch,), jnp.int32),  # correction / bonus tokens in the output
+            "accepted_histogram": jnp.zeros((depth + 1,), jnp.int32),
+            "accepted_by_depth": jnp.zeros((depth,), jnp.int32),
+            "tried_by_depth": jnp.zeros((depth,), jnp.int32),
+            **({"depth_histogram": jnp.zeros((depth + 1,), jnp.int32), "probes": jnp.int32(0)} if self.auto else {}),
+        }
 
     @property
     def probe_interval(self) -> int:
@@ -501,14 +523,68 @@ class Speculative:
         return state.output.finished
 
     def output(self, state: SpeculativeState) -> DecodeOutput:
-        stats = dict(state.stats)
-        stats["steps"] = state.step
-        stats["tokens_generated"] = state.output.lengths
+        return state.output.decode_output(self.final_stats(state.stats, state.step, state.output.lengths))
+
+    def final_stats(self, counters: dict[str, jax.Array], steps: jax.Array, lengths: jax.Array) -> dict[str, jax.Array]:
+        """The decode's stats from its counters, its step count and the rows' output lengths [B]."""
+        stats = dict(counters)
+        stats["steps"] = steps
+        stats["tokens_generated"] = lengths
         # tokens per target call: every row's first token comes from the prefill call
-        stats["mean_accepted_length"] = state.output.lengths / jnp.maximum(stats["active_steps"] + 1, 1)
+        stats["mean_accepted_length"] = lengths / jnp.maximum(stats["active_steps"] + 1, 1)
         stats["acceptance_rate_by_depth"] = stats["accepted_by_depth"] / jnp.maximum(stats["tried_by_depth"], 1)
         stats["lossy"] = jnp.asarray(self.relaxed is not None)  # a relaxed acceptance changes the distribution
-        return state.output.decode_output(stats)
+        return stats
+
+
+@struct.dataclass
+class PlainStepsState(AutoregressiveState):
+    first_lengths: jax.Array  # [B] int32: the rows' output lengths after the prefill
+    active_steps: jax.Array  # [B] int32: steps each row ran
+
+
+@struct.dataclass
+class PlainSteps:
+    """An auto-depth speculative request whose plan is plain steps throughout (`auto_depth.plain_throughout`),
+    run as what those steps are: autoregressive decoding (`Speculative.plain_step` is its step), in its own loop,
+    without the per-step planning, probing schedule and drafter state. The tokens, log-probabilities and stats
+    are those the auto-depth loop gives (tests/test_speculative.py compares them)."""
+
+    speculative: Speculative
+    name: ClassVar[str] = "speculative"
+
+    @property
+    def plain(self) -> Autoregressive:
+        s = self.speculative
+        return Autoregressive(s.temperature, s.top_k, s.top_p, s.min_p, s.generation)
+
+    def validate(self, model: Model, prompts: Prompts) -> None:
+        self.speculative.validate(model, prompts)
+
+    def cache_headroom(self) -> int:
+        return self.speculative.cache_headroom()
+
+    def init(self, model: Model, prompts: Prompts, key: jax.Array) -> PlainStepsState:
+        decoding = self.plain.init(model, prompts, key)
+        fields = {field.name: getattr(decoding, field.name) for field in dataclasses.fields(decoding)}
+        return PlainStepsState(**fields, first_lengths=decoding.output.lengths,
+                               active_steps=jnp.zeros((prompts.batch_size,), jnp.int32))
+
+    def step(self, model: Model, state: PlainStepsState) -> PlainStepsState:
+        running = ~state.output.finished
+        return self.plain.step(model, state).replace(active_steps=state.active_steps + running)
+
+    def done(self, state: PlainStepsState) -> jax.Array:
+        return self.plain.done(state)
+
+    def output(self, state: PlainStepsState) -> DecodeOutput:
+        stats = self.speculative.initial_stats(state.active_steps.shape[0])
+        stats["model_calls"] = state.model_calls
+        stats["active_steps"] = state.active_steps
+        stats["emitted_corrections"] = state.output.lengths - state.first_lengths
+        stats["accepted_histogram"] = stats["accepted_histogram"].at[0].set(jnp.sum(state.active_steps, dtype=jnp.int32))
+        stats["depth_histogram"] = stats["depth_histogram"].at[0].set(state.step - 1)
+        return state.output.decode_output(self.speculative.final_stats(stats, state.step, state.output.lengths))
 
 
 def verify_to_depth(
