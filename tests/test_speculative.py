@@ -281,6 +281,7 @@ def test_a_chain_tree_mask_is_the_causal_mask_by_slot(num_nodes):
         ("speculative", dict(draft="draft", adaptive="sometimes"), "adaptive"),
         ("speculative", dict(draft="draft", step_costs=(1.0, 2.0)), "step_costs"),
         ("speculative", dict(draft="draft", num_draft_tokens="auto", step_costs="negative setup"), "step_costs"),
+        ("speculative", dict(draft="draft", num_draft_tokens="auto", step_costs="acceptance above 1"), "acceptance in"),
     ],
 )
 def test_bad_input_raises_a_clear_error(pair, strategy, options, message):
@@ -288,7 +289,8 @@ def test_bad_input_raises_a_clear_error(pair, strategy, options, message):
     from jspec.strategies.auto_depth import StepCosts
 
     models = {"draft": draft, "other-vocab": tiny_model("llama", vocab_size=50),
-              "negative setup": StepCosts(jnp.ones(5), jnp.float32(1.0), jnp.float32(-1.0))}
+              "negative setup": StepCosts(jnp.ones(5), jnp.float32(1.0), jnp.float32(-1.0)),
+              "acceptance above 1": StepCosts(jnp.ones(5), jnp.float32(1.0), jnp.float32(0.0), jnp.float32(1.5))}
     options = {k: models.get(v, v) if isinstance(v, str) else v for k, v in options.items()}
     with pytest.raises(ValueError, match=message):
         jspec.decode(target, PROMPTS[:2], strategy, max_new_tokens=4, **options)
@@ -371,12 +373,34 @@ def test_measured_step_costs_leave_out_a_calls_fixed_cost():
         return (lambda: None), (lambda inputs, count: time.sleep(0.060 + 0.020 * (count > 0) + count * per_step))
 
     setup = (lambda: None), (lambda inputs: time.sleep(0.010))  # a one-off call: its own time, nothing taken off
-    costs = auto_depth.measure_step_costs(("test", "fixed cost"), step_at, max_depth=4, repeats=3, setup=setup)
+    counts = (30.0, 40.0)  # drafts accepted and tried in the deepest warm-up: the prior acceptance
+    costs = auto_depth.measure_step_costs(("test", "fixed cost"), step_at, max_depth=4, repeats=3, setup=setup,
+                                          acceptance=lambda out: counts)
+    assert float(costs.acceptance) == pytest.approx((30 + auto_depth.PRIOR_ACCEPTANCE) / 41)
     relative = np.asarray(costs.step) / float(costs.step[0])
     np.testing.assert_allclose(relative, [1, 2, 3, 4, 5], rtol=0.2)  # with the fixed cost in: [1, 1.25, 1.5, ...];
     # with the first step's extra in: [1, 1.67, 2.33, 3, 3.67] (8 steps against a call of none)
     assert float(costs.probe) / float(costs.step[0]) == pytest.approx(1.5, rel=0.2)
     assert float(costs.setup) / float(costs.step[0]) == pytest.approx(2.0, rel=0.3)
+
+
+def test_the_prior_acceptance_is_measured_with_the_costs(pair):
+    """The rate a row's acceptance starts from is measured with the step costs, from the drafts of the deepest
+    measured steps (the request's first state, greedy): a draft that is the target has every draft accepted, a random
+    one few; given costs keep the fixed prior."""
+    from jspec.strategies import auto_depth
+
+    decode_module = importlib.import_module("jspec.decode")
+    target, draft = pair
+
+    def prior(drafter_model, **options):
+        strategy = speculative_module.speculative(draft=drafter_model, num_draft_tokens="auto", **options)
+        request = decode_module.build_prompts(target, PROMPTS, 24, None, [], None, strategy)
+        runs = decode_module.validated(strategy, target, request)  # measures the costs, once per process and shape
+        return float(getattr(runs, "speculative", runs).step_costs.acceptance)  # PlainSteps holds the strategy
+
+    assert prior(target) > 0.97 and prior(draft) < 0.4
+    assert prior(draft, step_costs=_never_drafting_costs(4)) == pytest.approx(auto_depth.PRIOR_ACCEPTANCE)
 
 
 def test_auto_depth_lets_the_row_with_the_most_steps_left_decide():

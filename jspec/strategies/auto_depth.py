@@ -14,7 +14,9 @@ left decides (for one row, or rows alike, this is the depth with the most expect
 The costs are measured once per (target, drafter, template, batch, cache size, backend) when a strategy is validated
 (`measure_step_costs`: the strategy's own jitted steps, forced to each depth, from the request's first state, what a
 call pays once taken off), or given (`Speculative.step_costs`). Each row's acceptance rate is a decayed count of its
-tried and accepted drafts (`AcceptanceEstimate`), starting from an optimistic prior. While the batch does not draft,
+tried and accepted drafts (`AcceptanceEstimate`), starting from a prior measured with the costs (`StepCosts.acceptance`:
+the drafts the deepest measured steps accepted, from the request's first state; PRIOR_ACCEPTANCE where nothing was
+measured). While the batch does not draft,
 a probe every `probe_interval` steps (while a row has that many tokens left) runs the drafter's first call only and
 tries its first draft against the one-token verification (emitting one token either way, so it costs the drafter's
 call and no wider forward); the interval starts at the larger of `probe_interval` and the steps over which a probe's
@@ -35,8 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-PRIOR_ACCEPTANCE = 0.6  # the acceptance rate assumed before a row has tried any draft
-PRIOR_WEIGHT = 1.0  # ... worth this many observed drafts
+PRIOR_ACCEPTANCE = 0.6  # the acceptance rate assumed before a row has tried any draft, where none was measured
+PRIOR_WEIGHT = 1.0  # ... worth this many observed drafts (a measured prior is shrunk toward it with this weight too)
 DECAY = 0.95  # each observed draft weighs the older ones down by this factor (the rate reaches 0.03 at the lowest)
 PROBE_INTERVAL = 8  # steps without drafting before the first probe (at least; see PROBE_BUDGET)
 MAX_PROBE_INTERVAL = 64
@@ -53,6 +55,8 @@ class StepCosts:
     probe: jax.Array  # [] float32: a plain step that probes (runs the drafter's first call, tries its first draft)
     setup: jax.Array = struct.field(default_factory=lambda: jnp.float32(0.0))  # [] float32: what the drafter's first
     # call pays once on top of its cost (a deferred draft prefill); 0 for a drafter with no such setup
+    acceptance: jax.Array = struct.field(default_factory=lambda: jnp.float32(PRIOR_ACCEPTANCE))  # [] float32 in [0, 1]:
+    # the acceptance rate a row starts from, before it has tried a draft (measured with the costs)
 
     @classmethod
     def memory_bound(cls, max_depth: int, draft_call: float) -> "StepCosts":
@@ -63,24 +67,24 @@ class StepCosts:
 
     def forcing(self, depth: int) -> "StepCosts":
         """Costs under which `choose_depth` picks `depth` whatever the acceptance."""
-        return StepCosts(jnp.where(jnp.arange(self.step.shape[0]) == depth, 1.0, 1e9).astype(jnp.float32), self.probe,
-                         self.setup)
+        return self.replace(step=jnp.where(jnp.arange(self.step.shape[0]) == depth, 1.0, 1e9).astype(jnp.float32))
 
 
 @struct.dataclass
 class AcceptanceEstimate:
-    """Each row's decayed counts of drafts accepted and tried; the rate is shrunk toward PRIOR_ACCEPTANCE."""
+    """Each row's decayed counts of drafts accepted and tried; the rate is shrunk toward the prior."""
 
     accepted: jax.Array  # [B] float32
     tried: jax.Array  # [B] float32
+    prior: jax.Array  # [] float32: the rate before any draft is tried (weight PRIOR_WEIGHT)
 
     @classmethod
-    def create(cls, batch_size: int) -> "AcceptanceEstimate":
-        return cls(jnp.zeros((batch_size,), jnp.float32), jnp.zeros((batch_size,), jnp.float32))
+    def create(cls, batch_size: int, prior: jax.Array | float = PRIOR_ACCEPTANCE) -> "AcceptanceEstimate":
+        return cls(jnp.zeros((batch_size,), jnp.float32), jnp.zeros((batch_size,), jnp.float32), jnp.float32(prior))
 
     @property
     def rate(self) -> jax.Array:  # [B] float32 in [0, 1]
-        return (self.accepted + PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / (self.tried + PRIOR_WEIGHT)
+        return (self.accepted + self.prior * PRIOR_WEIGHT) / (self.tried + PRIOR_WEIGHT)
 
     def observe(
         self,
@@ -93,7 +97,7 @@ class AcceptanceEstimate:
             seen = tried_at[:, depth]
             accepted = jnp.where(seen, DECAY * accepted + accepted_at[:, depth], accepted)
             tried = jnp.where(seen, DECAY * tried + 1.0, tried)
-        return AcceptanceEstimate(accepted, tried)
+        return self.replace(accepted=accepted, tried=tried)
 
 
 def expected_tokens(rate: jax.Array, max_depth: int, remaining: jax.Array | None = None) -> jax.Array:  # [B] -> [B, D + 1]
@@ -125,7 +129,7 @@ def choose_depth(
 def plain_throughout(costs: StepCosts, max_new_tokens: int, probe_interval: int) -> bool:
     """Whether every step of a decode under these (concrete) costs is a plain step with no probe, whatever its rows
     do, for rows of at most max_new_tokens new tokens each (the first from the prefill). Exact, from `DepthControl`:
-    - The acceptance rates start at the prior, alike for all rows, and change only when a draft is tried (a drafting
+    - The acceptance rates start at the prior (costs.acceptance), alike for all rows, and change only when a draft is tried (a drafting
       step or a probe). With rates alike, choose_depth's steps_left(d) is f_d(R_max) with
       f_d(R) = R / E_d(R) nondecreasing in R, and C(d) f_d(R) / (C(0) f_0(R)) = C(d) / (C(0) E_d(R)) does not fall
       as R falls (E_d(R), capped at R, does not rise): if depth 0 wins with a row at max_new_tokens - 1 tokens
@@ -134,18 +138,18 @@ def plain_throughout(costs: StepCosts, max_new_tokens: int, probe_interval: int)
       k + 1 >= I and a row with max_new_tokens - 1 - k >= I tokens left, I the first probe's interval (with the
       drafter's setup): some step can probe only if max_new_tokens >= 2 I.
     Remembered per (costs, max_new_tokens, probe_interval): it runs on the host before every such decode."""
-    values = (tuple(np.asarray(costs.step).tolist()), float(costs.probe), float(costs.setup))
+    values = (tuple(np.asarray(costs.step).tolist()), float(costs.probe), float(costs.setup), float(costs.acceptance))
     return _plain_throughout(values, int(max_new_tokens), int(probe_interval))
 
 
 @functools.lru_cache(maxsize=256)
-def _plain_throughout(values: tuple[tuple[float, ...], float, float], max_new_tokens: int, probe_interval: int) -> bool:
-    step, probe, setup = values
-    costs = StepCosts(jnp.asarray(step, jnp.float32), jnp.float32(probe), jnp.float32(setup))
+def _plain_throughout(values: tuple[tuple[float, ...], float, float, float], max_new_tokens: int, probe_interval: int) -> bool:
+    step, probe, setup, acceptance = values
+    costs = StepCosts(jnp.asarray(step, jnp.float32), jnp.float32(probe), jnp.float32(setup), jnp.float32(acceptance))
     interval = max(int(first_probe_interval(costs, probe_interval)), int(first_probe_interval(costs, 1, with_setup=True)))
     if max_new_tokens >= 2 * interval:
         return False
-    rate = jnp.full((1,), PRIOR_ACCEPTANCE, jnp.float32)
+    rate = jnp.full((1,), acceptance, jnp.float32)
     return int(choose_depth(rate, jnp.full((1,), max_new_tokens - 1, jnp.float32), costs)) == 0
 
 
@@ -161,9 +165,11 @@ def measured_costs(key: Any) -> StepCosts | None:
 
 LEAD_STEPS = 4  # steps a timed call runs before the steps that are timed (see measure_step_costs)
 STEPS_PER_CALL = 8  # ... and the steps timed after those
+ACCEPTANCE_STEPS = 32  # steps at the deepest depth whose drafts measure the prior acceptance
 
 
-def measure_step_costs(key: Any, step_at: Any, max_depth: int, repeats: int = 5, setup: Any = None) -> StepCosts:
+def measure_step_costs(key: Any, step_at: Any, max_depth: int, repeats: int = 5, setup: Any = None,
+                       acceptance: Any = None) -> StepCosts:
     """Time step_at(depth, probe) -> (prepare, run) for every depth and the probe: prepare() makes a step's input
     (not timed), run(input, count) runs `count` jitted steps forced to that depth, probing or not, in one call, as
     the decode loop runs them (its input donated, so it updates the caches in place as the loop does; an undonated
@@ -178,13 +184,21 @@ def measure_step_costs(key: Any, step_at: Any, max_depth: int, repeats: int = 5,
     of its time relative to the plain step's in the same round (runs close in time share the machine's load, and
     the median drops bursts). A depth never costs less than a shallower one.
     setup: None, or (prepare, run) whose run(input) is the drafter's one-off setup in one small call (a deferred
-    draft prefill; its call's fixed cost stays in), timed in the same rounds: `StepCosts.setup`. Remembered under
-    `key`."""
+    draft prefill; its call's fixed cost stays in), timed in the same rounds: `StepCosts.setup`.
+    acceptance: None, or a function of run's output (the state after its steps) -> (drafts accepted, drafts tried):
+    the warm-up runs ACCEPTANCE_STEPS steps at the deepest depth, and `StepCosts.acceptance` is the rate they
+    accepted, shrunk toward PRIOR_ACCEPTANCE with weight PRIOR_WEIGHT (PRIOR_ACCEPTANCE without it). Remembered
+    under `key`."""
     if key in _MEASURED:
         return _MEASURED[key]
     settings = [step_at(depth, False) for depth in range(max_depth + 1)] + [step_at(0, True)]
-    for prepare, run in settings:  # compile, warm up
-        jax.block_until_ready(run(prepare(), LEAD_STEPS + STEPS_PER_CALL))
+    prior = PRIOR_ACCEPTANCE
+    for depth, (prepare, run) in enumerate(settings):  # compile, warm up
+        deepest = depth == max_depth and acceptance is not None
+        out = jax.block_until_ready(run(prepare(), max(LEAD_STEPS + STEPS_PER_CALL, ACCEPTANCE_STEPS if deepest else 0)))
+        if deepest:
+            accepted, tried = (float(count) for count in acceptance(out))
+            prior = (accepted + PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / (tried + PRIOR_WEIGHT)
     if setup is not None:
         jax.block_until_ready(setup[1](setup[0]()))
 
@@ -203,7 +217,8 @@ def measure_step_costs(key: Any, step_at: Any, max_depth: int, repeats: int = 5,
             times[round_, -1] = timed(setup[0], lambda inputs, _: setup[1](inputs), 1)
     costs = times[:, 0].min() * np.median(times / times[:, :1], axis=0)
     steps = np.maximum.accumulate(costs[:-2])
-    measured = StepCosts(jnp.asarray(steps, jnp.float32), jnp.float32(max(costs[-2], steps[0])), jnp.float32(costs[-1]))
+    measured = StepCosts(jnp.asarray(steps, jnp.float32), jnp.float32(max(costs[-2], steps[0])), jnp.float32(costs[-1]),
+                         jnp.float32(prior))
     _MEASURED[key] = measured
     return measured
 
@@ -222,7 +237,7 @@ class DepthControl:
     @classmethod
     def create(cls, costs: StepCosts, batch_size: int, probe_interval: int) -> "DepthControl":
         base = first_probe_interval(costs, probe_interval)
-        return cls(costs, AcceptanceEstimate.create(batch_size), jnp.int32(0), base, base, jnp.bool_(False))
+        return cls(costs, AcceptanceEstimate.create(batch_size, costs.acceptance), jnp.int32(0), base, base, jnp.bool_(False))
 
     def plan(self, remaining: jax.Array) -> tuple[jax.Array, jax.Array]:  # depth [] int32, probe [] bool
         """This step's depth for the batch, and whether it probes (depth 0, the drafter's first draft tried).

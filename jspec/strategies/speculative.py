@@ -142,8 +142,9 @@ class Speculative:
         "auto": each step drafts (the whole batch) to the depth under which it is expected to finish soonest, from
         measured call costs and each row's running acceptance, down to plain autoregressive steps
         (`jspec.strategies.auto_depth`); the verification forward is only as wide as that depth.
-    step_costs: with adaptive="auto", the costs to decide with (`auto_depth.StepCosts`); None: measured once per
-        model, drafter and shape when the strategy is validated.
+    step_costs: with adaptive="auto", the costs to decide with and the acceptance rate rows start from
+        (`auto_depth.StepCosts`); None: measured once per model, drafter, shape and sampling regime when the strategy
+        is validated (the acceptance: the drafts of the deepest measured steps, from the first request's prompts).
     temperature, top_k, top_p, min_p: sampling (traced; 0 temperature = greedy).
     generation: logit processors and log-probabilities (`jspec.processors`; set through `jspec.decode`'s options).
     relaxed: None (exact acceptance, lossless), or a relaxed acceptance rule with `masses(p, q, token, embeddings)`
@@ -211,10 +212,11 @@ class Speculative:
             depths = template.max_depth + 1
             costs = self.step_costs
             valid = isinstance(costs, auto_depth.StepCosts) and np.shape(costs.step) == (depths,)
-            setup = np.asarray(costs.setup) if valid else None
-            if not (self.auto and valid and setup.shape == () and np.isfinite(setup) and setup >= 0):
+            setup, prior = (np.asarray(costs.setup), np.asarray(costs.acceptance)) if valid else (None, None)
+            if not (self.auto and valid and setup.shape == () and np.isfinite(setup) and setup >= 0
+                    and prior.shape == () and 0 <= prior <= 1):
                 validation.fail("step_costs", f"with adaptive='auto', a jspec.strategies.auto_depth.StepCosts with {depths} "
-                                f"step costs (depths 0..{depths - 1}) and a finite setup >= 0", costs)
+                                f"step costs (depths 0..{depths - 1}), a finite setup >= 0 and an acceptance in [0, 1]", costs)
         elif self.auto:
             self.measure_costs(model, prompts)
         sampling.validate_sampling_options(
@@ -268,7 +270,9 @@ class Speculative:
 
         with warnings.catch_warnings():  # a buffer the step does not update cannot be donated: harmless
             warnings.filterwarnings("ignore", "Some donated buffers were not usable")
-            return auto_depth.measure_step_costs(key, step_at, self.template.max_depth, setup=setup)
+            return auto_depth.measure_step_costs(key, step_at, self.template.max_depth, setup=setup,
+                                                 acceptance=lambda out: (jnp.sum(out.stats["accepted_by_depth"]),
+                                                                         jnp.sum(out.stats["tried_by_depth"])))
 
     def measured(self, model: Model, prompts: Prompts) -> "Speculative":
         """This strategy with the auto depth's costs for this request in `step_costs` (a traced field: the compiled
