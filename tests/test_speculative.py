@@ -407,7 +407,7 @@ def test_auto_depth_lets_the_row_with_the_most_steps_left_decide():
     """A decode returns when its last row finishes: drafting that pays only for rows with high acceptance does not
     shorten it (measured at batch 8 on CPU: 0.80-0.90x of autoregressive when the depth maximised the batch's
     expected tokens per second, 1.00x since). For one row the choice is the most expected tokens per cost."""
-    from jspec.strategies.auto_depth import StepCosts, choose_depth, expected_tokens
+    from jspec.strategies.auto_depth import DRAFT_MARGIN, StepCosts, choose_depth, expected_tokens
 
     costs = StepCosts(jnp.asarray([1.0, 1.6, 2.0, 2.4, 2.7]), jnp.float32(1.2))
     remaining = jnp.asarray([100.0, 100.0])
@@ -417,10 +417,17 @@ def test_auto_depth_lets_the_row_with_the_most_steps_left_decide():
     assert int(choose_depth(mixed, remaining, costs)) == 0  # but the second row would take 1.2x as long at depth 4
     # once the slow row is nearly done, the other row's many steps left decide
     assert int(choose_depth(mixed, jnp.asarray([100.0, 3.0]), costs)) == 4
-    for rate in (0.3, 0.6, 0.8, 0.95):  # one row: the depth with the most expected tokens per cost
+    margin = np.where(np.arange(5) > 0, 1 - DRAFT_MARGIN, 1.0)  # drafting must save DRAFT_MARGIN of the time
+    for rate in (0.3, 0.6, 0.7, 0.8, 0.95):  # one row: the depth with the most expected tokens per cost, so weighed
         one = jnp.asarray([rate])
-        expected = int(np.argmax(np.asarray(expected_tokens(one, 4))[0] / np.asarray(costs.step)))
-        assert int(choose_depth(one, jnp.asarray([50.0]), costs)) == expected
+        per_cost = np.asarray(expected_tokens(one, 4))[0] / np.asarray(costs.step)
+        assert int(choose_depth(one, jnp.asarray([50.0]), costs)) == int(np.argmax(per_cost * margin))
+    one = jnp.asarray([0.6])  # depth 2 expects 1.96 tokens for 1.96 of a plain step's cost, less half the margin ...
+    cheaper = StepCosts(jnp.asarray([1.0, 1.6, 1.96 * (1 - DRAFT_MARGIN / 2), 2.4, 2.7]), jnp.float32(1.2))
+    assert int(choose_depth(one, jnp.asarray([50.0]), cheaper)) == 0  # ... a gain under the margin does not start drafting
+    assert int(choose_depth(one, jnp.asarray([50.0]), cheaper, drafting=True)) == 2  # ... but kept while drafting
+    cheapest = cheaper.replace(step=cheaper.step.at[2].set(1.96 * (1 - 2 * DRAFT_MARGIN)))
+    assert int(choose_depth(one, jnp.asarray([50.0]), cheapest)) == 2
     assert int(choose_depth(jnp.asarray([0.95]), jnp.asarray([1.0]), costs)) == 0  # one token left: drafting cannot help
     assert int(choose_depth(mixed, jnp.zeros(2), costs)) == 0  # no row runs: the cheapest depth ...
     assert int(choose_depth(mixed, jnp.zeros(2), costs.forcing(3))) == 3  # ... so costs that force a depth still do

@@ -10,6 +10,9 @@ emit, down to d = 0, a plain autoregressive step that calls no drafter (a draft 
 the first step that calls it: `DraftModelDrafter.defer_prefill`). A decode returns when its last row
 finishes, so tokens that rows with high acceptance would emit early do not shorten it: the row with the most steps
 left decides (for one row, or rows alike, this is the depth with the most expected tokens per second, E(d) / C(d)).
+To start drafting after a step that did not draft, a depth must be expected to save DRAFT_MARGIN of the plain steps'
+time (what the model leaves out and the prior's error made smaller predicted gains losses); drafting goes on while
+it is expected to save anything.
 
 The costs are measured once per (target, drafter, template, batch, cache size, backend) when a strategy is validated
 (`measure_step_costs`: the strategy's own jitted steps, forced to each depth, from the request's first state, what a
@@ -40,6 +43,8 @@ from flax import struct
 PRIOR_ACCEPTANCE = 0.6  # the acceptance rate assumed before a row has tried any draft, where none was measured
 PRIOR_WEIGHT = 1.0  # ... worth this many observed drafts (a measured prior is shrunk toward it with this weight too)
 DECAY = 0.95  # each observed draft weighs the older ones down by this factor (the rate reaches 0.03 at the lowest)
+DRAFT_MARGIN = 0.15  # after a step that did not draft, a depth d > 0 is taken only where it is expected to finish in at
+# most 1 - this of plain steps' time (see choose_depth)
 PROBE_INTERVAL = 8  # steps without drafting before the first probe (at least; see PROBE_BUDGET)
 MAX_PROBE_INTERVAL = 64
 MAX_FIRST_PROBE_INTERVAL = 256  # ... the first probe of a drafter with a one-off setup (a deferred draft prefill)
@@ -114,16 +119,25 @@ def choose_depth(
     rate: jax.Array,  # [B] float32: each row's acceptance rate
     remaining: jax.Array,  # [B] float32: tokens each row may still emit (0: finished)
     costs: StepCosts,
+    drafting: jax.Array | bool = False,  # [] bool: the last step drafted (depth > 0)
 ) -> jax.Array:  # [] int32
     """The depth under which the batch is expected to finish soonest: argmin_d C(d) * max_rows remaining / E(d),
-    E capped at what each row may still emit; when no row runs, the cheapest depth (so costs that force a depth
-    keep forcing it)."""
+    E capped at what each row may still emit. To start drafting (after a step that did not draft) a depth d > 0 must
+    beat plain steps by DRAFT_MARGIN of their time; drafting goes on while it is expected to beat them at all (so the
+    batch does not switch back and forth where the two are close). The model leaves out what drafting costs beside its steps (the auto-depth loop's own cost per step over
+    autoregressive decoding's loop, 2-3% on demo-code at batch 1; the draft's catch-up reads after plain steps,
+    probes) and the prior acceptance's error (measured on one request), and with these, predicted gains under 10%
+    were losses (demo-code at batch 1, T=0.8: prior 0.67 measured against 0.6 over eight prompts, 0.94x of
+    autoregressive with no margin). When no row runs, the cheapest depth (so costs that force a depth keep forcing
+    it)."""
     max_depth = costs.step.shape[0] - 1
     tokens = expected_tokens(rate, max_depth, remaining)  # [B, D + 1]
     running = remaining[:, None] > 0
     steps_left = jnp.max(jnp.where(running, remaining[:, None] / jnp.where(running, tokens, 1.0), 0.0), axis=0)  # [D + 1]
     steps_left = jnp.where(jnp.any(running), steps_left, 1.0)
-    return jnp.argmin(steps_left * costs.step).astype(jnp.int32)
+    margin = jnp.where((jnp.arange(max_depth + 1) > 0) & ~jnp.asarray(drafting) & jnp.any(running),
+                       1.0 / (1.0 - DRAFT_MARGIN), 1.0)
+    return jnp.argmin(steps_left * costs.step * margin).astype(jnp.int32)
 
 
 def plain_throughout(costs: StepCosts, max_new_tokens: int, probe_interval: int) -> bool:
@@ -233,11 +247,13 @@ class DepthControl:
     probe_interval: jax.Array  # [] int32
     base_interval: jax.Array  # [] int32: the interval after a drafting step
     drafter_ran: jax.Array  # [] bool: the drafter has run (its one-off setup, `StepCosts.setup`, is paid)
+    drafting: jax.Array  # [] bool: the last step drafted (depth > 0)
 
     @classmethod
     def create(cls, costs: StepCosts, batch_size: int, probe_interval: int) -> "DepthControl":
         base = first_probe_interval(costs, probe_interval)
-        return cls(costs, AcceptanceEstimate.create(batch_size, costs.acceptance), jnp.int32(0), base, base, jnp.bool_(False))
+        return cls(costs, AcceptanceEstimate.create(batch_size, costs.acceptance), jnp.int32(0), base, base,
+                   jnp.bool_(False), jnp.bool_(False))
 
     def plan(self, remaining: jax.Array) -> tuple[jax.Array, jax.Array]:  # depth [] int32, probe [] bool
         """This step's depth for the batch, and whether it probes (depth 0, the drafter's first draft tried).
@@ -245,7 +261,7 @@ class DepthControl:
         setup, so the first one waits for enough steps to spread that over too. A probe also needs a row with at
         least `interval` tokens left: its cost is budgeted over that many steps, and near a decode's end no drafting
         it could bring back would pay for it."""
-        depth = choose_depth(self.acceptance.rate, remaining, self.costs)
+        depth = choose_depth(self.acceptance.rate, remaining, self.costs, self.drafting)
         interval = jnp.where(self.drafter_ran, self.probe_interval,
                              jnp.maximum(self.probe_interval, first_probe_interval(self.costs, 1, with_setup=True)))
         return depth, (depth == 0) & (self.idle_steps + 1 >= interval) & (jnp.max(remaining) >= interval)
@@ -257,7 +273,8 @@ class DepthControl:
         interval = jnp.where(depth > 0, self.base_interval, jnp.where(probe, doubled, self.probe_interval))
         return self.replace(acceptance=self.acceptance.observe(accepted_at, tried_at),
                             idle_steps=jnp.where(drafted, 0, self.idle_steps + 1).astype(jnp.int32),
-                            probe_interval=interval.astype(jnp.int32), drafter_ran=self.drafter_ran | drafted)
+                            probe_interval=interval.astype(jnp.int32), drafter_ran=self.drafter_ran | drafted,
+                            drafting=jnp.asarray(depth > 0))
 
 
 def first_probe_interval(costs: StepCosts, minimum: int, with_setup: bool = False) -> jax.Array:  # [] int32
