@@ -557,15 +557,16 @@ def test_auto_depth_plain_steps_are_autoregressive_steps(pair, drafter, monkeypa
     assert int(got.stats["draft_calls"]) == 0  # not even the draft model's prefill: it waits for a drafting step
 
 
-@pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_a_request_planned_plain_throughout_runs_autoregressive_decodings_loop(pair, temperature, monkeypatch):
+@pytest.mark.parametrize("temperature, dtype", [(0.0, "float32"), (0.8, "float32"), (0.8, "bfloat16")])
+def test_a_request_planned_plain_throughout_runs_autoregressive_decodings_loop(pair, temperature, dtype, monkeypatch):
     """Where the costs plan plain steps only for a whole request (no depth pays under the prior acceptance, and no
     step can probe: max_new_tokens < 2 x the first probe's interval, here 8), the request runs autoregressive
     decoding's loop (`PlainSteps`) and gives what the auto-depth loop gives: tokens, log-probabilities and every
-    stat. One more new token and a step can probe: the request runs the auto-depth loop, and it does probe (the
+    stat, in float32 and bfloat16. One more new token and a step can probe: the request runs the auto-depth loop, and it does probe (the
     bound is tight)."""
     decode_module = importlib.import_module("jspec.decode")
-    target, draft = pair
+    target, draft = pair if dtype == "float32" else (tiny_model("llama", seed=0, num_layers=3, dtype=dtype),
+                                                      tiny_model("llama", seed=1, num_layers=1, dtype=dtype))
     strategy = speculative_module.speculative(draft=draft, num_draft_tokens="auto", step_costs=_never_drafting_costs(4),
                                               temperature=temperature)
     common = dict(stop_tokens=[], key=7, logprobs=2, repetition_penalty=1.3)

@@ -42,7 +42,7 @@ from flax import struct
 
 PRIOR_ACCEPTANCE = 0.6  # the acceptance rate assumed before a row has tried any draft, where none was measured
 PRIOR_WEIGHT = 1.0  # ... worth this many observed drafts (a measured prior is shrunk toward it with this weight too)
-DECAY = 0.95  # each observed draft weighs the older ones down by this factor (the rate reaches 0.03 at the lowest)
+DECAY = 0.95  # each observed draft weighs the older ones down by this factor (the rate reaches prior / 21 at the lowest)
 DRAFT_MARGIN = 0.15  # after a step that did not draft, a depth d > 0 is taken only where it is expected to finish in at
 # most 1 - this of plain steps' time (see choose_depth)
 PROBE_INTERVAL = 8  # steps without drafting before the first probe (at least; see PROBE_BUDGET)

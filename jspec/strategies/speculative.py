@@ -55,6 +55,7 @@ Pallas decode kernels; trees pass their ancestor mask.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import warnings
 from typing import Any, ClassVar
 
@@ -252,7 +253,10 @@ class Speculative:
         if auto_depth.measured_costs(key) is not None:
             return auto_depth.measured_costs(key)
         model = model.without_tokenizer()
-        state = jax.jit(lambda strategy, *args: strategy.init(*args))(self, model, prompts, jax.random.key(0))
+        start = importlib.import_module("jspec.decode")._start  # init, with a bucket's padding rows finished (their
+        # drafts would enter the measured prior acceptance)
+        state = jax.jit(lambda strategy, model, prompts, key: start(model, strategy, prompts, key))(self, model, prompts,
+                                                                                         jax.random.key(0))
         setup = None
         if getattr(self.drafter, "defer_prefill", False):  # a decode reads the prompts once: timed apart, not per step
             read = jax.jit(lambda drafter, drafter_state: drafter.read_prompts(drafter_state), donate_argnums=1)
@@ -277,7 +281,7 @@ class Speculative:
     def measured(self, model: Model, prompts: Prompts) -> "Speculative":
         """This strategy with the auto depth's costs for this request in `step_costs` (a traced field: the compiled
         loop takes them as inputs, so a loop compiled for another request's costs, greedy ones say, does not keep
-        those); itself when not auto or when step_costs were given. `jspec.decode` calls it after `validate`.
+        those); itself when not auto; with step_costs given, it keeps them. `jspec.decode` calls it after `validate`.
         Where those costs plan plain steps only for the whole request (`auto_depth.plain_throughout`), the request
         runs them as `PlainSteps`: autoregressive decoding's loop, without the per-step planning and the drafter's
         state (the same tokens, log-probabilities and stats)."""
