@@ -16,6 +16,7 @@ import jspec
 from conftest import tiny_model
 from jspec import sampling
 from jspec.strategies import speculative as speculative_module
+from jspec.strategies.base import FinishReason
 from jspec.strategies.tree import TreeTemplate
 
 PROMPTS = [[5, 17, 3], [9, 2, 44, 61, 7, 12, 30, 8], [1], [88, 3, 3, 3, 3, 3], [4, 4, 4, 4], [70, 71, 72, 73, 74, 70, 71], [2, 9], [60] * 5]
@@ -373,10 +374,8 @@ def test_measured_step_costs_leave_out_a_calls_fixed_cost():
         return (lambda: None), (lambda inputs, count: time.sleep(0.060 + 0.020 * (count > 0) + count * per_step))
 
     setup = (lambda: None), (lambda inputs: time.sleep(0.010))  # a one-off call: its own time, nothing taken off
-    counts = (30.0, 40.0)  # drafts accepted and tried in the deepest warm-up: the prior acceptance
-    costs = auto_depth.measure_step_costs(("test", "fixed cost"), step_at, max_depth=4, repeats=3, setup=setup,
-                                          acceptance=lambda out: counts)
-    assert float(costs.acceptance) == pytest.approx((30 + auto_depth.PRIOR_ACCEPTANCE) / 41)
+    costs = auto_depth.measure_step_costs(("test", "fixed cost"), step_at, max_depth=4, repeats=3, setup=setup)
+    assert float(costs.acceptance) == pytest.approx(auto_depth.PRIOR_ACCEPTANCE)  # measured apart (measure_prior_acceptance)
     relative = np.asarray(costs.step) / float(costs.step[0])
     np.testing.assert_allclose(relative, [1, 2, 3, 4, 5], rtol=0.2)  # with the fixed cost in: [1, 1.25, 1.5, ...];
     # with the first step's extra in: [1, 1.67, 2.33, 3, 3.67] (8 steps against a call of none)
@@ -387,7 +386,9 @@ def test_measured_step_costs_leave_out_a_calls_fixed_cost():
 def test_the_prior_acceptance_is_measured_with_the_costs(pair):
     """The rate a row's acceptance starts from is measured with the step costs, from the drafts of the deepest
     measured steps (the request's first state, greedy): a draft that is the target has every draft accepted, a random
-    one few; given costs keep the fixed prior."""
+    one few; given costs keep the fixed prior. It is remembered per weights, not per shape alone: a random draft of
+    the target's shape, measured after the target itself (same shapes, so the timed costs are reused), gets its own
+    low rate, and the target's is remembered while its weights live."""
     from jspec.strategies import auto_depth
 
     decode_module = importlib.import_module("jspec.decode")
@@ -400,7 +401,34 @@ def test_the_prior_acceptance_is_measured_with_the_costs(pair):
         return float(getattr(runs, "speculative", runs).step_costs.acceptance)  # PlainSteps holds the strategy
 
     assert prior(target) > 0.97 and prior(draft) < 0.4
+    timed = len(auto_depth._MEASURED)
+    assert prior(tiny_model("llama", seed=5, num_layers=3)) < 0.4  # the target's shape, other weights
+    assert len(auto_depth._MEASURED) == timed and prior(target) > 0.97
     assert prior(draft, step_costs=_never_drafting_costs(4)) == pytest.approx(auto_depth.PRIOR_ACCEPTANCE)
+
+
+def test_the_prior_acceptances_arithmetic():
+    """The prior is the deepest steps' accepted / tried drafts shrunk toward PRIOR_ACCEPTANCE with the weight
+    PRIOR_WEIGHT, remembered per key and living weights (simulated counts; a measurement is a call of run)."""
+    from jspec.strategies import auto_depth
+
+    calls = []
+
+    def run():
+        calls.append(1)
+        return (30.0, 40.0)  # what the acceptance function reads: drafts accepted and tried
+
+    weights = [jnp.ones(3), jnp.zeros(2)]
+    identity = auto_depth.weights_identity(weights)
+    key = ("test", "arithmetic")
+    prior = auto_depth.measure_prior_acceptance(key, identity, run, acceptance=lambda counts: counts)
+    assert prior == pytest.approx((30 + auto_depth.PRIOR_ACCEPTANCE * auto_depth.PRIOR_WEIGHT) / (40 + auto_depth.PRIOR_WEIGHT))
+    assert auto_depth.measure_prior_acceptance(key, identity, run, acceptance=lambda counts: counts) == prior
+    assert len(calls) == 1 and auto_depth.measured_prior(key, identity) == prior
+    assert auto_depth.measured_prior(key, auto_depth.weights_identity([jnp.ones(3)])) is None
+    ids = identity[0]
+    del weights, identity  # the weights are gone: new arrays may get their ids, but not their prior
+    assert auto_depth.measured_prior(key, (ids, ())) is None
 
 
 def test_auto_depth_lets_the_row_with_the_most_steps_left_decide():
@@ -557,36 +585,43 @@ def test_auto_depth_plain_steps_are_autoregressive_steps(pair, drafter, monkeypa
     assert int(got.stats["draft_calls"]) == 0  # not even the draft model's prefill: it waits for a drafting step
 
 
-@pytest.mark.parametrize("temperature, dtype", [(0.0, "float32"), (0.8, "float32"), (0.8, "bfloat16")])
-def test_a_request_planned_plain_throughout_runs_autoregressive_decodings_loop(pair, temperature, dtype, monkeypatch):
+@pytest.mark.parametrize("temperature, dtype, family", [(0.0, "float32", "llama"), (0.8, "float32", "llama"),
+                                                         (0.8, "bfloat16", "llama"), (0.8, "float32", "mistral_window")])
+def test_a_request_planned_plain_throughout_runs_autoregressive_decodings_loop(pair, temperature, dtype, family,
+                                                                              monkeypatch):
     """Where the costs plan plain steps only for a whole request (no depth pays under the prior acceptance, and no
     step can probe: max_new_tokens < 2 x the first probe's interval, here 8), the request runs autoregressive
-    decoding's loop (`PlainSteps`) and gives what the auto-depth loop gives: tokens, log-probabilities and every
-    stat, in float32 and bfloat16. One more new token and a step can probe: the request runs the auto-depth loop, and it does probe (the
-    bound is tight)."""
+    decoding's loop (`PlainSteps`) and gives what the auto-depth loop gives: tokens, log-probabilities, finish
+    reasons and every stat, in float32 and bfloat16, for a batch with padding rows (5 rows in a bucket of 8) and a
+    stop token, and for sliding-window layers (whose ring is sized by the verification chunk in both). One more new
+    token and a step can probe: the request runs the auto-depth loop, and it does probe (the bound is tight)."""
     decode_module = importlib.import_module("jspec.decode")
-    target, draft = pair if dtype == "float32" else (tiny_model("llama", seed=0, num_layers=3, dtype=dtype),
-                                                      tiny_model("llama", seed=1, num_layers=1, dtype=dtype))
+    target, draft = pair if (dtype, family) == ("float32", "llama") else (
+        tiny_model(family, seed=0, num_layers=3, dtype=dtype), tiny_model(family, seed=1, num_layers=1, dtype=dtype))
     strategy = speculative_module.speculative(draft=draft, num_draft_tokens="auto", step_costs=_never_drafting_costs(4),
                                               temperature=temperature)
-    common = dict(stop_tokens=[], key=7, logprobs=2, repetition_penalty=1.3)
+    prompts = PROMPTS if temperature == 0 else PROMPTS[:5]  # 5 rows: 3 padding rows in the batch bucket
+    common = dict(stop_tokens=[] if temperature == 0 else [3, 54], key=7, logprobs=2, repetition_penalty=1.3)
 
     def runs(new_tokens):  # the strategy a request runs
-        request = decode_module.build_prompts(target, PROMPTS, new_tokens, None, [], None, strategy)
+        request = decode_module.build_prompts(target, prompts, new_tokens, None, common["stop_tokens"], None, strategy)
         return type(decode_module.validated(strategy, target, request)).__name__
 
     assert (runs(15), runs(16)) == ("PlainSteps", "Speculative")
-    planned = jspec.decode(target, PROMPTS, strategy, max_new_tokens=15, **common)
-    probing = jspec.decode(target, PROMPTS, strategy, max_new_tokens=16, **common)
+    planned = jspec.decode(target, prompts, strategy, max_new_tokens=15, **common)
+    probing = jspec.decode(target, prompts, strategy, max_new_tokens=16, **common)
     assert int(probing.stats["probes"]) >= 1
     monkeypatch.setattr(speculative_module.Speculative, "plain_throughout", lambda self, prompts: False)
-    looped = jspec.decode(target, PROMPTS, strategy, max_new_tokens=15, **common)
+    looped = jspec.decode(target, prompts, strategy, max_new_tokens=15, **common)
     assert int(looped.stats["probes"]) == 0 and sum(looped.stats["depth_histogram"][1:]) == 0
     assert planned.sequences() == looped.sequences()
     np.testing.assert_array_equal(np.asarray(planned.logprobs), np.asarray(looped.logprobs))
+    np.testing.assert_array_equal(np.asarray(planned.finish_reason), np.asarray(looped.finish_reason))
     assert planned.stats.keys() == looped.stats.keys()
     for name in looped.stats:
         np.testing.assert_array_equal(np.asarray(planned.stats[name]), np.asarray(looped.stats[name]), err_msg=name)
+    if temperature:  # both reasons occur: rows stop at the stop token and rows run to their limit
+        assert {FinishReason.EOS, FinishReason.LENGTH} <= set(np.asarray(planned.finish_reason).tolist())
 
 
 @pytest.mark.parametrize("costs, dtype", [("drafting-first", "float32"), ("probing-later", "float32"),

@@ -14,12 +14,14 @@ To start drafting after a step that did not draft, a depth must be expected to s
 time (what the model leaves out and the prior's error made smaller predicted gains losses); drafting goes on while
 it is expected to save anything.
 
-The costs are measured once per (target, drafter, template, batch, cache size, backend) when a strategy is validated
-(`measure_step_costs`: the strategy's own jitted steps, forced to each depth, from the request's first state, what a
-call pays once taken off), or given (`Speculative.step_costs`). Each row's acceptance rate is a decayed count of its
-tried and accepted drafts (`AcceptanceEstimate`), starting from a prior measured with the costs (`StepCosts.acceptance`:
-the drafts the deepest measured steps accepted, from the request's first state; PRIOR_ACCEPTANCE where nothing was
-measured). While the batch does not draft,
+The costs are measured once per process and (target config, drafter kind and config, template, batch, cache size,
+max_new_tokens, backend, sampling regime) when a strategy is validated (`measure_step_costs`: the strategy's own
+jitted steps, forced to each depth, from the request's first state, what a call pays once taken off), or given
+(`Speculative.step_costs`). Each row's acceptance rate is a decayed count of its tried and accepted drafts
+(`AcceptanceEstimate`), starting from a prior measured with the costs (`StepCosts.acceptance`: the drafts the deepest
+measured steps accepted, from the request's first state; `measure_prior_acceptance`, once per the costs' key, the
+weights of the target and the drafter, the sampling values, the acceptance rule and the processors;
+PRIOR_ACCEPTANCE where nothing was measured). While the batch does not draft,
 a probe every `probe_interval` steps (while a row has that many tokens left) runs the drafter's first call only and
 tries its first draft against the one-token verification (emitting one token either way, so it costs the drafter's
 call and no wider forward); the interval starts at the larger of `probe_interval` and the steps over which a probe's
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import time
+import weakref
 from typing import Any
 
 import jax
@@ -182,8 +185,7 @@ STEPS_PER_CALL = 8  # ... and the steps timed after those
 ACCEPTANCE_STEPS = 32  # steps at the deepest depth whose drafts measure the prior acceptance
 
 
-def measure_step_costs(key: Any, step_at: Any, max_depth: int, repeats: int = 5, setup: Any = None,
-                       acceptance: Any = None) -> StepCosts:
+def measure_step_costs(key: Any, step_at: Any, max_depth: int, repeats: int = 5, setup: Any = None) -> StepCosts:
     """Time step_at(depth, probe) -> (prepare, run) for every depth and the probe: prepare() makes a step's input
     (not timed), run(input, count) runs `count` jitted steps forced to that depth, probing or not, in one call, as
     the decode loop runs them (its input donated, so it updates the caches in place as the loop does; an undonated
@@ -199,20 +201,13 @@ def measure_step_costs(key: Any, step_at: Any, max_depth: int, repeats: int = 5,
     the median drops bursts). A depth never costs less than a shallower one.
     setup: None, or (prepare, run) whose run(input) is the drafter's one-off setup in one small call (a deferred
     draft prefill; its call's fixed cost stays in), timed in the same rounds: `StepCosts.setup`.
-    acceptance: None, or a function of run's output (the state after its steps) -> (drafts accepted, drafts tried):
-    the warm-up runs ACCEPTANCE_STEPS steps at the deepest depth, and `StepCosts.acceptance` is the rate they
-    accepted, shrunk toward PRIOR_ACCEPTANCE with weight PRIOR_WEIGHT (PRIOR_ACCEPTANCE without it). Remembered
-    under `key`."""
+    The acceptance is PRIOR_ACCEPTANCE: `measure_prior_acceptance` measures it for given weights and options.
+    Remembered under `key` (what the timing depends on: shapes, drafter kind, sampling regime, backend)."""
     if key in _MEASURED:
         return _MEASURED[key]
     settings = [step_at(depth, False) for depth in range(max_depth + 1)] + [step_at(0, True)]
-    prior = PRIOR_ACCEPTANCE
-    for depth, (prepare, run) in enumerate(settings):  # compile, warm up
-        deepest = depth == max_depth and acceptance is not None
-        out = jax.block_until_ready(run(prepare(), max(LEAD_STEPS + STEPS_PER_CALL, ACCEPTANCE_STEPS if deepest else 0)))
-        if deepest:
-            accepted, tried = (float(count) for count in acceptance(out))
-            prior = (accepted + PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / (tried + PRIOR_WEIGHT)
+    for prepare, run in settings:  # compile, warm up
+        jax.block_until_ready(run(prepare(), LEAD_STEPS + STEPS_PER_CALL))
     if setup is not None:
         jax.block_until_ready(setup[1](setup[0]()))
 
@@ -231,10 +226,56 @@ def measure_step_costs(key: Any, step_at: Any, max_depth: int, repeats: int = 5,
             times[round_, -1] = timed(setup[0], lambda inputs, _: setup[1](inputs), 1)
     costs = times[:, 0].min() * np.median(times / times[:, :1], axis=0)
     steps = np.maximum.accumulate(costs[:-2])
-    measured = StepCosts(jnp.asarray(steps, jnp.float32), jnp.float32(max(costs[-2], steps[0])), jnp.float32(costs[-1]),
-                         jnp.float32(prior))
+    measured = StepCosts(jnp.asarray(steps, jnp.float32), jnp.float32(max(costs[-2], steps[0])), jnp.float32(costs[-1]))
     _MEASURED[key] = measured
     return measured
+
+
+_PRIORS: dict[Any, tuple[tuple[weakref.ref, ...], float]] = {}  # key -> (the weights it was measured with, prior)
+
+
+def weights_identity(tree: Any) -> tuple[tuple[int, ...], tuple[weakref.ref, ...]] | None:
+    """The identity of the arrays in `tree` (a model's and a drafter's weights): their ids, and weak references
+    that tell whether they are still those arrays (an id is reused only once its array is gone). None when traced."""
+    leaves = [leaf for leaf in jax.tree.leaves(tree) if isinstance(leaf, jax.Array)]
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+        return None
+    return tuple(map(id, leaves)), tuple(weakref.ref(leaf) for leaf in leaves)
+
+
+def measured_prior(key: Any, weights: Any) -> float | None:
+    """The prior `measure_prior_acceptance` measured under this key for these (still living) weights, or None."""
+    found = _PRIORS.get((key, None if weights is None else weights[0]))
+    alive = found is not None and weights is not None and all(ref() is not None for ref in found[0])
+    return found[1] if alive else None
+
+
+def measure_prior_acceptance(key: Any, weights: Any, run_deepest: Any, acceptance: Any) -> float:
+    """The acceptance rate a row starts from (`StepCosts.acceptance`): run_deepest() runs ACCEPTANCE_STEPS steps
+    at the deepest depth from a request's first state, acceptance(its output) -> (drafts accepted, drafts tried);
+    the rate they accepted, shrunk toward PRIOR_ACCEPTANCE with the weight PRIOR_WEIGHT. Remembered under `key`
+    (the timing's key and what else the rate depends on: sampling values, acceptance rule, processors) and the
+    weights' identity (`weights_identity`; not remembered for traced weights)."""
+    remembered = measured_prior(key, weights)
+    if remembered is not None:
+        return remembered
+    accepted, tried = (float(count) for count in acceptance(jax.block_until_ready(run_deepest())))
+    prior = (accepted + PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / (tried + PRIOR_WEIGHT)
+    if weights is not None:
+        for gone in [entry for entry, (refs, _) in _PRIORS.items() if any(ref() is None for ref in refs)]:
+            del _PRIORS[gone]
+        _PRIORS[(key, weights[0])] = (weights[1], prior)
+    return prior
+
+
+def concrete_values(tree: Any) -> Any:
+    """A hashable stand-in for a pytree's values (its structure and every leaf's shape, dtype and bytes), or
+    "traced" where a leaf is traced: what a remembered measurement's key holds of options such as temperatures."""
+    leaves, structure = jax.tree.flatten(tree)
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+        return "traced"
+    arrays = [np.asarray(leaf) for leaf in leaves]
+    return structure, tuple((array.shape, array.dtype.str, array.tobytes()) for array in arrays)
 
 
 @struct.dataclass

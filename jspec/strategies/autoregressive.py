@@ -62,7 +62,12 @@ class Autoregressive:
         return sampling.SamplingParams.broadcast(batch_size, self.temperature, self.top_k, self.top_p, self.min_p)
 
     def init(self, model: Any, prompts: Prompts, key: jax.Array) -> AutoregressiveState:
-        cache = model.new_cache(prompts.batch_size, prompts.cache_size, max_chunk=1)  # one token per step
+        return self.start(model, prompts, key, model.new_cache(prompts.batch_size, prompts.cache_size, max_chunk=1))
+
+    def start(self, model: Any, prompts: Prompts, key: jax.Array, cache: Cache) -> AutoregressiveState:
+        """`init` on a given empty cache (a caller whose steps share a cache layout with wider forwards, e.g. a
+        sliding window's ring sized for a verification chunk, passes that cache: the steps then compute exactly
+        what they compute on it)."""
         logits, cache = prefill(model, prompts, cache)
         params = self.sampling_params(prompts.batch_size)
         processing = processors.Processing.create(self.generation, prompts, model.config.vocab_size)

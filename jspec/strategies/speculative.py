@@ -248,15 +248,18 @@ class Speculative:
     def measure_costs(self, model: Model, prompts: Prompts) -> auto_depth.StepCosts:
         """The auto depth's step costs for this model, drafter and shape, measured once per process: this strategy's
         jitted steps from the request's first state, forced to each depth, a call's fixed cost taken off
-        (`auto_depth.measure_step_costs`)."""
+        (`auto_depth.measure_step_costs`); with the prior acceptance the deepest of those steps measure, once per
+        process, shape, weights (target and drafter), sampling values, acceptance rule and processors
+        (`auto_depth.measure_prior_acceptance`)."""
+        found = self._measured_costs(model, prompts)
+        if found is not None:
+            return found
         key, _ = self._cost_profile(model, prompts)
-        if auto_depth.measured_costs(key) is not None:
-            return auto_depth.measured_costs(key)
+        prior_key, weights = self._prior_profile(model, key)
         model = model.without_tokenizer()
         start = importlib.import_module("jspec.decode")._start  # init, with a bucket's padding rows finished (their
         # drafts would enter the measured prior acceptance)
-        state = jax.jit(lambda strategy, model, prompts, key: start(model, strategy, prompts, key))(self, model, prompts,
-                                                                                         jax.random.key(0))
+        state = jax.jit(start)(model, self, prompts, jax.random.key(0))
         setup = None
         if getattr(self.drafter, "defer_prefill", False):  # a decode reads the prompts once: timed apart, not per step
             read = jax.jit(lambda drafter, drafter_state: drafter.read_prompts(drafter_state), donate_argnums=1)
@@ -272,11 +275,14 @@ class Speculative:
             prepare = lambda: jax.tree.map(jnp.copy, state.replace(depth_control=forced))  # noqa: E731
             return prepare, lambda inputs, count: steps(self, model, inputs, jnp.int32(count))
 
+        deepest = step_at(self.template.max_depth, False)
         with warnings.catch_warnings():  # a buffer the step does not update cannot be donated: harmless
             warnings.filterwarnings("ignore", "Some donated buffers were not usable")
-            return auto_depth.measure_step_costs(key, step_at, self.template.max_depth, setup=setup,
-                                                 acceptance=lambda out: (jnp.sum(out.stats["accepted_by_depth"]),
-                                                                         jnp.sum(out.stats["tried_by_depth"])))
+            costs = auto_depth.measure_step_costs(key, step_at, self.template.max_depth, setup=setup)
+            prior = auto_depth.measure_prior_acceptance(
+                prior_key, weights, lambda: deepest[1](deepest[0](), auto_depth.ACCEPTANCE_STEPS),
+                acceptance=lambda out: (jnp.sum(out.stats["accepted_by_depth"]), jnp.sum(out.stats["tried_by_depth"])))
+        return costs.replace(acceptance=jnp.float32(prior))
 
     def measured(self, model: Model, prompts: Prompts) -> "Speculative":
         """This strategy with the auto depth's costs for this request in `step_costs` (a traced field: the compiled
@@ -307,9 +313,22 @@ class Speculative:
         one unit, a drafter call its share of the target's parameters)."""
         if self.step_costs is not None:
             return self.step_costs
-        key, share = self._cost_profile(model, prompts)
-        found = auto_depth.measured_costs(key)
-        return found if found is not None else auto_depth.StepCosts.memory_bound(self.template.max_depth, share)
+        found = self._measured_costs(model, prompts)
+        return found if found is not None else auto_depth.StepCosts.memory_bound(self.template.max_depth,
+                                                                                 self._cost_profile(model, prompts)[1])
+
+    def _measured_costs(self, model: Model, prompts: Prompts) -> auto_depth.StepCosts | None:
+        """The costs and prior `measure_costs` measured for this request's profile in this process, or None."""
+        key, _ = self._cost_profile(model, prompts)
+        costs, prior = auto_depth.measured_costs(key), auto_depth.measured_prior(*self._prior_profile(model, key))
+        return None if costs is None or prior is None else costs.replace(acceptance=jnp.float32(prior))
+
+    def _prior_profile(self, model: Model, key: Any) -> tuple[Any, Any]:
+        """What the measured prior acceptance is remembered by beyond the costs' key: the sampling values, the
+        acceptance rule and the processors (`auto_depth.concrete_values`), and the weights of the target and the
+        drafter (`auto_depth.weights_identity`)."""
+        options = (self.temperature, self.top_k, self.top_p, self.min_p, self.relaxed, self.generation)
+        return (key, auto_depth.concrete_values(options)), auto_depth.weights_identity((model.params, self.drafter))
 
     def _cost_profile(self, model: Model, prompts: Prompts) -> tuple[Any, float]:
         drafter_key, share = self.drafter.cost_profile(model)
@@ -555,8 +574,9 @@ class PlainStepsState(AutoregressiveState):
 class PlainSteps:
     """An auto-depth speculative request whose plan is plain steps throughout (`auto_depth.plain_throughout`),
     run as what those steps are: autoregressive decoding (`Speculative.plain_step` is its step), in its own loop,
-    without the per-step planning, probing schedule and drafter state. The tokens, log-probabilities and stats
-    are those the auto-depth loop gives (tests/test_speculative.py compares them)."""
+    without the per-step planning, probing schedule and drafter state. Its cache is the loop's (the request's size,
+    laid out for a verification chunk: a sliding window's ring included), so the tokens, log-probabilities, finish
+    reasons and stats are those the auto-depth loop gives, bit for bit (tests/test_speculative.py compares them)."""
 
     speculative: Speculative
     name: ClassVar[str] = "speculative"
@@ -573,7 +593,8 @@ class PlainSteps:
         return self.speculative.cache_headroom()
 
     def init(self, model: Model, prompts: Prompts, key: jax.Array) -> PlainStepsState:
-        decoding = self.plain.init(model, prompts, key)
+        cache = model.new_cache(prompts.batch_size, prompts.cache_size, max_chunk=self.speculative.chunk_width)
+        decoding = self.plain.start(model, prompts, key, cache)  # the loop's cache: a sliding window's ring included
         fields = {field.name: getattr(decoding, field.name) for field in dataclasses.fields(decoding)}
         return PlainStepsState(**fields, first_lengths=decoding.output.lengths,
                                active_steps=jnp.zeros((prompts.batch_size,), jnp.int32))
