@@ -30,6 +30,14 @@ for name, strategy, options in [("greedy", "greedy", {}), ("speculative", "specu
                                 ("sample", "sample", dict(temperature=0.8))]:
     out = jspec.decode(target, PROMPTS, strategy, max_new_tokens=10, key=5, mesh=mesh, **options)
     results[name] = np.asarray(out.tokens).tolist()
+# auto depth: each process times its own steps; the costs it decodes with are process 0's (auto_depth.agreed)
+out = jspec.decode(target, PROMPTS, "speculative", draft=draft, num_draft_tokens="auto", max_new_tokens=10, mesh=mesh)
+results["auto"] = np.asarray(out.tokens).tolist()
+from jspec.strategies import auto_depth  # noqa: E402
+
+results["auto_costs"] = [np.asarray(costs.step).tolist() + [float(costs.probe), float(costs.setup)]
+                         for costs in auto_depth._MEASURED.values()]
+results["auto_priors"] = [prior for _, prior in auto_depth._PRIORS.values()]
 # process-local prompts: process 0 holds the first three rows, process 1 the rest
 local = PROMPTS[:3] if process_id == 0 else PROMPTS[3:]
 rows, mine = jspec.distributed.gather_prompts(local)

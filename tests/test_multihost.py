@@ -1,5 +1,6 @@
 """Two processes on 127.0.0.1 (2 simulated CPU devices each, gloo collectives), a mesh over the 4 devices: greedy,
-speculative and sampling outputs on both processes equal a single-process decode; process-local prompts gathered
+speculative (fixed and auto depth) and sampling outputs on both processes equal a single-process decode, auto depth
+deciding on the same measured costs in both; process-local prompts gathered
 with jspec.distributed.gather_prompts come back in process order."""
 
 from __future__ import annotations
@@ -59,6 +60,17 @@ def test_every_process_gets_the_single_process_output(processes, name):
     expected = jspec.decode(target, PROMPTS, name, max_new_tokens=10, key=5, **options)
     for result in processes:
         assert result[name] == np.asarray(expected.tokens).tolist()
+
+
+def test_auto_depth_decides_on_the_same_costs_in_every_process(processes):
+    """Each process times its own steps; deciding on different costs, processes would compile different programs
+    (PlainSteps in one, the auto-depth loop in another, or other depths) and wait on each other's collectives. Every
+    process decodes with process 0's costs and prior, and gives greedy decoding's tokens."""
+    assert len(processes[0]["auto_costs"]) == 1 and len(processes[0]["auto_priors"]) == 1
+    assert processes[0]["auto_costs"] == processes[1]["auto_costs"]
+    assert processes[0]["auto_priors"] == processes[1]["auto_priors"]
+    expected = np.asarray(jspec.decode(random_model(0), PROMPTS, max_new_tokens=10, key=5).tokens).tolist()
+    assert processes[0]["auto"] == processes[1]["auto"] == expected
 
 
 def test_process_local_prompts(processes):

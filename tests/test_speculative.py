@@ -585,6 +585,26 @@ def test_auto_depth_plain_steps_are_autoregressive_steps(pair, drafter, monkeypa
     assert int(got.stats["draft_calls"]) == 0  # not even the draft model's prefill: it waits for a drafting step
 
 
+def test_plain_throughout_counts_a_tie_as_drafting_and_follows_the_modules_constants(monkeypatch):
+    """The host-side decision is evaluated eagerly for one row, the loop's jitted for a batch: at an exact tie
+    between a plain step and drafting (which rounding may break either way) the request is not planned plain (it
+    runs the loop, which is always right); a clear margin is. The decision is remembered, but not across changed
+    constants (DRAFT_MARGIN here)."""
+    from jspec.strategies import auto_depth
+
+    prior = auto_depth.PRIOR_ACCEPTANCE
+    tie = (1 + prior) * (1 - auto_depth.DRAFT_MARGIN)  # depth 1's cost at which it ties with plain steps to start
+
+    def costs(depth_one):
+        return auto_depth.StepCosts(jnp.asarray([1.0, depth_one, 9.0, 9.0, 9.0]), jnp.float32(1.1))
+
+    assert not auto_depth.plain_throughout(costs(tie), 15, 8)
+    assert auto_depth.plain_throughout(costs(tie * 1.001), 15, 8)
+    assert not auto_depth.plain_throughout(costs(tie * 1.001), 16, 8)  # a step could probe
+    monkeypatch.setattr(auto_depth, "DRAFT_MARGIN", 0.0)
+    assert not auto_depth.plain_throughout(costs(tie * 1.001), 15, 8)  # without the margin, depth 1 starts
+
+
 @pytest.mark.parametrize("temperature, dtype, family", [(0.0, "float32", "llama"), (0.8, "float32", "llama"),
                                                          (0.8, "bfloat16", "llama"), (0.8, "float32", "mistral_window")])
 def test_a_request_planned_plain_throughout_runs_autoregressive_decodings_loop(pair, temperature, dtype, family,

@@ -52,6 +52,7 @@ PROBE_INTERVAL = 8  # steps without drafting before the first probe (at least; s
 MAX_PROBE_INTERVAL = 64
 MAX_FIRST_PROBE_INTERVAL = 256  # ... the first probe of a drafter with a one-off setup (a deferred draft prefill)
 PROBE_BUDGET = 0.02  # a probe's extra cost over a plain step, spread over the steps between probes, stays below this
+TIE_TOLERANCE = 1e-4  # plain_throughout's margin against rounding (float32's epsilon is 1.2e-7)
 CATCH_UP = PROBE_INTERVAL  # tokens a draft model re-reads before the pending one after steps without drafting
 
 
@@ -154,14 +155,22 @@ def plain_throughout(costs: StepCosts, max_new_tokens: int, probe_interval: int)
     - While the drafter has not run, a probe at the k-th step (k = 0, 1, ..., idle for k steps) needs
       k + 1 >= I and a row with max_new_tokens - 1 - k >= I tokens left, I the first probe's interval (with the
       drafter's setup): some step can probe only if max_new_tokens >= 2 I.
-    Remembered per (costs, max_new_tokens, probe_interval): it runs on the host before every such decode."""
+    Decided here eagerly for one row, in the loop jitted for a batch: the two may round differently, so here a plain
+    step costs TIE_TOLERANCE more (a near-tie, or a probe interval at the edge of a step, counts as drafting or
+    probing: the request then runs the auto-depth loop, which is always right). Remembered per (costs,
+    max_new_tokens, probe_interval, this module's constants): it runs on the host before every such decode."""
     values = (tuple(np.asarray(costs.step).tolist()), float(costs.probe), float(costs.setup), float(costs.acceptance))
-    return _plain_throughout(values, int(max_new_tokens), int(probe_interval))
+    constants = (PRIOR_WEIGHT, DECAY, DRAFT_MARGIN, PROBE_BUDGET, MAX_PROBE_INTERVAL, MAX_FIRST_PROBE_INTERVAL,
+                 TIE_TOLERANCE)
+    return _plain_throughout(values, int(max_new_tokens), int(probe_interval), constants)
+
 
 
 @functools.lru_cache(maxsize=256)
-def _plain_throughout(values: tuple[tuple[float, ...], float, float, float], max_new_tokens: int, probe_interval: int) -> bool:
+def _plain_throughout(values: tuple[tuple[float, ...], float, float, float], max_new_tokens: int, probe_interval: int,
+                      constants: tuple[float, ...]) -> bool:
     step, probe, setup, acceptance = values
+    step = (step[0] * (1 + TIE_TOLERANCE),) + tuple(step[1:])  # makes probes look cheaper and depth 0 dearer
     costs = StepCosts(jnp.asarray(step, jnp.float32), jnp.float32(probe), jnp.float32(setup), jnp.float32(acceptance))
     interval = max(int(first_probe_interval(costs, probe_interval)), int(first_probe_interval(costs, 1, with_setup=True)))
     if max_new_tokens >= 2 * interval:
@@ -226,9 +235,23 @@ def measure_step_costs(key: Any, step_at: Any, max_depth: int, repeats: int = 5,
             times[round_, -1] = timed(setup[0], lambda inputs, _: setup[1](inputs), 1)
     costs = times[:, 0].min() * np.median(times / times[:, :1], axis=0)
     steps = np.maximum.accumulate(costs[:-2])
-    measured = StepCosts(jnp.asarray(steps, jnp.float32), jnp.float32(max(costs[-2], steps[0])), jnp.float32(costs[-1]))
+    measured = agreed(StepCosts(jnp.asarray(steps, jnp.float32), jnp.float32(max(costs[-2], steps[0])),
+                                jnp.float32(costs[-1])))
     _MEASURED[key] = measured
     return measured
+
+
+def agreed(measurement: Any) -> Any:
+    """A measurement (a pytree of arrays) as process 0 made it, in every process of a multi-process run (itself in
+    a single-process one). Processes time their own steps, and on 2 x 2 simulated CPU devices their costs differed
+    3x; deciding on different costs, they would run different programs (PlainSteps in one, the auto-depth loop or
+    other depths in another) and wait on each other's collectives (tests/test_multihost.py)."""
+    if jax.process_count() == 1:
+        return measurement
+    from jax.experimental import multihost_utils
+
+    shared = multihost_utils.broadcast_one_to_all(jax.tree.map(np.asarray, measurement))
+    return jax.tree.map(lambda leaf: jnp.asarray(leaf, jnp.float32), shared)
 
 
 _PRIORS: dict[Any, tuple[tuple[weakref.ref, ...], float]] = {}  # key -> (the weights it was measured with, prior)
@@ -260,7 +283,7 @@ def measure_prior_acceptance(key: Any, weights: Any, run_deepest: Any, acceptanc
     if remembered is not None:
         return remembered
     accepted, tried = (float(count) for count in acceptance(jax.block_until_ready(run_deepest())))
-    prior = (accepted + PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / (tried + PRIOR_WEIGHT)
+    prior = float(agreed(np.float32((accepted + PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / (tried + PRIOR_WEIGHT))))
     if weights is not None:
         for gone in [entry for entry, (refs, _) in _PRIORS.items() if any(ref() is None for ref in refs)]:
             del _PRIORS[gone]

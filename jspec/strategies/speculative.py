@@ -576,7 +576,8 @@ class PlainSteps:
     run as what those steps are: autoregressive decoding (`Speculative.plain_step` is its step), in its own loop,
     without the per-step planning, probing schedule and drafter state. Its cache is the loop's (the request's size,
     laid out for a verification chunk: a sliding window's ring included), so the tokens, log-probabilities, finish
-    reasons and stats are those the auto-depth loop gives, bit for bit (tests/test_speculative.py compares them)."""
+    reasons and stats are those the auto-depth loop gives, bit for bit (tests/test_speculative.py compares them), but
+    draft_calls: 0, as the drafter never runs (the loop counts a draft prefill made at init, `defer_prefill=False`)."""
 
     speculative: Speculative
     name: ClassVar[str] = "speculative"
@@ -609,6 +610,7 @@ class PlainSteps:
     def output(self, state: PlainStepsState) -> DecodeOutput:
         stats = self.speculative.initial_stats(state.active_steps.shape[0])
         stats["model_calls"] = state.model_calls
+        stats["draft_calls"] = jnp.int32(0)  # the drafter never runs (the loop counts an eager draft prefill)
         stats["active_steps"] = state.active_steps
         stats["emitted_corrections"] = state.output.lengths - state.first_lengths
         stats["accepted_histogram"] = stats["accepted_histogram"].at[0].set(jnp.sum(state.active_steps, dtype=jnp.int32))
