@@ -4,7 +4,9 @@ A speculative strategy's default cache is the padded prompt + the output + its v
 of 4: 5 slots), so 128 + 128 prompt and output tokens made a 261-slot cache, which XLA:CPU's attention handled
 slower per step than 272 or 256 slots; `jspec.decode` now rounds default cache sizes up to a multiple of
 `CACHE_SIZE_MULTIPLE`. Each size decodes the same held-out prompts (batch 1: one at a time), interleaved per round
-(size 1, size 2, ..., size 1, ...); a ratio is the first size's total time over that size's.
+(size 1, size 2, ..., size 1, ...); a ratio is the first size's total time over that size's. "ms/step" is a
+decode's whole time, its prefill included, over its new tokens (the prefill is the same work at every size).
+A diagnostic of one choice (`CACHE_SIZE_MULTIPLE`), not part of `run_all.py`.
 
     python benchmarks/bench_cache_sizes.py                                   # 256 261 264 272 288 320 at batch 1, 8
     python benchmarks/bench_cache_sizes.py --cache-sizes 256 261 272 --batch-sizes 8 --repeats 3

@@ -38,6 +38,9 @@ from jspec.strategies import auto_depth  # noqa: E402
 results["auto_costs"] = [np.asarray(costs.step).tolist() + [float(costs.probe), float(costs.setup)]
                          for costs in auto_depth._MEASURED.values()]
 results["auto_priors"] = [prior for _, prior in auto_depth._PRIORS.values()]
+if process_id == 0:  # a decode of this process alone (no mesh): it measures without waiting for process 1
+    out = jspec.decode(target, PROMPTS, "speculative", draft=draft, num_draft_tokens="auto", max_new_tokens=6)
+    results["local_auto"] = np.asarray(out.tokens).tolist()
 # process-local prompts: process 0 holds the first three rows, process 1 the rest
 local = PROMPTS[:3] if process_id == 0 else PROMPTS[3:]
 rows, mine = jspec.distributed.gather_prompts(local)

@@ -65,12 +65,15 @@ def test_every_process_gets_the_single_process_output(processes, name):
 def test_auto_depth_decides_on_the_same_costs_in_every_process(processes):
     """Each process times its own steps; deciding on different costs, processes would compile different programs
     (PlainSteps in one, the auto-depth loop in another, or other depths) and wait on each other's collectives. Every
-    process decodes with process 0's costs and prior, and gives greedy decoding's tokens."""
+    process decodes with process 0's costs and prior, and gives greedy decoding's tokens; a process decoding alone
+    does not wait for the others."""
     assert len(processes[0]["auto_costs"]) == 1 and len(processes[0]["auto_priors"]) == 1
     assert processes[0]["auto_costs"] == processes[1]["auto_costs"]
     assert processes[0]["auto_priors"] == processes[1]["auto_priors"]
     expected = np.asarray(jspec.decode(random_model(0), PROMPTS, max_new_tokens=10, key=5).tokens).tolist()
     assert processes[0]["auto"] == processes[1]["auto"] == expected
+    # a decode that process 0 runs alone, on its own devices, measures and decodes without process 1 (no broadcast)
+    assert processes[0]["local_auto"] == [row[:6] for row in expected] and "local_auto" not in processes[1]
 
 
 def test_process_local_prompts(processes):

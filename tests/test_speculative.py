@@ -383,28 +383,47 @@ def test_measured_step_costs_leave_out_a_calls_fixed_cost():
     assert float(costs.setup) / float(costs.step[0]) == pytest.approx(2.0, rel=0.3)
 
 
-def test_the_prior_acceptance_is_measured_with_the_costs(pair):
-    """The rate a row's acceptance starts from is measured with the step costs, from the drafts of the deepest
-    measured steps (the request's first state, greedy): a draft that is the target has every draft accepted, a random
-    one few; given costs keep the fixed prior. It is remembered per weights, not per shape alone: a random draft of
-    the target's shape, measured after the target itself (same shapes, so the timed costs are reused), gets its own
-    low rate, and the target's is remembered while its weights live."""
+def test_the_prior_acceptance_is_measured_with_the_costs(pair, monkeypatch):
+    """The rate a row's acceptance starts from is measured with the step costs, from the drafts of 32 steps at the
+    deepest depth (the request's first state, greedy): a draft that is the target has every draft accepted, a random
+    one few; given costs keep the fixed prior. It is remembered per weights and sampling values, not per shape
+    alone: a random draft of the target's shape, measured after the target itself (same shapes, so the timed costs
+    are reused), gets its own low rate; the target's is remembered while its weights live (not measured again, also
+    across jspec.decode calls), and measured again at another temperature."""
     from jspec.strategies import auto_depth
 
     decode_module = importlib.import_module("jspec.decode")
     target, draft = pair
+    measurements = []
+    measure = auto_depth.measure_prior_acceptance
+
+    def counted(key, weights, run_deepest, **options):  # counts the 32-step runs that measure a prior
+        return measure(key, weights, lambda: measurements.append(key) or run_deepest(), **options)
+
+    monkeypatch.setattr(auto_depth, "measure_prior_acceptance", counted)
 
     def prior(drafter_model, **options):
         strategy = speculative_module.speculative(draft=drafter_model, num_draft_tokens="auto", **options)
         request = decode_module.build_prompts(target, PROMPTS, 24, None, [], None, strategy)
-        runs = decode_module.validated(strategy, target, request)  # measures the costs, once per process and shape
+        runs = decode_module.validated(strategy, target, request)  # measures, once per process, shape and weights
         return float(getattr(runs, "speculative", runs).step_costs.acceptance)  # PlainSteps holds the strategy
 
     assert prior(target) > 0.97 and prior(draft) < 0.4
-    timed = len(auto_depth._MEASURED)
+    timed, runs = len(auto_depth._MEASURED), len(measurements)
     assert prior(tiny_model("llama", seed=5, num_layers=3)) < 0.4  # the target's shape, other weights
-    assert len(auto_depth._MEASURED) == timed and prior(target) > 0.97
+    assert len(auto_depth._MEASURED) == timed and len(measurements) == runs + 1
+    assert prior(target) > 0.97 and len(measurements) == runs + 1  # remembered: not measured again
+    prior(draft, temperature=0.3)
+    timed, runs = len(auto_depth._MEASURED), len(measurements)
+    prior(draft, temperature=1.2)  # the same sampling regime, another temperature: the timings kept, the prior measured
+    assert len(auto_depth._MEASURED) == timed and len(measurements) == runs + 1
     assert prior(draft, step_costs=_never_drafting_costs(4)) == pytest.approx(auto_depth.PRIOR_ACCEPTANCE)
+    assert len(measurements) == runs + 1
+    # across jspec.decode calls (the models prepared for decoding each time): measured once
+    fresh = tiny_model("llama", seed=6, num_layers=1)
+    for _ in range(2):
+        jspec.decode(target, PROMPTS, "speculative", draft=fresh, num_draft_tokens="auto", max_new_tokens=4)
+    assert len(measurements) == runs + 2
 
 
 def test_the_prior_acceptances_arithmetic():
@@ -631,8 +650,14 @@ def test_a_request_planned_plain_throughout_runs_autoregressive_decodings_loop(p
     planned = jspec.decode(target, prompts, strategy, max_new_tokens=15, **common)
     probing = jspec.decode(target, prompts, strategy, max_new_tokens=16, **common)
     assert int(probing.stats["probes"]) >= 1
+    eager = strategy.replace(drafter=strategy.drafter.replace(defer_prefill=False))  # the draft reads the prompts at init
+    planned_eager = jspec.decode(target, prompts, eager, max_new_tokens=15, **common) if temperature == 0 else None
     monkeypatch.setattr(speculative_module.Speculative, "plain_throughout", lambda self, prompts: False)
     looped = jspec.decode(target, prompts, strategy, max_new_tokens=15, **common)
+    if planned_eager is not None:  # the loop counts that prefill; PlainSteps never runs the draft
+        looped_eager = jspec.decode(target, prompts, eager, max_new_tokens=15, **common)
+        assert planned_eager.sequences() == looped_eager.sequences() == looped.sequences()
+        assert (int(planned_eager.stats["draft_calls"]), int(looped_eager.stats["draft_calls"])) == (0, 1)
     assert int(looped.stats["probes"]) == 0 and sum(looped.stats["depth_histogram"][1:]) == 0
     assert planned.sequences() == looped.sequences()
     np.testing.assert_array_equal(np.asarray(planned.logprobs), np.asarray(looped.logprobs))

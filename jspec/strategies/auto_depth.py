@@ -14,12 +14,12 @@ To start drafting after a step that did not draft, a depth must be expected to s
 time (what the model leaves out and the prior's error made smaller predicted gains losses); drafting goes on while
 it is expected to save anything.
 
-The costs are measured once per process and (target config, drafter kind and config, template, batch, cache size,
-max_new_tokens, backend, sampling regime) when a strategy is validated (`measure_step_costs`: the strategy's own
+The costs are measured once per process and (target config, kernels and mesh, drafter kind and config, template,
+batch, cache size, max_new_tokens, backend, sampling regime; on a multi-process mesh, process 0's) when a strategy is validated (`measure_step_costs`: the strategy's own
 jitted steps, forced to each depth, from the request's first state, what a call pays once taken off), or given
 (`Speculative.step_costs`). Each row's acceptance rate is a decayed count of its tried and accepted drafts
-(`AcceptanceEstimate`), starting from a prior measured with the costs (`StepCosts.acceptance`: the drafts the deepest
-measured steps accepted, from the request's first state; `measure_prior_acceptance`, once per the costs' key, the
+(`AcceptanceEstimate`), starting from a prior measured with the costs (`StepCosts.acceptance`: the drafts that 32
+steps at the deepest depth accepted, from the request's first state; `measure_prior_acceptance`, once per the costs' key, the
 weights of the target and the drafter, the sampling values, the acceptance rule and the processors;
 PRIOR_ACCEPTANCE where nothing was measured). While the batch does not draft,
 a probe every `probe_interval` steps (while a row has that many tokens left) runs the drafter's first call only and
@@ -145,8 +145,9 @@ def choose_depth(
 
 
 def plain_throughout(costs: StepCosts, max_new_tokens: int, probe_interval: int) -> bool:
-    """Whether every step of a decode under these (concrete) costs is a plain step with no probe, whatever its rows
-    do, for rows of at most max_new_tokens new tokens each (the first from the prefill). Exact, from `DepthControl`:
+    """True only where every step of a decode under these (concrete) costs is a plain step with no probe, whatever
+    its rows do, for rows of at most max_new_tokens new tokens each (the first from the prefill); exact but for the
+    tie tolerance below, from `DepthControl`:
     - The acceptance rates start at the prior (costs.acceptance), alike for all rows, and change only when a draft is tried (a drafting
       step or a probe). With rates alike, choose_depth's steps_left(d) is f_d(R_max) with
       f_d(R) = R / E_d(R) nondecreasing in R, and C(d) f_d(R) / (C(0) f_0(R)) = C(d) / (C(0) E_d(R)) does not fall
@@ -163,7 +164,6 @@ def plain_throughout(costs: StepCosts, max_new_tokens: int, probe_interval: int)
     constants = (PRIOR_WEIGHT, DECAY, DRAFT_MARGIN, PROBE_BUDGET, MAX_PROBE_INTERVAL, MAX_FIRST_PROBE_INTERVAL,
                  TIE_TOLERANCE)
     return _plain_throughout(values, int(max_new_tokens), int(probe_interval), constants)
-
 
 
 @functools.lru_cache(maxsize=256)
@@ -194,7 +194,8 @@ STEPS_PER_CALL = 8  # ... and the steps timed after those
 ACCEPTANCE_STEPS = 32  # steps at the deepest depth whose drafts measure the prior acceptance
 
 
-def measure_step_costs(key: Any, step_at: Any, max_depth: int, repeats: int = 5, setup: Any = None) -> StepCosts:
+def measure_step_costs(key: Any, step_at: Any, max_depth: int, repeats: int = 5, setup: Any = None,
+                       everywhere: bool = False) -> StepCosts:
     """Time step_at(depth, probe) -> (prepare, run) for every depth and the probe: prepare() makes a step's input
     (not timed), run(input, count) runs `count` jitted steps forced to that depth, probing or not, in one call, as
     the decode loop runs them (its input donated, so it updates the caches in place as the loop does; an undonated
@@ -211,7 +212,9 @@ def measure_step_costs(key: Any, step_at: Any, max_depth: int, repeats: int = 5,
     setup: None, or (prepare, run) whose run(input) is the drafter's one-off setup in one small call (a deferred
     draft prefill; its call's fixed cost stays in), timed in the same rounds: `StepCosts.setup`.
     The acceptance is PRIOR_ACCEPTANCE: `measure_prior_acceptance` measures it for given weights and options.
-    Remembered under `key` (what the timing depends on: shapes, drafter kind, sampling regime, backend)."""
+    everywhere: the steps compute on devices of every process (`spans_processes`): the costs are then process 0's
+    (`agreed`). Remembered under `key` (what the timing depends on: shapes, kernels and mesh, drafter kind,
+    sampling regime, backend)."""
     if key in _MEASURED:
         return _MEASURED[key]
     settings = [step_at(depth, False) for depth in range(max_depth + 1)] + [step_at(0, True)]
@@ -235,19 +238,26 @@ def measure_step_costs(key: Any, step_at: Any, max_depth: int, repeats: int = 5,
             times[round_, -1] = timed(setup[0], lambda inputs, _: setup[1](inputs), 1)
     costs = times[:, 0].min() * np.median(times / times[:, :1], axis=0)
     steps = np.maximum.accumulate(costs[:-2])
-    measured = agreed(StepCosts(jnp.asarray(steps, jnp.float32), jnp.float32(max(costs[-2], steps[0])),
-                                jnp.float32(costs[-1])))
+    measured = StepCosts(jnp.asarray(steps, jnp.float32), jnp.float32(max(costs[-2], steps[0])), jnp.float32(costs[-1]))
+    measured = agreed(measured) if everywhere else measured
     _MEASURED[key] = measured
     return measured
 
 
+def spans_processes(tree: Any) -> bool:
+    """Whether arrays of `tree` (a model's weights) lie on devices of other processes too: computing with them then
+    takes every process (a multi-process mesh), and so can agreeing on a measurement (`agreed`). A process that
+    decodes with weights of its own alone (one process's run, or a local decode inside a multi-process job) does not
+    wait for the others."""
+    return any(isinstance(leaf, jax.Array) and not leaf.is_fully_addressable for leaf in jax.tree.leaves(tree))
+
+
 def agreed(measurement: Any) -> Any:
-    """A measurement (a pytree of arrays) as process 0 made it, in every process of a multi-process run (itself in
-    a single-process one). Processes time their own steps, and on 2 x 2 simulated CPU devices their costs differed
-    3x; deciding on different costs, they would run different programs (PlainSteps in one, the auto-depth loop or
-    other depths in another) and wait on each other's collectives (tests/test_multihost.py)."""
-    if jax.process_count() == 1:
-        return measurement
+    """Float measurements (a pytree of arrays, returned as float32) as process 0 made them, in every process; call
+    it only where every process measures (`spans_processes`). Processes time their own steps, and on 2 x 2
+    simulated CPU devices their costs differed 3x; deciding on different costs, they would run different programs
+    (PlainSteps in one, the auto-depth loop or other depths in another) and wait on each other's collectives
+    (tests/test_multihost.py)."""
     from jax.experimental import multihost_utils
 
     shared = multihost_utils.broadcast_one_to_all(jax.tree.map(np.asarray, measurement))
@@ -259,9 +269,11 @@ _PRIORS: dict[Any, tuple[tuple[weakref.ref, ...], float]] = {}  # key -> (the we
 
 def weights_identity(tree: Any) -> tuple[tuple[int, ...], tuple[weakref.ref, ...]] | None:
     """The identity of the arrays in `tree` (a model's and a drafter's weights): their ids, and weak references
-    that tell whether they are still those arrays (an id is reused only once its array is gone). None when traced."""
-    leaves = [leaf for leaf in jax.tree.leaves(tree) if isinstance(leaf, jax.Array)]
-    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+    that tell whether they are still those arrays (an id is reused only once its array is gone). None (nothing is
+    remembered) when a leaf is traced or is not a jax array (a numpy weight cannot be told apart by identity).
+    Weights placed anew for each decode (an unsharded model passed with mesh=) are new arrays each time."""
+    leaves = jax.tree.leaves(tree)
+    if any(isinstance(leaf, jax.core.Tracer) or not isinstance(leaf, jax.Array) for leaf in leaves):
         return None
     return tuple(map(id, leaves)), tuple(weakref.ref(leaf) for leaf in leaves)
 
@@ -273,17 +285,19 @@ def measured_prior(key: Any, weights: Any) -> float | None:
     return found[1] if alive else None
 
 
-def measure_prior_acceptance(key: Any, weights: Any, run_deepest: Any, acceptance: Any) -> float:
+def measure_prior_acceptance(key: Any, weights: Any, run_deepest: Any, acceptance: Any, everywhere: bool = False) -> float:
     """The acceptance rate a row starts from (`StepCosts.acceptance`): run_deepest() runs ACCEPTANCE_STEPS steps
     at the deepest depth from a request's first state, acceptance(its output) -> (drafts accepted, drafts tried);
     the rate they accepted, shrunk toward PRIOR_ACCEPTANCE with the weight PRIOR_WEIGHT. Remembered under `key`
     (the timing's key and what else the rate depends on: sampling values, acceptance rule, processors) and the
-    weights' identity (`weights_identity`; not remembered for traced weights)."""
+    weights' identity (`weights_identity`; not remembered for traced weights). everywhere: as in
+    `measure_step_costs` (process 0's rate)."""
     remembered = measured_prior(key, weights)
     if remembered is not None:
         return remembered
     accepted, tried = (float(count) for count in acceptance(jax.block_until_ready(run_deepest())))
-    prior = float(agreed(np.float32((accepted + PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / (tried + PRIOR_WEIGHT))))
+    prior = (accepted + PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / (tried + PRIOR_WEIGHT)
+    prior = float(agreed(np.float32(prior))) if everywhere else prior
     if weights is not None:
         for gone in [entry for entry, (refs, _) in _PRIORS.items() if any(ref() is None for ref in refs)]:
             del _PRIORS[gone]

@@ -218,12 +218,12 @@ class Speculative:
                     and prior.shape == () and 0 <= prior <= 1):
                 validation.fail("step_costs", f"with adaptive='auto', a jspec.strategies.auto_depth.StepCosts with {depths} "
                                 f"step costs (depths 0..{depths - 1}), a finite setup >= 0 and an acceptance in [0, 1]", costs)
-        elif self.auto:
-            self.measure_costs(model, prompts)
         sampling.validate_sampling_options(
             prompts.num_rows, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p
         )
         self.generation.validate(model.config.vocab_size, prompts.num_rows)
+        if self.auto and self.step_costs is None:  # last: bad options are reported before anything is measured
+            self.measure_costs(model, prompts)
 
     @property
     def extra_layout(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -248,9 +248,9 @@ class Speculative:
     def measure_costs(self, model: Model, prompts: Prompts) -> auto_depth.StepCosts:
         """The auto depth's step costs for this model, drafter and shape, measured once per process: this strategy's
         jitted steps from the request's first state, forced to each depth, a call's fixed cost taken off
-        (`auto_depth.measure_step_costs`); with the prior acceptance the deepest of those steps measure, once per
-        process, shape, weights (target and drafter), sampling values, acceptance rule and processors
-        (`auto_depth.measure_prior_acceptance`)."""
+        (`auto_depth.measure_step_costs`); with the prior acceptance, measured by 32 more steps at the deepest depth
+        from that state, once per process, shape, weights (target and drafter), sampling values, acceptance rule and
+        processors (`auto_depth.measure_prior_acceptance`). On a multi-process mesh both are process 0's."""
         found = self._measured_costs(model, prompts)
         if found is not None:
             return found
@@ -276,12 +276,15 @@ class Speculative:
             return prepare, lambda inputs, count: steps(self, model, inputs, jnp.int32(count))
 
         deepest = step_at(self.template.max_depth, False)
+        everywhere = auto_depth.spans_processes((model.params, self.drafter))  # a multi-process mesh: process 0's
         with warnings.catch_warnings():  # a buffer the step does not update cannot be donated: harmless
             warnings.filterwarnings("ignore", "Some donated buffers were not usable")
-            costs = auto_depth.measure_step_costs(key, step_at, self.template.max_depth, setup=setup)
+            costs = auto_depth.measure_step_costs(key, step_at, self.template.max_depth, setup=setup,
+                                                  everywhere=everywhere)
             prior = auto_depth.measure_prior_acceptance(
                 prior_key, weights, lambda: deepest[1](deepest[0](), auto_depth.ACCEPTANCE_STEPS),
-                acceptance=lambda out: (jnp.sum(out.stats["accepted_by_depth"]), jnp.sum(out.stats["tried_by_depth"])))
+                acceptance=lambda out: (jnp.sum(out.stats["accepted_by_depth"]), jnp.sum(out.stats["tried_by_depth"])),
+                everywhere=everywhere)
         return costs.replace(acceptance=jnp.float32(prior))
 
     def measured(self, model: Model, prompts: Prompts) -> "Speculative":
@@ -290,14 +293,14 @@ class Speculative:
         those); itself when not auto; with step_costs given, it keeps them. `jspec.decode` calls it after `validate`.
         Where those costs plan plain steps only for the whole request (`auto_depth.plain_throughout`), the request
         runs them as `PlainSteps`: autoregressive decoding's loop, without the per-step planning and the drafter's
-        state (the same tokens, log-probabilities and stats)."""
+        state (the same tokens, log-probabilities and stats, but draft_calls: see PlainSteps)."""
         if not self.auto:
             return self
         strategy = self if self.step_costs is not None else self.replace(step_costs=self.costs(model, prompts))
         return PlainSteps(strategy) if strategy.plain_throughout(prompts) else strategy
 
     def plain_throughout(self, prompts: Prompts) -> bool:
-        """Whether every step of this request is a plain step with no probe, whatever its rows do (concrete costs;
+        """True only where every step of this request is a plain step with no probe, whatever its rows do (concrete costs;
         a drafter that learns from every verification drafts at every step), and the cache never ends a row before
         its limit (a plain step needs a verification's chunk_width free slots, autoregressive decoding one)."""
         costs, limits = self.step_costs, prompts.row_limits
@@ -309,8 +312,8 @@ class Speculative:
                 and auto_depth.plain_throughout(costs, new_tokens, self.probe_interval))
 
     def costs(self, model: Model, prompts: Prompts) -> auto_depth.StepCosts:
-        """step_costs, else the measured ones (validate measures them), else the memory-bound model (every forward
-        one unit, a drafter call its share of the target's parameters)."""
+        """step_costs, else the measured ones with their prior (validate measures them), else the memory-bound model
+        (every forward one unit, a drafter call its share of the target's parameters)."""
         if self.step_costs is not None:
             return self.step_costs
         found = self._measured_costs(model, prompts)
@@ -332,7 +335,7 @@ class Speculative:
 
     def _cost_profile(self, model: Model, prompts: Prompts) -> tuple[Any, float]:
         drafter_key, share = self.drafter.cost_profile(model)
-        key = (model.config, drafter_key, self.template.parents, prompts.batch_size, prompts.cache_size,
+        key = (model.config, model.kernels, drafter_key, self.template.parents, prompts.batch_size, prompts.cache_size,
                prompts.max_new_tokens, jax.default_backend(), self._sampling_regime())
         return key, share
 
