@@ -10,7 +10,8 @@ Hugging Face checkpoints) run in the same rounds.
 Beside the measured speedup every jspec row prints:
 - predicted: the speedup its measured counts and per-call costs imply,
       (AR target calls x t_target(1)) / (target calls x t_target(width) + draft calls x t_draft),
-  counts per token from this run's decodes, t_target(w) a jitted target forward of w tokens per row and t_draft the
+  counts per token from this run's decodes (auto depth: each step at its depth's width, from its depth histogram;
+  the prefill at t_target(1), as for AR), t_target(w) a jitted target forward of w tokens per row and t_draft the
   mean cost of the drafter's calls (a draft-model or layer-skipped forward of each level's width; 0 for prompt
   lookup), all timed alone in this run at the same batch size (default causal mask);
 - measured/predicted: how much of the prediction the decode loop delivers (the rest goes to what the forwards above
@@ -79,6 +80,7 @@ class CallCosts:
 
     verify_width: int
     draft_widths: tuple[int, ...] = ()
+    depth_widths: tuple[int, ...] = ()  # auto depth: the verification width of a step at each depth 0..D
     draft_network: Any = None
     skip_layers: tuple[int, ...] = ()
     draft_bytes_share: float = 0.0
@@ -93,14 +95,16 @@ def call_costs(target, strategy: str, options: dict) -> CallCosts:
     resolved = jspec.strategies.resolve_strategy(strategy, options)
     template, drafter = resolved.template, resolved.drafter
     level_widths = tuple(end - start for start, end in template.levels[:-1])
+    depths = tuple(nodes + 1 for nodes in resolved.verified_nodes()) if getattr(resolved, "auto", False) else ()
     if isinstance(drafter, DraftModelDrafter):
         share = parameter_bytes(drafter.draft.params) / parameter_bytes(target.params)
-        return CallCosts(resolved.chunk_width, (2, *level_widths), drafter.draft.without_tokenizer(), (), share)
+        return CallCosts(resolved.chunk_width, (2, *level_widths), depths, drafter.draft.without_tokenizer(), (), share)
     if isinstance(drafter, LayerSkipDrafter):
         layers = parameter_bytes(target.params["groups"]) / target.config.num_layers  # one layer's bytes
         share = 1 - len(drafter.skip_layers) * layers / parameter_bytes(target.params)
-        return CallCosts(resolved.chunk_width, (1, *level_widths), target.without_tokenizer(), drafter.skip_layers, share)
-    return CallCosts(verify_width=resolved.chunk_width)  # prompt lookup: no network
+        return CallCosts(resolved.chunk_width, (1, *level_widths), depths, target.without_tokenizer(), drafter.skip_layers,
+                         share)
+    return CallCosts(verify_width=resolved.chunk_width, depth_widths=depths)  # prompt lookup: no network
 
 
 class PerCallTimer:
@@ -149,6 +153,7 @@ class Totals:
     outputs: list = dataclasses.field(default_factory=list)
     accepted_by_depth: np.ndarray | None = None
     tried_by_depth: np.ndarray | None = None
+    depth_histogram: np.ndarray | None = None  # auto depth: steps taken at each depth
 
     @classmethod
     def of(cls, runs: bench.InterleavedRuns, rounds: int) -> "Totals":
@@ -162,6 +167,9 @@ class Totals:
                 accepted, tried = out["accepted_by_depth"], out["tried_by_depth"]
                 totals.accepted_by_depth = accepted if totals.accepted_by_depth is None else totals.accepted_by_depth + accepted
                 totals.tried_by_depth = tried if totals.tried_by_depth is None else totals.tried_by_depth + tried
+            if out.get("depth_histogram") is not None:
+                steps = out["depth_histogram"]
+                totals.depth_histogram = steps if totals.depth_histogram is None else totals.depth_histogram + steps
         return totals
 
     def acceptance_by_depth(self) -> list[float] | None:
@@ -184,6 +192,8 @@ def jspec_runner(target, strategy, options, new_tokens, temperature) -> Callable
         if "accepted_by_depth" in stats:
             result["accepted_by_depth"] = np.asarray(stats["accepted_by_depth"], np.int64)
             result["tried_by_depth"] = np.asarray(stats["tried_by_depth"], np.int64)
+        if "depth_histogram" in stats:
+            result["depth_histogram"] = np.asarray(stats["depth_histogram"], np.int64)
         return result
 
     return run
@@ -269,7 +279,8 @@ def main() -> None:
         for name, strategy, options in settings:
             costs = call_costs(target, strategy, options)
             costs_of[temperature, batch, name] = (
-                costs, timer.forward(plain, "target", batch, costs.verify_width), timer.draft_call(costs, batch))
+                costs, timer.forward(plain, "target", batch, costs.verify_width), timer.draft_call(costs, batch),
+                [timer.forward(plain, "target", batch, width) for width in costs.depth_widths])
     timer.measure()
     rows = []
     for temperature, batch, settings, totals in measured:
@@ -284,9 +295,14 @@ def main() -> None:
                 "compile s": total.compile_seconds,
             }
             if (temperature, batch, name) in costs_of:
-                costs, verify_key, draft_keys = costs_of[temperature, batch, name]
+                costs, verify_key, draft_keys, depth_keys = costs_of[temperature, batch, name]
                 calls_per_token, draft_calls_per_token = total.calls / total.tokens, total.draft_calls / total.tokens
-                cost_per_token = calls_per_token * timer.ms[verify_key] + draft_calls_per_token * timer.mean_ms(draft_keys)
+                if depth_keys and total.depth_histogram is not None:  # auto depth: each step at its own width
+                    steps = total.depth_histogram
+                    target_ms = (total.calls - steps.sum()) * t_ar + sum(n * timer.ms[key] for n, key in zip(steps, depth_keys))
+                else:
+                    target_ms = total.calls * timer.ms[verify_key]
+                cost_per_token = target_ms / total.tokens + draft_calls_per_token * timer.mean_ms(draft_keys)
                 predicted = ar_calls_per_token * t_ar / cost_per_token
                 row.update({
                     "target calls/token": calls_per_token * batch,
