@@ -299,7 +299,8 @@ def main() -> None:
                 calls_per_token, draft_calls_per_token = total.calls / total.tokens, total.draft_calls / total.tokens
                 if depth_keys and total.depth_histogram is not None:  # auto depth: each step at its own width
                     steps = total.depth_histogram
-                    target_ms = (total.calls - steps.sum()) * t_ar + sum(n * timer.ms[key] for n, key in zip(steps, depth_keys))
+                    at_depths = sum(n * timer.ms[key] for n, key in zip(steps, depth_keys))
+                    target_ms = (total.calls - steps.sum()) * t_ar + at_depths  # the prefills at one token's cost
                 else:
                     target_ms = total.calls * timer.ms[verify_key]
                 cost_per_token = target_ms / total.tokens + draft_calls_per_token * timer.mean_ms(draft_keys)

@@ -15,14 +15,15 @@ time (what the model leaves out and the prior's error made smaller predicted gai
 it is expected to save anything.
 
 The costs are measured once per process and (target config, kernels and mesh, drafter kind and config, template,
-batch, cache size, max_new_tokens, backend, sampling regime; on a multi-process mesh, process 0's) when a strategy is validated (`measure_step_costs`: the strategy's own
-jitted steps, forced to each depth, from the request's first state, what a call pays once taken off), or given
-(`Speculative.step_costs`). Each row's acceptance rate is a decayed count of its tried and accepted drafts
-(`AcceptanceEstimate`), starting from a prior measured with the costs (`StepCosts.acceptance`: the drafts that 32
-steps at the deepest depth accepted, from the request's first state; `measure_prior_acceptance`, once per the costs' key, the
-weights of the target and the drafter, the sampling values, the acceptance rule and the processors;
-PRIOR_ACCEPTANCE where nothing was measured). While the batch does not draft,
-a probe every `probe_interval` steps (while a row has that many tokens left) runs the drafter's first call only and
+batch, cache size, max_new_tokens, backend, sampling regime; on a multi-process mesh, process 0's) when a strategy
+is validated (`measure_step_costs`: the strategy's own jitted steps, forced to each depth, from the request's first
+state, what a call pays once taken off), or given (`Speculative.step_costs`). Each row's acceptance rate is a
+decayed count of its tried and accepted drafts (`AcceptanceEstimate`), starting from a prior measured with the costs
+(`StepCosts.acceptance`: the drafts that 32 steps at the deepest depth accepted, from the request's first state;
+`measure_prior_acceptance`, once per the costs' key, the weights of the target and the drafter, the sampling
+values, the acceptance rule and the processors; PRIOR_ACCEPTANCE where nothing was measured).
+
+While the batch does not draft, a probe every `probe_interval` steps (while a row has that many tokens left) runs the drafter's first call only and
 tries its first draft against the one-token verification (emitting one token either way, so it costs the drafter's
 call and no wider forward); the interval starts at the larger of `probe_interval` and the steps over which a probe's
 extra cost (measured) is PROBE_BUDGET of a plain step's (capped at MAX_PROBE_INTERVAL; MAX_FIRST_PROBE_INTERVAL with
@@ -128,8 +129,8 @@ def choose_depth(
     """The depth under which the batch is expected to finish soonest: argmin_d C(d) * max_rows remaining / E(d),
     E capped at what each row may still emit. To start drafting (after a step that did not draft) a depth d > 0 must
     beat plain steps by DRAFT_MARGIN of their time; drafting goes on while it is expected to beat them at all (so the
-    batch does not switch back and forth where the two are close). The model leaves out what drafting costs beside its steps (the auto-depth loop's own cost per step over
-    autoregressive decoding's loop, 2-3% on demo-code at batch 1; the draft's catch-up reads after plain steps,
+    batch does not switch back and forth where the two are close). The model leaves out what drafting costs beside
+    its steps (the auto-depth loop's own cost per step over autoregressive decoding's loop, 2-3% on demo-code at batch 1; the draft's catch-up reads after plain steps,
     probes) and the prior acceptance's error (measured on one request), and with these, predicted gains under 10%
     were losses (demo-code at batch 1, T=0.8: prior 0.67 measured against 0.6 over eight prompts, 0.94x of
     autoregressive with no margin). When no row runs, the cheapest depth (so costs that force a depth keep forcing
@@ -169,6 +170,7 @@ def plain_throughout(costs: StepCosts, max_new_tokens: int, probe_interval: int)
 @functools.lru_cache(maxsize=256)
 def _plain_throughout(values: tuple[tuple[float, ...], float, float, float], max_new_tokens: int, probe_interval: int,
                       constants: tuple[float, ...]) -> bool:
+    del constants  # read from the module below: passed only to key the memo
     step, probe, setup, acceptance = values
     step = (step[0] * (1 + TIE_TOLERANCE),) + tuple(step[1:])  # makes probes look cheaper and depth 0 dearer
     costs = StepCosts(jnp.asarray(step, jnp.float32), jnp.float32(probe), jnp.float32(setup), jnp.float32(acceptance))
@@ -285,7 +287,8 @@ def measured_prior(key: Any, weights: Any) -> float | None:
     return found[1] if alive else None
 
 
-def measure_prior_acceptance(key: Any, weights: Any, run_deepest: Any, acceptance: Any, everywhere: bool = False) -> float:
+def measure_prior_acceptance(key: Any, weights: Any, run_deepest: Any, acceptance: Any,
+                             everywhere: bool = False) -> float:
     """The acceptance rate a row starts from (`StepCosts.acceptance`): run_deepest() runs ACCEPTANCE_STEPS steps
     at the deepest depth from a request's first state, acceptance(its output) -> (drafts accepted, drafts tried);
     the rate they accepted, shrunk toward PRIOR_ACCEPTANCE with the weight PRIOR_WEIGHT. Remembered under `key`

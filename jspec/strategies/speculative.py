@@ -300,9 +300,9 @@ class Speculative:
         return PlainSteps(strategy) if strategy.plain_throughout(prompts) else strategy
 
     def plain_throughout(self, prompts: Prompts) -> bool:
-        """True only where every step of this request is a plain step with no probe, whatever its rows do (concrete costs;
-        a drafter that learns from every verification drafts at every step), and the cache never ends a row before
-        its limit (a plain step needs a verification's chunk_width free slots, autoregressive decoding one)."""
+        """True only where every step of this request is a plain step with no probe, whatever its rows do
+        (concrete costs; a drafter that learns from every verification drafts at every step), and the cache never
+        ends a row before its limit (a plain step needs a verification's chunk_width free slots, autoregressive decoding one)."""
         costs, limits = self.step_costs, prompts.row_limits
         if not self.auto or costs is None or any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((costs, limits))):
             return False
